@@ -1,0 +1,41 @@
+# musc — everything a user runs goes through these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+DEMO_DIR ?= demo
+DEMO_N ?= 16
+DEMO_SIZE ?= 224
+
+.PHONY: install system-deps demo test lint clean
+
+## install: system packages (when missing) + virtual environment in .venv with the project
+install: system-deps $(STAMP)
+
+system-deps:
+	@bash infra/install_system_deps.sh
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+## demo: generate a small synthetic line, score it 2D+3D, print where the results are
+demo: install
+	$(BIN)/musc demo --out $(DEMO_DIR) --num-samples $(DEMO_N) --image-size $(DEMO_SIZE)
+
+## test: install everything and run the test suite
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

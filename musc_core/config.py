@@ -1,0 +1,115 @@
+"""MuSc-V2 hyperparameters: one frozen dataclass holding the paper's defaults (SPEC §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MODALITIES = ("2d", "3d", "2d+3d")
+DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
+BATCHNORM_MODES = ("sample", "running")
+
+
+@dataclass(frozen=True)
+class MuscConfig:
+    """Everything that changes what MuSc-V2 computes, with the paper's defaults.
+
+    Attributes:
+        modality: ``"2d"``, ``"3d"`` or ``"2d+3d"``.
+        image_size: side of the square images and XYZ maps after resizing, in pixels.
+        layers_2d: 1-based ViT blocks whose patch tokens are used.
+        layers_3d: 1-based point-transformer blocks whose group tokens are used.
+        num_groups: G, number of point groups (3D patches) per sample.
+        group_size: K, points per group.
+        ipg_step: K_iter, points added per IPG iteration (and the initial group size).
+        curvature_threshold: C_thr; centres at or above it are regrouped by IPG and keep
+            their own token in 3D SNAMD.
+        aggregation_degrees: SNAMD neighbourhood degrees r.
+        interval_ratio: fraction of the references averaged by Interval Average.
+        rescoring_windows: RsCon window sizes k (1 keeps the sample's own score).
+        salient_layer: 0-based index into the layer tuples of the layer whose SNAMD
+            features form the anomaly-salient feature (the paper's penultimate stage).
+        pair_block: samples per side of one pair-scoring block; bounds the memory of the
+            distance kernel (``(pair_block * M)**2`` floats) independently of N.
+        distance_dtype: GEMM dtype of the pair distances; ``"auto"`` picks bfloat16 where
+            the device has fast bf16 kernels (CUDA, CPUs with AVX512-BF16/AMX), else float32.
+        point_batchnorm: ``"sample"`` normalizes the Point-MAE BatchNorms with each sample's
+            own statistics (reference behaviour), ``"running"`` with the checkpoint's.
+        map_blur_sigma: standard deviation, in pixels, of the Gaussian blur of 3D maps.
+    """
+
+    modality: str = "2d+3d"
+    image_size: int = 224
+    layers_2d: tuple[int, ...] = (4, 8, 12)
+    layers_3d: tuple[int, ...] = (4, 8, 12)
+    num_groups: int = 1024
+    group_size: int = 128
+    ipg_step: int = 80
+    curvature_threshold: float = 0.01
+    aggregation_degrees: tuple[int, ...] = (1, 3, 5)
+    interval_ratio: float = 0.3
+    rescoring_windows: tuple[int, ...] = (1, 7)
+    salient_layer: int = 1
+    pair_block: int = 8
+    distance_dtype: str = "auto"
+    point_batchnorm: str = "sample"
+    map_blur_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot run, naming the field."""
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.distance_dtype not in DISTANCE_DTYPES:
+            raise ValueError(
+                f"distance_dtype must be one of {DISTANCE_DTYPES}, got {self.distance_dtype!r}"
+            )
+        if self.point_batchnorm not in BATCHNORM_MODES:
+            raise ValueError(
+                f"point_batchnorm must be one of {BATCHNORM_MODES}, got {self.point_batchnorm!r}"
+            )
+        if not 0.0 < self.interval_ratio <= 1.0:
+            raise ValueError(f"interval_ratio must be in (0, 1], got {self.interval_ratio}")
+        if self.image_size <= 0 or self.num_groups <= 0 or self.group_size <= 1:
+            raise ValueError("image_size, num_groups must be positive and group_size > 1")
+        if not 0 < self.ipg_step <= self.group_size:
+            raise ValueError(f"ipg_step must be in (0, group_size], got {self.ipg_step}")
+        if any(r <= 0 or r % 2 == 0 for r in self.aggregation_degrees):
+            raise ValueError(f"aggregation_degrees must be odd and positive: {self.aggregation_degrees}")
+        if any(k <= 0 for k in self.rescoring_windows):
+            raise ValueError(f"rescoring_windows must be positive: {self.rescoring_windows}")
+        for name in ("layers_2d", "layers_3d"):
+            layers = getattr(self, name)
+            if not layers or any(x <= 0 for x in layers):
+                raise ValueError(f"{name} must hold 1-based block numbers: {layers}")
+            if not 0 <= self.salient_layer < len(layers):
+                raise ValueError(f"salient_layer {self.salient_layer} is outside {name}={layers}")
+        if self.pair_block <= 0:
+            raise ValueError(f"pair_block must be positive, got {self.pair_block}")
+
+    @property
+    def uses_2d(self) -> bool:
+        """Whether images are scored."""
+        return self.modality in ("2d", "2d+3d")
+
+    @property
+    def uses_3d(self) -> bool:
+        """Whether point clouds are scored."""
+        return self.modality in ("3d", "2d+3d")
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain dictionary of every field, for reports and cache keys."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def interval_count(num_references: int, ratio: float) -> int:
+    """Number of smallest pair scores averaged by Interval Average.
+
+    Args:
+        num_references: R, references each sample is scored against (N - 1 for a batch).
+        ratio: the Interval Average fraction (0.3 in the paper).
+
+    Returns:
+        ``max(1, floor(ratio * R))`` (SPEC §4.2; the reference forgets the ``max``).
+    """
+    if num_references < 1:
+        raise ValueError("mutual scoring needs at least one reference sample")
+    return max(1, int(ratio * num_references + 1e-9))
