@@ -73,7 +73,9 @@ class MuscConfig:
         if not 0 < self.ipg_step <= self.group_size:
             raise ValueError(f"ipg_step must be in (0, group_size], got {self.ipg_step}")
         if any(r <= 0 or r % 2 == 0 for r in self.aggregation_degrees):
-            raise ValueError(f"aggregation_degrees must be odd and positive: {self.aggregation_degrees}")
+            raise ValueError(
+                f"aggregation_degrees must be odd and positive: {self.aggregation_degrees}"
+            )
         if any(k <= 0 for k in self.rescoring_windows):
             raise ValueError(f"rescoring_windows must be positive: {self.rescoring_windows}")
         for name in ("layers_2d", "layers_3d"):
