@@ -1,0 +1,274 @@
+"""Mutual scoring (MSM): pair distances and Interval Average (SPEC §4.1–4.2, Eq. 7–8).
+
+The hot loop is the L×L distance block between two samples. It is one GEMM
+(``||a||² + ||b||² − 2ab``): the row minima give ``d(i, ·, j)`` and the column minima
+``d(j, ·, i)``, so every unordered pair of samples is computed once. Blocks of ``block``
+samples per side are multiplied together, so the working memory is about
+``(block * L)**2`` floats whatever N is; nothing of size (N, L, N, L) is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from typing import NamedTuple
+
+import torch
+
+from musc_core.config import interval_count
+
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+class PairMinima(NamedTuple):
+    """Nearest-patch distances between two blocks of samples.
+
+    Attributes:
+        a_to_b: (Ba, L, Bb) float32, ``[i, m, j] = min_n ||a_i(m) − b_j(n)||_2``.
+        b_to_a: (Bb, L2, Ba) float32, ``[j, n, i] = min_m ||b_j(n) − a_i(m)||_2``.
+    """
+
+    a_to_b: torch.Tensor
+    b_to_a: torch.Tensor
+
+
+class _Prepared(NamedTuple):
+    """Samples flattened and augmented for the distance GEMM (see ``_prepare``).
+
+    Attributes:
+        vectors: (B·L, C') vectors in the GEMM dtype, C' = C + extra columns, padded to 16.
+        count: B, samples.
+        length: L, patches per sample.
+    """
+
+    vectors: torch.Tensor
+    count: int
+    length: int
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        if not (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ):
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    if platform.machine().lower() in _X86:
+        # oneDNN also "supports" bf16 on plain AVX512 by emulation, which is no faster than
+        # fp32: require the native instructions.
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
+
+
+def resolve_distance_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """GEMM dtype of the pair distances for a config value and a device.
+
+    Args:
+        name: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16 on CUDA devices with bf16
+            support and on CPUs with native bf16 GEMMs — AVX512-BF16/AMX on x86, oneDNN bf16
+            elsewhere — otherwise float32). float16 is never used.
+        device: the device the features live on.
+
+    Returns:
+        ``torch.float32`` or ``torch.bfloat16``.
+    """
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"distance dtype must be auto, float32 or bfloat16, got {name!r}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            with torch.cuda.device(device):
+                fast = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older signature without including_emulation
+            fast = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if fast else torch.float32
+    if device.type == "cpu" and _cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _prepare(features: torch.Tensor, dtype: torch.dtype, side: str) -> _Prepared:
+    """Round samples to the GEMM dtype and fold the norms into the GEMM.
+
+    The squared distance is a single dot product of augmented vectors,
+    ``||a − b||² = [a, ||a||², 1] · [−2b, 1, ||b||²]``, so the GEMM writes squared distances
+    directly and no pass over the block is needed to add the norms. The norms are those of the
+    *rounded* vectors, so the identity holds for the vectors the GEMM actually multiplies.
+    In bfloat16 each norm is carried as a hi + lo pair of bf16 numbers (about 16 significant
+    bits); products of bf16 numbers are exact in float32, so the only rounding after the
+    float32 accumulation is that of the result, which is *relative* to the squared distance
+    itself (≈ 2⁻⁹) — small distances, the ones that matter, stay accurate.
+
+    Args:
+        features: (B, L, C) samples.
+        dtype: GEMM dtype, float32 or bfloat16.
+        side: ``"a"`` (left operand) or ``"b"`` (right operand, scaled by −2).
+
+    Returns:
+        The augmented vectors.
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"pair distances run in float32 or bfloat16, not {dtype}")
+    count, length, channels = features.shape
+    width = channels + (2 if dtype == torch.float32 else 4)
+    vectors = features.new_empty((count * length, width + (-width) % 16), dtype=dtype)
+    rounded = vectors[:, :channels]
+    rounded.copy_(features.reshape(count * length, channels))
+    norms = torch.linalg.vector_norm(rounded, dim=-1, dtype=torch.float32).square_()
+    ones = torch.ones_like(norms)
+    if dtype == torch.float32:
+        parts = [norms, ones]
+    else:
+        hi = norms.to(dtype)
+        lo = (norms - hi.float()).to(dtype)
+        parts = [hi, lo, ones.to(dtype), ones.to(dtype)]
+    if side == "b":
+        parts = parts[len(parts) // 2 :] + parts[: len(parts) // 2]
+        rounded.mul_(-2)  # exact: a power of two
+    vectors[:, channels:width] = torch.stack(parts, dim=-1)
+    vectors[:, width:] = 0
+    return _Prepared(vectors, count, length)
+
+
+def _squared_distances(a: _Prepared, b: _Prepared) -> torch.Tensor:
+    """(Ba·L, Bb·L2) squared distances, float32 or (CPU bf16) bfloat16."""
+    if a.vectors.is_cuda and a.vectors.dtype == torch.bfloat16:
+        try:  # bf16 inputs, fp32 accumulation and fp32 output in one cuBLAS call
+            return torch.mm(a.vectors, b.vectors.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    # float32, or bf16 inputs with fp32 accumulation and a bf16 result
+    return torch.matmul(a.vectors, b.vectors.T)
+
+
+def _minima(a: _Prepared, b: _Prepared, both: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row (and optionally column) minima of the distance block, as float32 distances."""
+    blocks = _squared_distances(a, b).view(a.count, a.length, b.count, b.length)
+    rows = blocks.amin(dim=-1).float().clamp_min_(0.0).sqrt_()  # (Ba, L, Bb)
+    if not both:
+        return rows, None
+    cols = blocks.amin(dim=1).float().clamp_min_(0.0).sqrt_().permute(1, 2, 0)  # (Bb, L2, Ba)
+    return rows, cols
+
+
+def pair_minima_block(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> PairMinima:
+    """Nearest-patch distances in both directions between two blocks of samples (Eq. 7).
+
+    One GEMM of (Ba·L)×C by C×(Bb·L2) gives every squared distance
+    ``||a||² + ||b||² − 2ab`` (the norms ride in two to four extra GEMM columns); minima are
+    taken on both sides, clamped at 0, and only the minima are square-rooted. In bfloat16 the
+    inputs are rounded once, the norms are computed from the rounded vectors and the products
+    are accumulated in float32.
+
+    Args:
+        a: (Ba, L, C) features.
+        b: (Bb, L2, C) features.
+        dtype: GEMM dtype, ``torch.float32`` or ``torch.bfloat16``.
+
+    Returns:
+        Both directions' minima, float32, on the inputs' device.
+    """
+    rows, cols = _minima(_prepare(a, dtype, "a"), _prepare(b, dtype, "b"), both=True)
+    return PairMinima(rows, cols)
+
+
+def _slice(p: _Prepared, start: int, stop: int) -> _Prepared:
+    return _Prepared(p.vectors[start * p.length : stop * p.length], stop - start, p.length)
+
+
+def pair_distances(features: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """Nearest-patch distances between all ordered pairs of samples of a batch (Eq. 7).
+
+    Every unordered pair is computed once: blocks of ``block`` samples are multiplied with the
+    blocks after them, and inside a diagonal block each sample with the samples after it.
+
+    Args:
+        features: (N, L, C) features of one layer.
+        block: samples per side of one GEMM block; memory ≈ ``(block * L)**2`` floats.
+        dtype: GEMM dtype, ``torch.float32`` or ``torch.bfloat16``.
+
+    Returns:
+        (N, L, N) float32 ``D[i, m, j] = min_n ||F_i(m) − F_j(n)||_2``, ``+inf`` where j == i.
+    """
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    n, length, _ = features.shape
+    out = torch.full((n, length, n), math.inf, dtype=torch.float32, device=features.device)
+    left, right = _prepare(features, dtype, "a"), _prepare(features, dtype, "b")
+    for s0 in range(0, n, block):
+        s1 = min(n, s0 + block)
+        for i in range(s0, s1 - 1):  # diagonal block: sample i against the ones after it
+            rows, cols = _minima(_slice(left, i, i + 1), _slice(right, i + 1, s1), True)
+            out[i, :, i + 1 : s1] = rows[0]
+            out[i + 1 : s1, :, i] = cols[..., 0]
+        for t0 in range(s1, n, block):
+            t1 = min(n, t0 + block)
+            rows, cols = _minima(_slice(left, s0, s1), _slice(right, t0, t1), True)
+            out[s0:s1, :, t0:t1] = rows
+            out[t0:t1, :, s0:s1] = cols
+    return out
+
+
+def reference_distances(
+    queries: torch.Tensor, references: torch.Tensor, block: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Nearest-patch distances of query samples against an explicit reference set (Eq. 7).
+
+    Args:
+        queries: (Nq, L, C) features of the samples being scored.
+        references: (R, L2, C) features of the reference samples (e.g. a rolling bank). A
+            query that is also a reference is not detected: the caller excludes it (set the
+            entry to ``+inf``) if needed.
+        block: samples per side of one GEMM block.
+        dtype: GEMM dtype, ``torch.float32`` or ``torch.bfloat16``.
+
+    Returns:
+        (Nq, L, R) float32 ``D[i, m, j] = min_n ||Q_i(m) − R_j(n)||_2``.
+    """
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    nq, length, _ = queries.shape
+    nr = references.shape[0]
+    out = torch.empty((nq, length, nr), dtype=torch.float32, device=queries.device)
+    q_all, r_all = _prepare(queries, dtype, "a"), _prepare(references, dtype, "b")
+    for s0 in range(0, nq, block):
+        s1 = min(nq, s0 + block)
+        q = _slice(q_all, s0, s1)
+        for t0 in range(0, nr, block):
+            t1 = min(nr, t0 + block)
+            out[s0:s1, :, t0:t1] = _minima(q, _slice(r_all, t0, t1), both=False)[0]
+    return out
+
+
+def interval_average(distances: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Interval Average (Eq. 8): mean of the smallest pair scores of each patch.
+
+    Args:
+        distances: (N, L, R) pair scores; non-finite entries (``+inf`` on the diagonal of a
+            batch) are excluded references.
+        ratio: fraction of the valid references averaged (paper: 0.3).
+
+    Returns:
+        (N, L) mean of the ``k = max(1, floor(ratio * R_valid))`` smallest valid values, where
+        R_valid is the number of finite entries of the row (N − 1 for a batch).
+    """
+    r = distances.shape[-1]
+    valid = torch.isfinite(distances)
+    counts = valid.sum(dim=-1)
+    if r == 0 or bool((counts == 0).any()):
+        raise ValueError("every patch needs at least one finite reference distance")
+    table = [0] + [interval_count(v, ratio) for v in range(1, r + 1)]
+    k = torch.tensor(table, device=distances.device)[counts]  # (N, L)
+    k_max = int(k.max())
+    clean = distances.float().masked_fill(~valid, math.inf)
+    smallest = torch.topk(clean, k_max, dim=-1, largest=False, sorted=True).values
+    keep = torch.arange(k_max, device=distances.device) < k[..., None]
+    return smallest.masked_fill(~keep, 0.0).sum(dim=-1) / k

@@ -1,0 +1,342 @@
+"""In-memory MuSc-V2: ``score(samples, config)`` for 2d, 3d and 2d+3d (SPEC §1–§5).
+
+This is the reference composition of the stages; the orchestrated pipeline spreads the same
+functions over workers and caches their outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from musc_core.aggregation import snamd_2d, snamd_3d
+from musc_core.anomaly_maps import map_2d, map_3d, sample_scores
+from musc_core.config import MuscConfig
+from musc_core.cross_modal import Projection, cross_modal_enhance, projection_lists
+from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.grouping import Grouping, group_points
+from musc_core.mutual_scoring import interval_average, pair_distances, resolve_distance_dtype
+from musc_core.point_mae import PointFeatureExtractor
+from musc_core.preprocess_points import normalize_unit_sphere, organized_to_points
+from musc_core.rescoring import rscon, salient_features
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a product line, preprocessed to the config's image size S.
+
+    Attributes:
+        name: unique sample name.
+        image: (3, S, S) float32 in [0, 1], or None for 3D-only lines.
+        xyz: (S, S, 3) float32 organized point cloud (zeros = no point), cleaned, or None.
+    """
+
+    name: str
+    image: torch.Tensor | None = None
+    xyz: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PointSample:
+    """A sample's foreground points and their grouping.
+
+    Attributes:
+        points: (P, 3) unit-sphere normalized foreground points.
+        pixel_index: (P,) flat pixel index y * S + x of each point.
+        grouping: centres, members and curvatures of the G groups.
+    """
+
+    points: torch.Tensor
+    pixel_index: torch.Tensor
+    grouping: Grouping
+
+
+@dataclass(frozen=True)
+class ModalityFeatures:
+    """Aggregated (SNAMD) features of one modality for all samples.
+
+    Attributes:
+        layers: one (N, L, C) tensor per layer.
+    """
+
+    layers: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Everything a scoring run produces, in sample order.
+
+    Attributes:
+        names: N sample names.
+        maps: (N, S, S) final anomaly maps (sum of the modalities' maps).
+        maps_2d: (N, S, S) 2D maps, or None.
+        maps_3d: (N, S, S) 3D maps, or None.
+        patch_scores_2d: (N, M) 2D patch scores, or None.
+        patch_scores_3d: (N, G) 3D group scores, or None.
+        scores: (N,) sample scores before RsCon (max of the map).
+        scores_rescored: (N,) sample scores after RsCon.
+        salient: (N, C) anomaly-salient features used by RsCon.
+    """
+
+    names: list[str]
+    maps: torch.Tensor
+    maps_2d: torch.Tensor | None
+    maps_3d: torch.Tensor | None
+    patch_scores_2d: torch.Tensor | None
+    patch_scores_3d: torch.Tensor | None
+    scores: torch.Tensor
+    scores_rescored: torch.Tensor
+    salient: torch.Tensor
+
+
+def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def prepare_points(xyz: torch.Tensor, config: MuscConfig) -> PointSample:
+    """Foreground extraction, unit-sphere normalization and IPG grouping of one sample.
+
+    Args:
+        xyz: (S, S, 3) organized point cloud, zeros = no point.
+        config: grouping settings.
+
+    Returns:
+        The sample's points and grouping.
+    """
+    points, pixel_index = organized_to_points(xyz)
+    points = normalize_unit_sphere(points)
+    grouping = group_points(
+        points,
+        num_groups=config.num_groups,
+        group_size=config.group_size,
+        ipg_step=config.ipg_step,
+        curvature_threshold=config.curvature_threshold,
+    )
+    return PointSample(points=points, pixel_index=pixel_index, grouping=grouping)
+
+
+def features_2d(
+    images: torch.Tensor,
+    extractor: ViTFeatureExtractor,
+    config: MuscConfig,
+    progress: Progress | None = None,
+) -> ModalityFeatures:
+    """ViT tokens of the configured layers, aggregated by 2D SNAMD.
+
+    Args:
+        images: (N, 3, S, S) in [0, 1].
+        extractor: the 2D backbone.
+        config: layers and aggregation degrees.
+        progress: stage progress callback.
+
+    Returns:
+        SNAMD features, one (N, M, C) tensor per layer.
+    """
+    total = images.shape[0]
+    tokens = extractor.extract(
+        images,
+        config.layers_2d,
+        progress=lambda done: _report(progress, "2D features", done, total),
+    )
+    side = config.image_size // extractor.patch_size
+    return ModalityFeatures([snamd_2d(t, side, config.aggregation_degrees) for t in tokens])
+
+
+def features_3d(
+    point_samples: Sequence[PointSample],
+    extractor: PointFeatureExtractor,
+    config: MuscConfig,
+    progress: Progress | None = None,
+) -> ModalityFeatures:
+    """Point-transformer tokens of the configured layers, aggregated by 3D SNAMD.
+
+    Args:
+        point_samples: grouped point clouds, one per sample.
+        extractor: the 3D backbone.
+        config: layers, aggregation degrees and curvature threshold.
+        progress: stage progress callback.
+
+    Returns:
+        SNAMD features, one (N, G, C) tensor per layer.
+    """
+    per_sample: list[list[torch.Tensor]] = []
+    for index, sample in enumerate(point_samples):
+        per_sample.append(extractor.extract(sample.points, sample.grouping, config.layers_3d))
+        _report(progress, "3D features", index + 1, len(point_samples))
+    centres = torch.stack([s.grouping.centres for s in point_samples])
+    curvature = torch.stack([s.grouping.curvature for s in point_samples])
+    layers = []
+    for layer in range(len(config.layers_3d)):
+        tokens = torch.stack([feats[layer] for feats in per_sample])
+        layers.append(
+            snamd_3d(
+                tokens,
+                centres,
+                curvature,
+                config.aggregation_degrees,
+                config.curvature_threshold,
+            )
+        )
+    return ModalityFeatures(layers)
+
+
+def layer_distances(features: ModalityFeatures, config: MuscConfig) -> list[torch.Tensor]:
+    """Pair distances of every layer, each (N, L, N) with +inf on the diagonal."""
+    device = features.layers[0].device
+    dtype = resolve_distance_dtype(config.distance_dtype, device)
+    return [pair_distances(f, config.pair_block, dtype) for f in features.layers]
+
+
+def drop_self(distances: torch.Tensor) -> torch.Tensor:
+    """Remove the diagonal references of a batch: (N, L, N) → (N, L, N − 1)."""
+    n = distances.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool, device=distances.device)
+    index = torch.arange(n, device=distances.device).expand(n, n)[keep].view(n, n - 1)
+    return torch.gather(distances, 2, index[:, None, :].expand(-1, distances.shape[1], -1))
+
+
+def single_modality_scores(distances: list[torch.Tensor], config: MuscConfig) -> torch.Tensor:
+    """Interval Average per layer, then the layer mean: (N, L) patch scores."""
+    return torch.stack([interval_average(d, config.interval_ratio) for d in distances]).mean(0)
+
+
+def multimodal_scores(
+    distances_2d: list[torch.Tensor],
+    distances_3d: list[torch.Tensor],
+    projections: Sequence[Projection],
+    config: MuscConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAE-enhanced pair scores, Interval Average and layer mean for both modalities.
+
+    Args:
+        distances_2d: per layer (N, M, N) 2D pair distances.
+        distances_3d: per layer (N, G, N) 3D pair distances.
+        projections: per sample 2D↔3D projection lists.
+        config: Interval Average ratio.
+
+    Returns:
+        (N, M) 2D and (N, G) 3D patch scores.
+    """
+    layer_scores_2d, layer_scores_3d = [], []
+    for d2_all, d3_all in zip(distances_2d, distances_3d, strict=True):
+        d2_refs, d3_refs = drop_self(d2_all), drop_self(d3_all)
+        enhanced_2d, enhanced_3d = [], []
+        for i, projection in enumerate(projections):
+            e2, e3 = cross_modal_enhance(d2_refs[i], d3_refs[i], projection)
+            enhanced_2d.append(e2)
+            enhanced_3d.append(e3)
+        layer_scores_2d.append(interval_average(torch.stack(enhanced_2d), config.interval_ratio))
+        layer_scores_3d.append(interval_average(torch.stack(enhanced_3d), config.interval_ratio))
+    return torch.stack(layer_scores_2d).mean(0), torch.stack(layer_scores_3d).mean(0)
+
+
+def score(
+    samples: Sequence[Sample],
+    config: MuscConfig,
+    extractor_2d: ViTFeatureExtractor | None = None,
+    extractor_3d: PointFeatureExtractor | None = None,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> ScoreResult:
+    """Score a set of unlabeled samples against each other with MuSc-V2.
+
+    Args:
+        samples: N ≥ 2 preprocessed samples; they need ``image`` for 2D and ``xyz`` for 3D.
+        config: hyperparameters (``config.modality`` selects 2d, 3d or 2d+3d).
+        extractor_2d: 2D backbone (required when the modality uses images).
+        extractor_3d: 3D backbone (required when the modality uses point clouds).
+        device: where features and scoring run.
+        progress: optional ``(stage, done, total)`` callback for long stages.
+
+    Returns:
+        Maps, patch scores, sample scores before and after RsCon, and salient features.
+    """
+    if len(samples) < 2:
+        raise ValueError(f"mutual scoring needs at least 2 samples, got {len(samples)}")
+    device = torch.device(device)
+    size = config.image_size
+    names = [s.name for s in samples]
+    maps_2d = maps_3d = patch_2d = patch_3d = None
+    salient_parts: list[torch.Tensor] = []
+    feats_2d = feats_3d = None
+    point_samples: list[PointSample] = []
+
+    if config.uses_2d:
+        if extractor_2d is None:
+            raise ValueError(f"modality {config.modality} needs a 2D extractor")
+        missing = [s.name for s in samples if s.image is None]
+        if missing:
+            raise ValueError(f"samples without an image: {missing}")
+        images = torch.stack([s.image for s in samples]).to(device)
+        feats_2d = features_2d(images, extractor_2d.to(device), config, progress)
+    if config.uses_3d:
+        if extractor_3d is None:
+            raise ValueError(f"modality {config.modality} needs a 3D extractor")
+        missing = [s.name for s in samples if s.xyz is None]
+        if missing:
+            raise ValueError(f"samples without an XYZ map: {missing}")
+        for index, sample in enumerate(samples):
+            try:
+                point_samples.append(prepare_points(sample.xyz.to(device), config))
+            except ValueError as error:
+                raise ValueError(f"sample {sample.name!r}: {error}") from error
+            _report(progress, "grouping", index + 1, len(samples))
+        feats_3d = features_3d(point_samples, extractor_3d.to(device), config, progress)
+
+    _report(progress, "mutual scoring", 0, 1)
+    dist_2d = layer_distances(feats_2d, config) if feats_2d is not None else None
+    dist_3d = layer_distances(feats_3d, config) if feats_3d is not None else None
+    if dist_2d is not None and dist_3d is not None:
+        patch_size = extractor_2d.patch_size
+        projections = [
+            projection_lists(ps.pixel_index[ps.grouping.centre_index], size, patch_size)
+            for ps in point_samples
+        ]
+        patch_2d, patch_3d = multimodal_scores(dist_2d, dist_3d, projections, config)
+    elif dist_2d is not None:
+        patch_2d = single_modality_scores(dist_2d, config)
+    else:
+        patch_3d = single_modality_scores(dist_3d, config)
+    _report(progress, "mutual scoring", 1, 1)
+
+    if patch_2d is not None:
+        maps_2d = map_2d(patch_2d, size)
+        salient_parts.append(salient_features(patch_2d, feats_2d.layers[config.salient_layer]))
+    if patch_3d is not None:
+        maps_3d = torch.stack(
+            [
+                map_3d(
+                    patch_3d[i],
+                    ps.grouping.centres,
+                    ps.points,
+                    ps.pixel_index,
+                    size,
+                    config.map_blur_sigma,
+                )
+                for i, ps in enumerate(point_samples)
+            ]
+        )
+        salient_parts.append(salient_features(patch_3d, feats_3d.layers[config.salient_layer]))
+    if maps_2d is not None and maps_3d is not None:
+        maps = maps_2d + maps_3d
+    else:
+        maps = maps_2d if maps_2d is not None else maps_3d
+    scores = sample_scores(maps)
+    salient = torch.cat(salient_parts, dim=1)
+    rescored = rscon(scores, salient, config.rescoring_windows)
+    return ScoreResult(
+        names=names,
+        maps=maps.cpu(),
+        maps_2d=None if maps_2d is None else maps_2d.cpu(),
+        maps_3d=None if maps_3d is None else maps_3d.cpu(),
+        patch_scores_2d=None if patch_2d is None else patch_2d.cpu(),
+        patch_scores_3d=None if patch_3d is None else patch_3d.cpu(),
+        scores=scores.cpu(),
+        scores_rescored=rescored.cpu(),
+        salient=salient.cpu(),
+    )

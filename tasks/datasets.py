@@ -1,0 +1,579 @@
+"""Dataset readers (SPEC §1.3): a dataset directory becomes a sorted list of sample records.
+
+Formats and the layouts they read (``<root>`` is the dataset root; the root may also be a
+single category folder, whose folder name is then its category):
+
+- ``mvtec3d`` (MVTec 3D-AD): ``<root>/<category>/test/<defect|good>/rgb/<stem>.png``,
+  ``xyz/<stem>.tiff``, ``gt/<stem>.png``. Name ``<defect>/<stem>``; label 0 for ``good``.
+- ``eyecandies``: ``<root>/<Category>/test_public/data/<id>_image_0.png``, ``<id>_depth.png``,
+  ``<id>_info_depth.yaml``, ``<id>_pose.txt``, ``<id>_mask.png``. Name ``<id>``; the label is
+  1 when the mask has a non-zero pixel (the mask is read here), None when it is missing or
+  unreadable (preparation then sets the sample aside).
+- ``mvtec`` (MVTec AD) and ``mpdd``: ``<root>/<cat>/test/<defect|good>/<stem>.png``, masks
+  ``<root>/<cat>/ground_truth/<defect>/<stem>_mask.png``. Good samples have no mask file
+  (``mask_path`` None: their ground truth is all normal).
+- ``btad``: ``<root>/<cat>/test/{ok,ko}/<stem>.(png|bmp)``, masks
+  ``<root>/<cat>/ground_truth/ko/<stem>.(png|bmp)``. Label 0 for ``ok``.
+- ``visa``: ``<root>/split_csv/1cls.csv`` (columns object, split, label, image, mask; paths
+  relative to the root), rows with split ``test``; label ``normal`` → 0, ``anomaly`` → 1.
+  Name: the image path without the object folder, ``Data/Images/`` and suffix
+  (``Anomaly/000``).
+- ``folder``: any directory of images (searched recursively, hidden entries skipped), no
+  labels (label None), category = the folder name. Optional XYZ maps are TIFFs with the
+  image's stem inside any ``xyz/`` folder below the root, or float TIFFs next to the image;
+  optional masks are images named ``<stem>`` or ``<stem>_mask`` inside any ``masks/``,
+  ``mask/``, ``gt/`` or ``ground_truth/`` folder. When several candidates share a stem, the
+  one sharing the longest folder prefix with the image wins (an exact tie is an error). A
+  TIFF outside those folders with no same-stem image beside it is an image, unless it holds
+  3-channel float data: then it is an XYZ-only (3D) sample. Name: the image's path relative
+  to the root, without suffix.
+
+Records are sorted by name. Layout problems raise ``FileNotFoundError`` / ``ValueError``
+naming the path; unreadable individual files are left for the loaders (and the preparation
+step) to report.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import tifffile
+
+from tasks.image_io import (
+    TIFF_SUFFIXES,
+    PathLike,
+    load_eyecandies_depth,
+    load_image,
+    load_mask,
+    load_xyz,
+)
+
+__all__ = [
+    "FORMATS",
+    "SampleRecord",
+    "list_categories",
+    "load_eyecandies_depth",
+    "load_image",
+    "load_mask",
+    "load_xyz",
+    "read_dataset",
+]
+
+FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+VISA_SPLIT_CSV = ("split_csv", "1cls.csv")
+_FOLDER_XYZ_DIRS = ("xyz",)
+_FOLDER_MASK_DIRS = ("masks", "mask", "gt", "ground_truth")
+_MARKERS = {
+    "mvtec3d": ("test",),
+    "mvtec": ("test",),
+    "mpdd": ("test",),
+    "btad": ("test",),
+    "eyecandies": ("test_public", "data"),
+}
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Where one sample's files are and what is known about it.
+
+    Attributes:
+        name: unique, stable sample name within its category (e.g. ``"crack/003"``).
+        category: product line / category name.
+        image_path: RGB (or gray) image file, or None (3D-only sample).
+        xyz_path: organized point cloud TIFF, or None.
+        mask_path: ground-truth mask, or None (none available; for labelled normal samples
+            of MVTec AD / MPDD / BTAD / VisA this means "all normal").
+        label: 0 normal, 1 anomalous, None when unknown.
+        defect_type: defect folder / CSV label (``"good"``, ``"crack"``, ``"ko"``, ...), or
+            None.
+        depth_path: Eyecandies 16-bit depth PNG, or None.
+        info_path: Eyecandies ``info_depth.yaml``, or None.
+        pose_path: Eyecandies ``pose.txt``, or None.
+    """
+
+    name: str
+    category: str
+    image_path: str | None = None
+    xyz_path: str | None = None
+    mask_path: str | None = None
+    label: int | None = None
+    defect_type: str | None = None
+    depth_path: str | None = None
+    info_path: str | None = None
+    pose_path: str | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+
+
+def _check_root(root: PathLike) -> Path:
+    path = Path(root)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: dataset root not found")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: dataset root is not a directory")
+    return path
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and _visible(p))
+
+
+def _files(path: Path, suffixes: Iterable[str]) -> list[Path]:
+    """Visible regular files of a folder with one of the suffixes (any case), sorted."""
+    if not path.is_dir():
+        return []
+    wanted = tuple(suffixes)
+    return sorted(
+        p for p in path.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in wanted
+    )
+
+
+def _by_stem(files: Iterable[Path]) -> dict[str, Path]:
+    """First file (sorted order) of each stem."""
+    out: dict[str, Path] = {}
+    for path in sorted(files):
+        out.setdefault(path.stem, path)
+    return out
+
+
+def _root_name(root: Path) -> str:
+    return root.resolve().name
+
+
+def _category_dir(root: Path, fmt: str, category: str) -> Path:
+    """The folder of one category: ``<root>/<category>``, or the root itself if it is one."""
+    marker = Path(*_MARKERS[fmt])
+    candidate = root / category
+    if candidate.is_dir():
+        if not (candidate / marker).is_dir():
+            raise FileNotFoundError(
+                f"{candidate / marker}: not found ({fmt} layout expects it in every category)"
+            )
+        return candidate
+    if _root_name(root) == category and (root / marker).is_dir():
+        return root
+    raise FileNotFoundError(f"{candidate}: category folder not found ({fmt} layout)")
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _sorted_records(records: list[SampleRecord], where: Path, fmt: str) -> list[SampleRecord]:
+    if not records:
+        raise ValueError(f"{where}: no samples found ({fmt} layout)")
+    return sorted(records, key=lambda r: (r.name, r.image_path or "", r.xyz_path or ""))
+
+
+# ------------------------------------------------------------------------------------------
+# MVTec 3D-AD
+
+
+def _read_mvtec3d(root: Path, category: str) -> list[SampleRecord]:
+    test = _category_dir(root, "mvtec3d", category) / "test"
+    defects = _subdirs(test)
+    if not defects:
+        raise ValueError(f"{test}: no defect folders (expected test/<defect|good>/rgb, xyz)")
+    records = []
+    for defect_dir in defects:
+        rgb_dir, xyz_dir = defect_dir / "rgb", defect_dir / "xyz"
+        if not rgb_dir.is_dir() and not xyz_dir.is_dir():
+            raise ValueError(
+                f"{defect_dir}: expected rgb/ and/or xyz/ subfolders (MVTec 3D-AD layout)"
+            )
+        images = _by_stem(_files(rgb_dir, (".png",)))
+        xyzs = _by_stem(_files(xyz_dir, TIFF_SUFFIXES))
+        masks = _by_stem(_files(defect_dir / "gt", (".png",)))
+        defect = defect_dir.name
+        for stem in sorted(images.keys() | xyzs.keys()):
+            records.append(
+                SampleRecord(
+                    name=f"{defect}/{stem}",
+                    category=category,
+                    image_path=_str(images.get(stem)),
+                    xyz_path=_str(xyzs.get(stem)),
+                    mask_path=_str(masks.get(stem)),
+                    label=0 if defect == "good" else 1,
+                    defect_type=defect,
+                )
+            )
+    return _sorted_records(records, test, "mvtec3d")
+
+
+# ------------------------------------------------------------------------------------------
+# Eyecandies
+
+
+def _mask_label(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return int(load_mask(path).any())
+    except (ValueError, OSError):
+        return None
+
+
+def _read_eyecandies(root: Path, category: str) -> list[SampleRecord]:
+    data = _category_dir(root, "eyecandies", category) / "test_public" / "data"
+    image_suffix, depth_suffix = "_image_0.png", "_depth.png"
+    names = [p.name for p in data.iterdir() if p.is_file() and _visible(p)]
+    ids = sorted(
+        {n[: -len(image_suffix)] for n in names if n.endswith(image_suffix)}
+        | {n[: -len(depth_suffix)] for n in names if n.endswith(depth_suffix)}
+    )
+    present = set(names)
+
+    def file(sample_id: str, suffix: str) -> Path | None:
+        name = f"{sample_id}{suffix}"
+        return data / name if name in present else None
+
+    records = []
+    for sample_id in ids:
+        mask = file(sample_id, "_mask.png")
+        records.append(
+            SampleRecord(
+                name=sample_id,
+                category=category,
+                image_path=_str(file(sample_id, image_suffix)),
+                mask_path=_str(mask),
+                label=_mask_label(mask),
+                depth_path=_str(file(sample_id, depth_suffix)),
+                info_path=_str(file(sample_id, "_info_depth.yaml")),
+                pose_path=_str(file(sample_id, "_pose.txt")),
+            )
+        )
+    return _sorted_records(records, data, "eyecandies")
+
+
+# ------------------------------------------------------------------------------------------
+# MVTec AD, MPDD, BTAD
+
+
+def _read_mvtec_like(
+    root: Path,
+    fmt: str,
+    category: str,
+    good_names: tuple[str, ...],
+    mask_stems: Callable[[str], tuple[str, ...]],
+) -> list[SampleRecord]:
+    """``<cat>/test/<defect>/<image>`` with masks in ``<cat>/ground_truth/<defect>/``."""
+    cat_dir = _category_dir(root, fmt, category)
+    test, ground_truth = cat_dir / "test", cat_dir / "ground_truth"
+    defects = _subdirs(test)
+    if not defects:
+        raise ValueError(f"{test}: no defect folders (expected test/<defect|good>/*.png)")
+    records = []
+    for defect_dir in defects:
+        defect = defect_dir.name
+        masks = _by_stem(_files(ground_truth / defect, IMAGE_SUFFIXES))
+        for image in _files(defect_dir, IMAGE_SUFFIXES):
+            mask = next((masks[s] for s in mask_stems(image.stem) if s in masks), None)
+            records.append(
+                SampleRecord(
+                    name=f"{defect}/{image.stem}",
+                    category=category,
+                    image_path=str(image),
+                    mask_path=_str(mask),
+                    label=0 if defect in good_names else 1,
+                    defect_type=defect,
+                )
+            )
+    return _sorted_records(records, test, fmt)
+
+
+def _mvtec_mask_stems(stem: str) -> tuple[str, ...]:
+    return (f"{stem}_mask", stem)
+
+
+def _btad_mask_stems(stem: str) -> tuple[str, ...]:
+    return (stem, f"{stem}_mask")
+
+
+# ------------------------------------------------------------------------------------------
+# VisA
+
+
+_VISA_LABELS = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "anomalous": 1, "bad": 1, "1": 1}
+_VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+
+
+def _visa_rows(root: Path) -> tuple[Path, list[tuple[int, dict[str, str]]]]:
+    """The split CSV path and its test rows with their line numbers."""
+    csv_path = root.joinpath(*VISA_SPLIT_CSV)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: VisA split CSV not found")
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in _VISA_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; found {header}")
+        rows = []
+        for row in reader:
+            clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if clean["split"].lower() == "test":
+                rows.append((reader.line_num, clean))
+    return csv_path, rows
+
+
+def _visa_name(image: str, obj: str) -> str:
+    parts = list(PurePosixPath(image.replace("\\", "/")).with_suffix("").parts)
+    if parts and parts[0] == obj:
+        parts = parts[1:]
+    if parts[:2] == ["Data", "Images"]:
+        parts = parts[2:]
+    return "/".join(parts)
+
+
+def _list_visa(root: Path) -> list[str]:
+    csv_path, rows = _visa_rows(root)
+    objects = sorted({row["object"] for _, row in rows})
+    if not objects:
+        raise ValueError(f"{csv_path}: no rows with split 'test'")
+    return objects
+
+
+def _read_visa(root: Path, category: str) -> list[SampleRecord]:
+    csv_path, rows = _visa_rows(root)
+    records = []
+    for line, row in rows:
+        if row["object"] != category:
+            continue
+        label_text = row["label"].lower()
+        if label_text not in _VISA_LABELS:
+            raise ValueError(f"{csv_path}:{line}: unknown label {row['label']!r}")
+        if not row["image"]:
+            raise ValueError(f"{csv_path}:{line}: empty image path")
+        records.append(
+            SampleRecord(
+                name=_visa_name(row["image"], category),
+                category=category,
+                image_path=str(root / row["image"]),
+                mask_path=str(root / row["mask"]) if row["mask"] else None,
+                label=_VISA_LABELS[label_text],
+                defect_type=row["label"],
+            )
+        )
+    if not records:
+        objects = sorted({row["object"] for _, row in rows})
+        raise ValueError(f"{csv_path}: no test rows for object {category!r}; objects: {objects}")
+    return _sorted_records(records, csv_path, "visa")
+
+
+# ------------------------------------------------------------------------------------------
+# generic folder
+
+
+def _is_xyz_tiff(path: Path) -> bool:
+    """True for a TIFF whose first series is (H, W, 3) or (3, H, W) floating-point data."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype = tuple(series.shape), series.dtype
+    except Exception:  # unreadable: treat as an image; the loader will report it
+        return False
+    return (
+        dtype is not None
+        and dtype.kind == "f"
+        and len(shape) == 3
+        and (shape[2] == 3 or shape[0] == 3)
+    )
+
+
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def _closest(
+    image: Path, stems: tuple[str, ...], index: dict[str, list[Path]], root: Path, what: str
+) -> Path | None:
+    """The candidate with one of the stems sharing the longest folder prefix with the image."""
+    candidates = [p for s in stems for p in index.get(s, [])]
+    if not candidates:
+        return None
+    folder = image.relative_to(root).parent.parts
+    scores = [_common_prefix(folder, p.relative_to(root).parent.parts) for p in candidates]
+    best = max(scores)
+    winners = [p for p, s in zip(candidates, scores, strict=True) if s == best]
+    if len(winners) > 1:
+        listed = ", ".join(str(p) for p in winners)
+        raise ValueError(f"{image}: several {what} files match by stem: {listed}")
+    return winners[0]
+
+
+def _walk(line_dir: Path) -> list[Path]:
+    """Every visible file below the folder (hidden files and folders skipped), sorted."""
+    files = []
+    for path in line_dir.rglob("*"):
+        relative = path.relative_to(line_dir).parts
+        if any(part.startswith(".") for part in relative) or not path.is_file():
+            continue
+        files.append(path)
+    return sorted(files)
+
+
+def _read_folder(root: Path, category: str) -> list[SampleRecord]:
+    if (root / category).is_dir():
+        line_dir = root / category
+    elif _root_name(root) == category:
+        line_dir = root
+    else:
+        raise FileNotFoundError(
+            f"{root / category}: not found (folder format: the category is the folder name "
+            f"{_root_name(root)!r} or one of its subfolders)"
+        )
+    images: list[Path] = []
+    xyzs: list[Path] = []
+    masks: list[Path] = []
+    loose_tiffs: list[Path] = []
+    for path in _walk(line_dir):
+        folders = {part.lower() for part in path.relative_to(line_dir).parent.parts}
+        suffix = path.suffix.lower()
+        if folders & set(_FOLDER_MASK_DIRS):
+            if suffix in IMAGE_SUFFIXES:
+                masks.append(path)
+        elif folders & set(_FOLDER_XYZ_DIRS):
+            if suffix in TIFF_SUFFIXES:
+                xyzs.append(path)
+        elif suffix in TIFF_SUFFIXES:
+            loose_tiffs.append(path)
+        elif suffix in IMAGE_SUFFIXES:
+            images.append(path)
+    # A loose TIFF beside a same-stem non-TIFF image is that image's XYZ map; otherwise it is
+    # an XYZ-only sample when it holds 3-channel float data, else an image.
+    beside = {(p.parent, p.stem) for p in images}
+    for path in loose_tiffs:
+        if (path.parent, path.stem) in beside or _is_xyz_tiff(path):
+            xyzs.append(path)
+        else:
+            images.append(path)
+    xyz_index: dict[str, list[Path]] = {}
+    for path in xyzs:
+        xyz_index.setdefault(path.stem, []).append(path)
+    mask_index: dict[str, list[Path]] = {}
+    for path in masks:
+        mask_index.setdefault(path.stem, []).append(path)
+
+    records = []
+    used_xyz: set[Path] = set()
+    for image in sorted(images):
+        xyz = _closest(image, (image.stem,), xyz_index, line_dir, "XYZ")
+        mask = _closest(image, (image.stem, f"{image.stem}_mask"), mask_index, line_dir, "mask")
+        if xyz is not None:
+            used_xyz.add(xyz)
+        records.append(
+            SampleRecord(
+                name=image.relative_to(line_dir).with_suffix("").as_posix(),
+                category=category,
+                image_path=str(image),
+                xyz_path=_str(xyz),
+                mask_path=_str(mask),
+            )
+        )
+    for xyz in sorted(set(xyzs) - used_xyz):
+        relative = xyz.relative_to(line_dir).with_suffix("")
+        kept = [p for p in relative.parts[:-1] if p.lower() not in _FOLDER_XYZ_DIRS]
+        fake_image = line_dir.joinpath(*kept, xyz.name)
+        mask = _closest(fake_image, (xyz.stem, f"{xyz.stem}_mask"), mask_index, line_dir, "mask")
+        records.append(
+            SampleRecord(
+                name="/".join([*kept, xyz.stem]),
+                category=category,
+                xyz_path=str(xyz),
+                mask_path=_str(mask),
+            )
+        )
+    if not records:
+        raise ValueError(f"{line_dir}: no images or XYZ TIFFs found (folder format)")
+    return _sorted_records(records, line_dir, "folder")
+
+
+# ------------------------------------------------------------------------------------------
+# public entry points
+
+
+def list_categories(root: PathLike, fmt: str) -> list[str]:
+    """Categories (product lines) of a dataset, sorted.
+
+    Args:
+        root: dataset root (or a single category folder).
+        fmt: one of :data:`FORMATS`.
+
+    Returns:
+        Category names: folders with the format's ``test`` (``test_public/data`` for
+        Eyecandies) subfolder, the objects of VisA's split CSV, or the folder's own name for
+        ``folder``.
+
+    Raises:
+        ValueError: unknown format, or no category found (message names the root).
+        FileNotFoundError: the root (or VisA's split CSV) does not exist.
+    """
+    _check_format(fmt)
+    path = _check_root(root)
+    if fmt == "folder":
+        return [_root_name(path)]
+    if fmt == "visa":
+        return _list_visa(path)
+    marker = Path(*_MARKERS[fmt])
+    found = [d.name for d in _subdirs(path) if (d / marker).is_dir()]
+    if not found and (path / marker).is_dir():
+        found = [_root_name(path)]
+    if not found:
+        raise ValueError(
+            f"{path}: no {fmt} category found (expected <root>/<category>/{marker.as_posix()}/)"
+        )
+    return found
+
+
+def read_dataset(root: PathLike, fmt: str, category: str) -> list[SampleRecord]:
+    """The test samples of one category, sorted by name.
+
+    No file is decoded, except Eyecandies masks (they give the labels) and, for ``folder``,
+    the headers of loose TIFFs (to tell XYZ maps from images).
+
+    Args:
+        root: dataset root (or the category folder itself).
+        fmt: one of :data:`FORMATS`.
+        category: a name returned by :func:`list_categories`.
+
+    Returns:
+        The category's records.
+
+    Raises:
+        ValueError: unknown format, a layout that does not match, or no samples (message
+            names the path).
+        FileNotFoundError: the root, the category folder or a required file is missing.
+    """
+    _check_format(fmt)
+    path = _check_root(root)
+    if fmt == "mvtec3d":
+        return _read_mvtec3d(path, category)
+    if fmt == "eyecandies":
+        return _read_eyecandies(path, category)
+    if fmt in ("mvtec", "mpdd"):
+        return _read_mvtec_like(path, fmt, category, ("good",), _mvtec_mask_stems)
+    if fmt == "btad":
+        return _read_mvtec_like(path, fmt, category, ("ok", "good"), _btad_mask_stems)
+    if fmt == "visa":
+        return _read_visa(path, category)
+    return _read_folder(path, category)

@@ -1,0 +1,255 @@
+"""Decode the files of a dataset: images, masks, XYZ TIFFs, Eyecandies depth + metadata.
+
+Every loader names the file in its error: a missing file raises ``FileNotFoundError``, an
+empty, truncated or undecodable one ``ValueError(f"{path}: <problem>")``. Nothing here
+resizes or normalizes (that is ``musc_core``'s job).
+
+Decoders: TIFF files (``.tif``/``.tiff``) are read with tifffile (first image series),
+everything else with Pillow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import yaml
+from PIL import Image
+
+from musc_core.preprocess_image import to_rgb_uint8
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+_PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+PathLike = str | os.PathLike
+
+
+def _existing_file(path: PathLike | None, what: str) -> Path:
+    """The path as a ``Path`` after checking it names a non-empty regular file."""
+    if path is None:
+        raise ValueError(f"no {what} file given")
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{p}: not a regular file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p}: empty file")
+    return p
+
+
+def _channels_last(array: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W) or (H, W, C) array; planar (C, H, W) TIFF data is transposed."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 2, 3, 4)):
+        raise ValueError(f"{path}: unsupported image shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{path}: image has no pixels")
+    return array
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """First image series of a TIFF (all its pages: planar data may span several)."""
+    try:
+        return np.asarray(tifffile.imread(path))
+    except Exception as error:  # tifffile raises many types for damaged files
+        raise ValueError(f"{path}: cannot read TIFF ({error})") from error
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    """Decode with Pillow, keeping 16-bit gray as uint16 and dropping palettes.
+
+    Returns:
+        (H, W) uint8/uint16/int32/float32 or (H, W, 2|3|4) uint8.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in _PIL_16BIT_MODES:
+                return np.asarray(image).astype(np.uint16)
+            if mode in ("I", "F", "L", "LA", "RGB", "RGBA"):
+                return np.asarray(image)
+            if mode == "1":
+                return np.asarray(image.convert("L"))
+            if mode in ("P", "PA"):
+                has_alpha = mode == "PA" or "transparency" in image.info
+                return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+            return np.asarray(image.convert("RGB"))
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error...
+        raise ValueError(f"{path}: cannot decode image ({error})") from error
+
+
+def _decode(path: PathLike, what: str) -> tuple[Path, np.ndarray]:
+    """Checked path and its decoded pixel array (channels last)."""
+    p = _existing_file(path, what)
+    raw = _read_tiff(p) if p.suffix.lower() in TIFF_SUFFIXES else _read_pil(p)
+    return p, _channels_last(raw, p)
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Read an image as 8-bit RGB.
+
+    Grayscale is repeated to three channels, alpha dropped, palettes expanded. 16-bit data
+    (16-bit gray PNGs, 16-bit TIFFs; 32-bit integer PNG modes are taken as 16-bit) is scaled
+    by 1/257; float data is taken as [0, 1]. 16-bit *colour* PNGs are reduced to 8 bits by
+    Pillow's decoder (high byte), which is also what the reference release's PIL loading
+    gets; this differs from 1/257 scaling by at most one level.
+
+    Args:
+        path: image file (PNG, JPEG, BMP, TIFF, ... anything Pillow or tifffile reads).
+
+    Returns:
+        (H, W, 3) uint8 array.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: ``"{path}: <problem>"`` for empty, truncated, non-image files or
+            unsupported pixel formats.
+    """
+    p, array = _decode(path, "image")
+    if array.ndim == 3 and array.shape[2] == 2:  # gray + alpha
+        array = array[:, :, 0]
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind in "iu" and array.dtype not in (np.uint8, np.uint16):
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"{p}: integer pixel values outside the 16-bit range")
+        array = array.astype(np.uint16)
+    elif array.dtype.kind == "f" and array.dtype != np.float32:
+        array = array.astype(np.float32)
+    try:
+        return np.ascontiguousarray(to_rgb_uint8(array))
+    except ValueError as error:
+        raise ValueError(f"{p}: {error}") from error
+
+
+def load_mask(path: PathLike) -> np.ndarray:
+    """Read a ground-truth mask: any non-zero pixel is anomalous.
+
+    Colour masks count a pixel when any colour channel is non-zero (an alpha channel is
+    ignored); palette masks are judged by their colours.
+
+    Args:
+        path: mask image file.
+
+    Returns:
+        (H, W) bool array.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: ``"{path}: <problem>"`` for empty, truncated or non-image files.
+    """
+    _, array = _decode(path, "mask")
+    if array.ndim == 3:
+        colour = array[:, :, : 1 if array.shape[2] == 2 else 3]
+        return np.any(colour != 0, axis=2)
+    return array != 0
+
+
+def load_xyz(path: PathLike) -> np.ndarray:
+    """Read an organized point cloud (XYZ map) from a TIFF.
+
+    Args:
+        path: TIFF holding an (H, W, 3) (or planar (3, H, W)) floating-point map; zeros mark
+            pixels without a point.
+
+    Returns:
+        (H, W, 3) float32 array (NaN/inf are passed through; callers decide).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: ``"{path}: <problem>"`` for empty, damaged or non-TIFF files, a shape
+            other than three channels, or non-float data.
+    """
+    p = _existing_file(path, "XYZ")
+    array = _read_tiff(p)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[2] != 3:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"{p}: expected an (H, W, 3) XYZ map, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{p}: XYZ map has no pixels")
+    if array.dtype.kind != "f":
+        raise ValueError(f"{p}: expected floating-point coordinates, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _depth_range(info: object, path: Path) -> tuple[float, float]:
+    """(min, max) from an info_depth.yaml mapping: under ``normalization`` or at top level."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a YAML mapping with the depth min/max")
+    source = info.get("normalization", info)
+    if not isinstance(source, dict) or "min" not in source or "max" not in source:
+        raise ValueError(
+            f"{path}: no depth range (expected 'normalization: {{min, max}}' or top-level "
+            f"'min' and 'max'; found keys {sorted(map(str, info))})"
+        )
+    try:
+        low, high = float(source["min"]), float(source["max"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: depth min/max are not numbers ({error})") from error
+    if not (math.isfinite(low) and math.isfinite(high)) or not high > low:
+        raise ValueError(f"{path}: invalid depth range min={low}, max={high}")
+    return low, high
+
+
+def _read_pose(path: Path) -> np.ndarray:
+    """4x4 camera pose from a whitespace-separated text matrix (3x4 gets [0 0 0 1])."""
+    try:
+        pose = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read the pose matrix ({error})") from error
+    if pose.shape == (3, 4):
+        pose = np.vstack([pose, [0.0, 0.0, 0.0, 1.0]])
+    if pose.shape != (4, 4):
+        raise ValueError(f"{path}: expected a 4x4 pose matrix, got shape {pose.shape}")
+    if not np.isfinite(pose).all():
+        raise ValueError(f"{path}: pose matrix holds NaN or infinite values")
+    return pose
+
+
+def load_eyecandies_depth(
+    depth_path: PathLike | None, info_path: PathLike | None, pose_path: PathLike | None
+) -> tuple[np.ndarray, float, float, np.ndarray]:
+    """Read an Eyecandies depth sample: the 16-bit depth PNG, its range and the camera pose.
+
+    ``*_info_depth.yaml`` holds the range under ``normalization: {min: .., max: ..}`` in the
+    public release; top-level ``min``/``max`` keys are accepted as well.
+
+    Args:
+        depth_path: ``*_depth.png`` (16-bit gray; depth = min + value / 65535 * (max - min)
+            is applied by ``musc_core``).
+        info_path: ``*_info_depth.yaml``.
+        pose_path: ``*_pose.txt``, a 4x4 (or 3x4) camera-to-world matrix.
+
+    Returns:
+        ``(depth, depth_min, depth_max, pose)``: (H, W) uint16, the range in scene units,
+        and the (4, 4) float64 pose.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: ``"{path}: <problem>"`` for a missing argument, an empty or damaged file,
+            a depth PNG that is not single-channel 16-bit, or a bad range/pose.
+    """
+    depth_file, depth = _decode(depth_path, "depth")
+    info_file = _existing_file(info_path, f"info_depth.yaml (for {depth_file})")
+    pose_file = _existing_file(pose_path, f"pose.txt (for {depth_file})")
+    if depth.ndim != 2:
+        raise ValueError(f"{depth_file}: expected a single-channel depth map, got {depth.shape}")
+    if depth.dtype != np.uint16:
+        if depth.dtype.kind not in "iu" or depth.dtype == np.uint8:
+            raise ValueError(f"{depth_file}: expected 16-bit depth values, got {depth.dtype}")
+        if depth.min() < 0 or depth.max() > 65535:
+            raise ValueError(f"{depth_file}: depth values outside the 16-bit range")
+        depth = depth.astype(np.uint16)
+    try:
+        info = yaml.safe_load(info_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{info_file}: cannot parse YAML ({error})") from error
+    low, high = _depth_range(info, info_file)
+    return np.ascontiguousarray(depth), low, high, _read_pose(pose_file)

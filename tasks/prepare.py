@@ -1,0 +1,157 @@
+"""Turn dataset records into preprocessed core samples, setting bad ones aside."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from musc_core.config import MuscConfig
+from musc_core.pipeline import Sample
+from musc_core.preprocess_image import resize_image, resize_mask, to_rgb_uint8
+from musc_core.preprocess_points import (
+    backproject_depth,
+    clean_eyecandies,
+    clean_mvtec3d,
+    depth_from_png,
+    foreground_mask,
+    resize_xyz_nearest,
+)
+from tasks.datasets import SampleRecord, load_eyecandies_depth, load_image, load_mask, load_xyz
+
+
+@dataclass(frozen=True)
+class PreparedSample:
+    """A record's preprocessed tensors.
+
+    Attributes:
+        record: where the sample came from.
+        sample: the core sample (image and/or XYZ map at the config's size).
+        mask: (S, S) bool ground truth, or None when the dataset has none.
+    """
+
+    record: SampleRecord
+    sample: Sample
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A sample that could not be used, and why.
+
+    Attributes:
+        name: sample name.
+        path: the file at fault (or the sample's main file).
+        problem: human-readable reason.
+    """
+
+    name: str
+    path: str
+    problem: str
+
+
+def _read_points(record: SampleRecord, fmt: str, rgb: np.ndarray | None) -> tuple:
+    """Read and clean the organized point cloud of a record (full resolution)."""
+    if fmt == "eyecandies":
+        depth, depth_min, depth_max, pose = load_eyecandies_depth(
+            record.depth_path, record.info_path, record.pose_path
+        )
+        xyz = backproject_depth(depth_from_png(depth, depth_min, depth_max), pose)
+        if rgb is not None:
+            xyz, rgb = clean_eyecandies(xyz, rgb, record.category)
+        return xyz, rgb, None
+    xyz = load_xyz(record.xyz_path)
+    if not np.isfinite(xyz).all():
+        raise ValueError(f"{record.xyz_path}: XYZ map holds NaN or infinite coordinates")
+    if not foreground_mask(xyz).any():
+        raise ValueError(f"{record.xyz_path}: XYZ map has no valid point (all zeros)")
+    if fmt == "mvtec3d":
+        mask = load_mask(record.mask_path) if record.mask_path else None
+        xyz, rgb, mask = clean_mvtec3d(xyz, rgb, mask)
+        return xyz, rgb, mask
+    return xyz, rgb, None
+
+
+def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> PreparedSample:
+    """Load, clean and resize one sample.
+
+    Args:
+        record: the sample's files.
+        fmt: dataset format (selects the cleaning: MVTec 3D-AD plane removal, Eyecandies
+            back-projection).
+        config: modality and image size.
+
+    Returns:
+        The preprocessed sample.
+
+    Raises:
+        ValueError: naming the file and the problem when the sample is unusable.
+    """
+    size = config.image_size
+    rgb = load_image(record.image_path) if record.image_path else None
+    mask = None
+    xyz_tensor = None
+    if config.uses_3d:
+        if record.xyz_path is None and record.depth_path is None:
+            raise ValueError(f"{record.image_path}: no XYZ map for this sample")
+        xyz, rgb, cleaned_mask = _read_points(record, fmt, rgb)
+        if rgb is not None and rgb.shape[:2] != xyz.shape[:2]:
+            raise ValueError(
+                f"{record.xyz_path}: XYZ map is {xyz.shape[1]}x{xyz.shape[0]} but the image is "
+                f"{rgb.shape[1]}x{rgb.shape[0]}"
+            )
+        if cleaned_mask is not None:
+            mask = cleaned_mask
+        resized = resize_xyz_nearest(xyz.astype(np.float32), size)
+        count = int(foreground_mask(resized).sum())
+        needed = max(config.num_groups, 2 * config.group_size)
+        if count < needed:
+            raise ValueError(
+                f"{record.xyz_path or record.depth_path}: {count} foreground points at "
+                f"{size}x{size}, the grouping needs at least {needed}"
+            )
+        xyz_tensor = torch.from_numpy(np.ascontiguousarray(resized))
+    image_tensor = None
+    if config.uses_2d:
+        if rgb is None:
+            raise ValueError(f"{record.name}: no image for this sample")
+        image_tensor = resize_image(to_rgb_uint8(rgb), size)
+    if mask is None and record.mask_path:
+        mask = load_mask(record.mask_path)
+    mask_tensor = resize_mask(mask, size) if mask is not None else None
+    return PreparedSample(
+        record=record,
+        sample=Sample(name=record.name, image=image_tensor, xyz=xyz_tensor),
+        mask=mask_tensor,
+    )
+
+
+def prepare_records(
+    records: Sequence[SampleRecord], fmt: str, config: MuscConfig
+) -> tuple[list[PreparedSample], list[SetAside]]:
+    """Prepare every record; unusable ones are set aside with their reason.
+
+    Args:
+        records: the line's samples.
+        fmt: dataset format.
+        config: modality and image size.
+
+    Returns:
+        The usable samples (input order) and the set-aside list.
+    """
+    prepared: list[PreparedSample] = []
+    set_aside: list[SetAside] = []
+    seen: set[str] = set()
+    for record in records:
+        main_path = record.image_path or record.xyz_path or record.depth_path or record.name
+        if record.name in seen:
+            set_aside.append(SetAside(record.name, str(main_path), "duplicate sample name"))
+            continue
+        seen.add(record.name)
+        try:
+            prepared.append(prepare_record(record, fmt, config))
+        except (ValueError, OSError) as error:
+            set_aside.append(SetAside(record.name, str(main_path), str(error)))
+    return prepared, set_aside

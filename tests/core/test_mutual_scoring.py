@@ -1,0 +1,175 @@
+"""Mutual scoring (SPEC §4.1–4.2, Eq. 7–8) against literal per-sample loops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from musc_core import mutual_scoring
+from musc_core.mutual_scoring import (
+    interval_average,
+    pair_distances,
+    pair_minima_block,
+    reference_distances,
+    resolve_distance_dtype,
+)
+
+# bfloat16 tolerance on unit-norm features: max abs error of a distance vs float64. The inputs
+# are rounded to bf16 (≈2⁻⁹ relative per element) and the squared distance is rounded once,
+# relative to itself; measured ≈2e-3 for random and ≈1e-3 for near-duplicate features.
+BF16_ATOL = 5e-3
+
+
+def literal_distance(a, b):
+    """Eq. 7 for one patch vector a against one sample b (L2, C): min_n ||a − b(n)||."""
+    return min(float(torch.linalg.norm(a.double() - b[n].double())) for n in range(b.shape[0]))
+
+
+def literal_pair_distances(features):
+    n, length, _ = features.shape
+    out = torch.full((n, length, n), math.inf, dtype=torch.float64)
+    for i in range(n):
+        for m in range(length):
+            for j in range(n):
+                if j != i:
+                    out[i, m, j] = literal_distance(features[i, m], features[j])
+    return out
+
+
+def literal_interval_average(features, ratio):
+    n, length, _ = features.shape
+    out = torch.zeros(n, length, dtype=torch.float64)
+    for i in range(n):
+        for m in range(length):
+            scores = sorted(
+                literal_distance(features[i, m], features[j]) for j in range(n) if j != i
+            )
+            k = max(1, math.floor(ratio * (n - 1)))
+            out[i, m] = sum(scores[:k]) / k
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7])
+def test_pair_distances_and_interval_average_match_eq_7_8(n):
+    torch.manual_seed(n)
+    features = torch.randn(n, 5, 8)
+    d = pair_distances(features, 2, torch.float32)
+    want = literal_pair_distances(features)
+    assert d.shape == (n, 5, n) and d.dtype == torch.float32
+    assert torch.isinf(d.diagonal(dim1=0, dim2=2)).all()
+    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        interval_average(d, 0.3).double(),
+        literal_interval_average(features, 0.3),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_block_size_does_not_change_the_distances(n):
+    torch.manual_seed(10 + n)
+    features = torch.randn(n, 6, 8)
+    results = [pair_distances(features, block, torch.float32) for block in (1, 2, 3, n)]
+    for other in results[1:]:
+        assert torch.equal(torch.isinf(other), torch.isinf(results[0]))
+        # Equal up to the GEMM kernel's summation order (BLAS may pick a different kernel per
+        # block shape); bitwise equality is not promised by BLAS.
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-6)
+    bf = [pair_distances(features, block, torch.bfloat16) for block in (1, 2, n)]
+    for other in bf[1:]:
+        torch.testing.assert_close(other, bf[0], rtol=1e-6, atol=1e-6)
+
+
+def test_pair_minima_block_gives_both_directions_with_different_lengths():
+    torch.manual_seed(2)
+    a, b = torch.randn(3, 5, 7), torch.randn(2, 4, 7)
+    result = pair_minima_block(a, b, torch.float32)
+    assert result.a_to_b.shape == (3, 5, 2) and result.b_to_a.shape == (2, 4, 3)
+    for i in range(3):
+        for j in range(2):
+            for m in range(5):
+                assert result.a_to_b[i, m, j] == pytest.approx(literal_distance(a[i, m], b[j]))
+            for n in range(4):
+                assert result.b_to_a[j, n, i] == pytest.approx(literal_distance(b[j, n], a[i]))
+
+
+def test_identical_patches_give_zero_distance_not_nan():
+    torch.manual_seed(3)
+    f = torch.randn(1, 6, 16) * 30.0
+    result = pair_minima_block(f, f.clone(), torch.float32)
+    assert torch.isfinite(result.a_to_b).all()
+    # ||a||² ≈ 1.4e4 cancels in ||a||² + ||b||² − 2ab: the residue is ≈ ||a||·sqrt(eps_fp32),
+    # clamped at 0 before the square root, so never NaN.
+    norm = float(f.norm(dim=-1).max())
+    assert float(result.a_to_b.max()) < 1e-3 * norm
+
+
+def test_reference_distances_match_the_literal_definition():
+    torch.manual_seed(4)
+    queries, refs = torch.randn(3, 5, 6), torch.randn(4, 5, 6)
+    for block in (1, 2, 4):
+        got = reference_distances(queries, refs, block, torch.float32)
+        assert got.shape == (3, 5, 4)
+        for i in range(3):
+            for m in range(5):
+                for j in range(4):
+                    assert got[i, m, j] == pytest.approx(
+                        literal_distance(queries[i, m], refs[j]), rel=1e-5
+                    )
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_bfloat16_stays_within_tolerance_of_float64(near):
+    torch.manual_seed(5)
+    features = F.normalize(torch.randn(5, 16, 64), dim=-1)
+    if near:  # near-duplicate samples: small distances, where cancellation would hurt most
+        features = F.normalize(features[:1] + 0.003 * torch.randn(5, 16, 64), dim=-1)
+    want = literal_pair_distances(features)
+    got = pair_distances(features, 2, torch.bfloat16)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    err = (got.double() - want)[finite].abs().max()
+    assert err < BF16_ATOL, f"bf16 error {err:.2e}"
+    if near:
+        assert float(want[finite].mean()) < 0.05  # the case really has small distances
+
+
+def test_resolve_distance_dtype(monkeypatch):
+    assert resolve_distance_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_distance_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_distance_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(mutual_scoring, "_cpu_has_fast_bf16", lambda: False)
+    assert resolve_distance_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(mutual_scoring, "_cpu_has_fast_bf16", lambda: True)
+    assert resolve_distance_dtype("auto", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_distance_dtype("float16", "cpu")
+    with pytest.raises(ValueError):
+        pair_distances(torch.randn(2, 3, 4), 1, torch.float16)
+
+
+def test_interval_average_by_hand():
+    inf = math.inf
+    d = torch.tensor(
+        [
+            [[inf, 4.0, 1.0, 3.0, 2.0, 9.0, 8.0, 7.0]],  # 7 valid → k = 2 → (1 + 2) / 2
+            [[5.0, inf, inf, inf, inf, inf, inf, inf]],  # 1 valid → k = max(1, 0) = 1
+            [[6.0, 2.0, inf, inf, 4.0, inf, inf, 1.0]],  # 4 valid → k = 1 (reference: NaN)
+        ]
+    )
+    torch.testing.assert_close(interval_average(d, 0.3), torch.tensor([[1.5], [5.0], [1.0]]))
+    # ratio 1: mean of every valid reference
+    torch.testing.assert_close(interval_average(d, 1.0)[0], torch.tensor([34.0 / 7]))
+    with pytest.raises(ValueError):
+        interval_average(torch.full((1, 2, 3), inf), 0.3)
+
+
+def test_interval_average_k_follows_interval_count():
+    torch.manual_seed(6)
+    for r in (1, 2, 3, 4, 9, 10, 11, 33):
+        d = torch.rand(2, 3, r)
+        k = max(1, math.floor(0.3 * r + 1e-9))
+        want = d.sort(dim=-1).values[..., :k].mean(-1)
+        torch.testing.assert_close(interval_average(d, 0.3), want)
