@@ -9,8 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flows.score_line import RunSummary, score_lines
 from musc_core.config import MODALITIES, MuscConfig
 from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, resolve_device
+from tasks.outputs import RANDOM_WEIGHTS_WARNING
+from tasks.synth import generate_line
 
 FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
 
@@ -115,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(summary, stream=sys.stdout) -> None:  # noqa: ANN001 - RunSummary
+def _print_summary(summary: RunSummary) -> None:
+    stream = sys.stdout
     if summary.random_weights:
-        from tasks.outputs import RANDOM_WEIGHTS_WARNING
-
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n", file=stream)
     for line in summary.lines:
         if line.error:
@@ -141,8 +143,6 @@ def _print_summary(summary, stream=sys.stdout) -> None:  # noqa: ANN001 - RunSum
 
 
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
-    from flows.score_line import score_lines
-
     config = _config_from(args)
     spec = BackboneSpec(
         name_2d=args.backbone_2d, weights_2d=args.weights_2d, weights_3d=args.weights_3d
@@ -171,8 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "synth":
-            from tasks.synth import generate_line
-
             summary = generate_line(
                 args.out,
                 category=args.category,
@@ -187,8 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "score":
             return _run_score(args, args.data, args.format, args.out)
         if args.command == "demo":
-            from tasks.synth import generate_line
-
             data = Path(args.out) / "line"
             generate_line(
                 data,

@@ -46,7 +46,7 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     Returns:
         (3, S, S) float32 tensor in [0, 1] (backbone normalization happens in the extractor).
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     resized = F.interpolate(
         tensor[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True
     )[0]

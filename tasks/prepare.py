@@ -120,7 +120,12 @@ def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> Prepar
         image_tensor = resize_image(to_rgb_uint8(rgb), size)
     if mask is None and record.mask_path:
         mask = load_mask(record.mask_path)
-    mask_tensor = resize_mask(mask, size) if mask is not None else None
+    if mask is not None:
+        mask_tensor = resize_mask(mask, size)
+    elif record.label == 0:  # normal samples of MVTec AD, VisA, BTAD, MPDD ship no mask
+        mask_tensor = torch.zeros(size, size, dtype=torch.bool)
+    else:
+        mask_tensor = None
     return PreparedSample(
         record=record,
         sample=Sample(name=record.name, image=image_tensor, xyz=xyz_tensor),

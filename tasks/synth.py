@@ -28,7 +28,7 @@ surface normals plus a weak specular lobe) and sensor noise (Gaussian, σ = 0.2 
 Defects (each 3.5–7.5 % of the object's area, on the object's top surfaces):
 
 - ``colour``: a stain or a painted streak. Albedo only; the geometry is untouched.
-- ``dent``: a smooth dent or bump, 1–3 % of the object size deep. Only the geometry changes:
+- ``dent``: a smooth dent or bump, 3–6 % of the object size deep. Only the geometry changes:
   the RGB is shaded with the undeformed normals and the unchanged albedo, so the image is
   exactly that of the same sample without the dent.
 - ``crack``: a winding groove 1.5–2.5 mm deep, dark, with part of its floor unmeasured.
@@ -513,7 +513,7 @@ def _dent_defect(
     model: LineModel,
     rng: np.random.Generator,
 ) -> _Defect:
-    """A smooth elliptical dent or bump, 1–3 % of the object size deep: geometry only."""
+    """A smooth elliptical dent or bump, 3–6 % of the object size deep: geometry only."""
     none = np.zeros(rows.shape)
     aspect, turn = rng.uniform(1.0, 1.6), rng.uniform(0.0, np.pi)
     mask_radius = np.sqrt(area_px / np.pi)  # geometric mean of the mask's semi-axes
@@ -524,7 +524,7 @@ def _dent_defect(
     across = (-du * np.sin(turn) + dv * np.cos(turn)) * np.sqrt(aspect)
     rho2 = (along**2 + across**2) / support**2
     profile = np.clip(1 - rho2, 0.0, None) ** 2
-    depth = rng.uniform(0.01, 0.03) * 2 * model.radius
+    depth = rng.uniform(0.03, 0.06) * 2 * model.radius
     variant = "dent" if rng.random() < 0.6 else "bump"
     change = (-depth if variant == "dent" else depth) * profile
     return _Defect(profile >= 0.1, change, none, (0.0, 0.0, 0.0), none > 0, variant)
