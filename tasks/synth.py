@@ -517,7 +517,7 @@ def _dent_defect(
     none = np.zeros(rows.shape)
     aspect, turn = rng.uniform(1.0, 1.6), rng.uniform(0.0, np.pi)
     mask_radius = np.sqrt(area_px / np.pi)  # geometric mean of the mask's semi-axes
-    support = mask_radius / np.sqrt(1 - np.sqrt(0.1))  # profile ≥ 0.1 inside the mask
+    support = mask_radius / np.sqrt(1 - np.sqrt(0.05))  # profile ≥ 0.05 inside the mask
     cy, cx = _place(top, support * np.sqrt(aspect), rng)
     du, dv = cols - cx, rows - cy
     along = (du * np.cos(turn) + dv * np.sin(turn)) / np.sqrt(aspect)
@@ -527,7 +527,7 @@ def _dent_defect(
     depth = rng.uniform(0.03, 0.06) * 2 * model.radius
     variant = "dent" if rng.random() < 0.6 else "bump"
     change = (-depth if variant == "dent" else depth) * profile
-    return _Defect(profile >= 0.1, change, none, (0.0, 0.0, 0.0), none > 0, variant)
+    return _Defect(profile >= 0.05, change, none, (0.0, 0.0, 0.0), none > 0, variant)
 
 
 def _crack_defect(
