@@ -33,7 +33,7 @@ def folder(tmp_path):
     (root / "xyz").mkdir(parents=True)
     for i in range(3):
         Image.fromarray(_rgb(i)).save(root / f"ok{i}.png")
-        tifffile.imwrite(root / "xyz" / f"ok{i}.tiff", _dome())
+        tifffile.imwrite(root / "xyz" / f"ok{i}.tiff", _dome(), photometric="rgb")
     return root
 
 
@@ -56,7 +56,7 @@ def test_other_pixel_formats_are_accepted(folder, mode):
     else:
         image = Image.fromarray(rgb).convert(mode)
     image.save(folder / "odd.png")
-    tifffile.imwrite(folder / "xyz" / "odd.tiff", _dome())
+    tifffile.imwrite(folder / "xyz" / "odd.tiff", _dome(), photometric="rgb")
     prepared, aside = _prepare(folder, CONFIG_3D)
     assert aside == [] and len(prepared) == 4
 
@@ -98,7 +98,7 @@ def _png_bytes():
 )
 def test_bad_point_clouds_are_set_aside(folder, xyz, problem):
     Image.fromarray(_rgb(7)).save(folder / "bad.png")
-    tifffile.imwrite(folder / "xyz" / "bad.tiff", xyz)
+    tifffile.imwrite(folder / "xyz" / "bad.tiff", xyz, photometric="rgb")
     prepared, aside = _prepare(folder, CONFIG_3D)
     assert len(prepared) == 3
     (item,) = aside
