@@ -102,3 +102,15 @@ def test_missing_inputs_are_named(vit):
         score(line, CONFIG, vit)
     with pytest.raises(ValueError, match="3D extractor"):
         score(line, dataclasses.replace(CONFIG, modality="3d"), vit)
+
+
+def test_bfloat16_distances_stay_within_tolerance_of_float32(vit, pointmae):
+    """Stated tolerance: maps and scores within 1% of the float32 map range, same ranking."""
+    line = _line(6, anomalous=4)
+    config = dataclasses.replace(CONFIG, modality="2d+3d")
+    exact = score(line, config, vit, pointmae)
+    fast = score(line, dataclasses.replace(config, distance_dtype="bfloat16"), vit, pointmae)
+    tolerance = 0.01 * float(exact.maps.max() - exact.maps.min())
+    assert float((fast.maps - exact.maps).abs().max()) <= tolerance
+    assert float((fast.scores_rescored - exact.scores_rescored).abs().max()) <= 0.01
+    assert int(fast.scores.argmax()) == int(exact.scores.argmax()) == 4
