@@ -114,3 +114,16 @@ def test_bfloat16_distances_stay_within_tolerance_of_float32(vit, pointmae):
     assert float((fast.maps - exact.maps).abs().max()) <= tolerance
     assert float((fast.scores_rescored - exact.scores_rescored).abs().max()) <= 0.01
     assert int(fast.scores.argmax()) == int(exact.scores.argmax()) == 4
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(vit, pointmae):
+    line = _line(6, anomalous=3)
+    config = dataclasses.replace(CONFIG, modality="2d+3d")
+    on_cpu = score(line, config, vit, pointmae, device="cpu")
+    on_gpu = score(line, config, vit, pointmae, device="cuda")
+    vit.to("cpu")
+    pointmae.to("cpu")
+    tolerance = 0.01 * float(on_cpu.maps.max() - on_cpu.maps.min())
+    assert float((on_gpu.maps - on_cpu.maps).abs().max()) <= tolerance
+    assert int(on_gpu.scores.argmax()) == int(on_cpu.scores.argmax()) == 3

@@ -107,3 +107,27 @@ def test_cli_refuses_3d_without_weights(line, tmp_path, capsys):
     )
     assert status == 2
     assert "--weights-3d" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strict", [False, True])
+def test_cli_sets_aside_a_corrupt_sample_and_scores_the_rest(line, tmp_path, capsys, strict):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(line, data)
+    broken = data / "part" / "test" / "good" / "rgb" / "000.png"
+    broken.write_bytes(broken.read_bytes()[:100])
+    argv = [
+        "score", str(data), "--category", "part", "--modality", "2d",
+        "--backbone-2d", "vit_tiny_patch16_224", "--weights-2d", "random",
+        "--image-size", "64", "--out", str(tmp_path / "out"), "--quiet",
+    ]
+    status = main(argv + (["--fail-on-set-aside"] if strict else []))
+    out = capsys.readouterr().out
+    assert status == (3 if strict else 0)
+    assert "set aside 'good/000'" in out and "000.png" in out
+    rows = _read_scores(tmp_path / "out" / "part" / "scores.csv")
+    assert len(rows) == 23 and "good/000" not in {r["name"] for r in rows}
+    aside = (tmp_path / "out" / "part" / "set_aside.csv").read_text()
+    assert "good/000" in aside and "000.png" in aside
