@@ -15,6 +15,8 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from musc_core.checkpoints import file_digest, load_checkpoint
+
 RANDOM_SEED = 0
 _WRAPPER_KEYS = ("teacher", "student", "state_dict", "model", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
@@ -67,15 +69,6 @@ def map_vit_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
             continue
         stripped[key] = value
     return checkpoint_filter_fn(stripped, model)
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_digest(model: nn.Module) -> str:
@@ -167,8 +160,8 @@ class ViTFeatureExtractor:
             raise FileNotFoundError(
                 f"2D weights {weights!r}: not 'pretrained', not 'random' and no such file"
             )
+        content = load_checkpoint(path, name)
         model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
-        content = torch.load(path, map_location="cpu", weights_only=True)
         state = map_vit_keys(unwrap_state_dict(content), model)
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("head")]

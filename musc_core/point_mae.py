@@ -14,8 +14,6 @@ encoded; ``batchnorm="sample"`` reproduces that for every sample of a batch inde
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musc_core.checkpoints import file_digest, load_checkpoint
 from musc_core.grouping import Grouping
 
 RANDOM_SEED = 0
@@ -261,15 +260,6 @@ def _required_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_point_mae(path: str | None, random_init: bool, batchnorm: str) -> PointTransformer:
     """Build the Point-MAE encoder from a checkpoint or, explicitly, random weights.
 
@@ -302,16 +292,7 @@ def load_point_mae(path: str | None, random_init: bool, batchnorm: str) -> Point
             "3D features need Point-MAE weights: pass the pre-training checkpoint path, or "
             "request random weights explicitly (results are then not meaningful)"
         )
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"Point-MAE checkpoint {path!r}: no such file")
-    try:
-        content = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(
-            f"{path}: not a loadable Point-MAE checkpoint; only plain tensors and containers are "
-            f"accepted (weights_only loading): {error}"
-        ) from error
+    content = load_checkpoint(path, "Point-MAE")
     state = map_point_mae_keys(content)
     model = PointTransformer(batchnorm)
     result = model.load_state_dict(state, strict=False)
@@ -322,7 +303,7 @@ def load_point_mae(path: str | None, random_init: bool, batchnorm: str) -> Point
             f"Point-MAE encoder/transformer weights, e.g. {missing[:8]}; refusing to run with "
             "random weights in their place"
         )
-    model.weights_label = f"sha256-{file_digest(file)[:16]}"
+    model.weights_label = f"sha256-{file_digest(path)[:16]}"
     return model.eval()
 
 
