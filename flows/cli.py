@@ -128,6 +128,8 @@ def _print_summary(summary: RunSummary) -> None:
         else:
             print(f"[{line.category}] {line.num_scored} samples scored in {line.seconds:.1f} s",
                   file=stream)
+            stages = ", ".join(f"{k} {v:.1f}s" for k, v in line.timings.items())
+            print(f"    stages: {stages}", file=stream)
             for kind, path in line.outputs.items():
                 print(f"    {kind:>9}: {path}", file=stream)
             if line.metrics:

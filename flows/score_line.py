@@ -32,6 +32,7 @@ class LineOutcome:
         metrics: metrics when labels exist.
         error: why the line could not be scored at all, else None.
         seconds: wall time of the line.
+        timings: wall seconds per stage (preparation, the core's stages, writing).
     """
 
     category: str
@@ -41,6 +42,7 @@ class LineOutcome:
     metrics: dict[str, float] | None = None
     error: str | None = None
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +110,7 @@ def score_lines(
         outcome = LineOutcome(category=category)
         records = read_dataset(data, fmt, category)
         prepared, set_aside = prepare_records(records, fmt, config)
+        outcome.timings["prepare"] = time.perf_counter() - start
         outcome.set_aside = [(s.name, s.problem) for s in set_aside]
         line_dir = out / safe_file_stem(category)
         if len(prepared) < 2:
@@ -125,10 +128,13 @@ def score_lines(
             device=device,
             progress=progress,
         )
+        outcome.timings.update(result.timings)
+        reporting = time.perf_counter()
         outcome.metrics = line_metrics(prepared, result)
         outcome.outputs = write_line_results(
             line_dir, prepared, result, set_aside, outcome.metrics, built.random_weights
         )
+        outcome.timings["metrics_and_writing"] = time.perf_counter() - reporting
         outcome.num_scored = len(prepared)
         outcome.seconds = time.perf_counter() - start
         lines.append(outcome)
@@ -158,6 +164,7 @@ def score_lines(
                 "error": line.error,
                 "outputs": line.outputs,
                 "seconds": round(line.seconds, 3),
+                "stage_seconds": {k: round(v, 3) for k, v in line.timings.items()},
             }
             for line in lines
         ],

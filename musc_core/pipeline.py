@@ -6,8 +6,10 @@ functions over workers and caches their outputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -80,6 +82,8 @@ class ScoreResult:
         scores: (N,) sample scores before RsCon (max of the map).
         scores_rescored: (N,) sample scores after RsCon.
         salient: (N, C) anomaly-salient features used by RsCon.
+        timings: wall seconds per stage (``2d_features``, ``grouping``, ``3d_features``,
+            ``mutual_scoring``, ``maps_and_rescoring``).
     """
 
     names: list[str]
@@ -91,6 +95,17 @@ class ScoreResult:
     scores: torch.Tensor
     scores_rescored: torch.Tensor
     salient: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the enclosed block to ``timings[stage]`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -235,6 +250,39 @@ def multimodal_scores(
     return torch.stack(layer_scores_2d).mean(0), torch.stack(layer_scores_3d).mean(0)
 
 
+def patch_scores(
+    feats_2d: ModalityFeatures | None,
+    feats_3d: ModalityFeatures | None,
+    point_samples: Sequence[PointSample],
+    patch_size: int,
+    config: MuscConfig,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mutual scoring of every modality present (MSM, with CAE when both are).
+
+    Args:
+        feats_2d: SNAMD features of the images, or None.
+        feats_3d: SNAMD features of the point clouds, or None.
+        point_samples: grouped point clouds (for the 2D↔3D projection lists).
+        patch_size: ViT patch side in pixels (used with both modalities).
+        config: Interval Average ratio, block size, distance dtype.
+
+    Returns:
+        (N, M) 2D and (N, G) 3D patch scores; None for an absent modality.
+    """
+    dist_2d = layer_distances(feats_2d, config) if feats_2d is not None else None
+    dist_3d = layer_distances(feats_3d, config) if feats_3d is not None else None
+    if dist_2d is not None and dist_3d is not None:
+        size = config.image_size
+        projections = [
+            projection_lists(ps.pixel_index[ps.grouping.centre_index], size, patch_size)
+            for ps in point_samples
+        ]
+        return multimodal_scores(dist_2d, dist_3d, projections, config)
+    if dist_2d is not None:
+        return single_modality_scores(dist_2d, config), None
+    return None, single_modality_scores(dist_3d, config)
+
+
 def score(
     samples: Sequence[Sample],
     config: MuscConfig,
@@ -261,10 +309,9 @@ def score(
     device = torch.device(device)
     size = config.image_size
     names = [s.name for s in samples]
-    maps_2d = maps_3d = patch_2d = patch_3d = None
-    salient_parts: list[torch.Tensor] = []
     feats_2d = feats_3d = None
     point_samples: list[PointSample] = []
+    timings: dict[str, float] = {}
 
     if config.uses_2d:
         if extractor_2d is None:
@@ -272,63 +319,59 @@ def score(
         missing = [s.name for s in samples if s.image is None]
         if missing:
             raise ValueError(f"samples without an image: {missing}")
-        images = torch.stack([s.image for s in samples]).to(device)
-        feats_2d = features_2d(images, extractor_2d.to(device), config, progress)
+        with _timed(timings, "2d_features"):
+            images = torch.stack([s.image for s in samples]).to(device)
+            feats_2d = features_2d(images, extractor_2d.to(device), config, progress)
     if config.uses_3d:
         if extractor_3d is None:
             raise ValueError(f"modality {config.modality} needs a 3D extractor")
         missing = [s.name for s in samples if s.xyz is None]
         if missing:
             raise ValueError(f"samples without an XYZ map: {missing}")
-        for index, sample in enumerate(samples):
-            try:
-                point_samples.append(prepare_points(sample.xyz.to(device), config))
-            except ValueError as error:
-                raise ValueError(f"sample {sample.name!r}: {error}") from error
-            _report(progress, "grouping", index + 1, len(samples))
-        feats_3d = features_3d(point_samples, extractor_3d.to(device), config, progress)
+        with _timed(timings, "grouping"):
+            for index, sample in enumerate(samples):
+                try:
+                    point_samples.append(prepare_points(sample.xyz.to(device), config))
+                except ValueError as error:
+                    raise ValueError(f"sample {sample.name!r}: {error}") from error
+                _report(progress, "grouping", index + 1, len(samples))
+        with _timed(timings, "3d_features"):
+            feats_3d = features_3d(point_samples, extractor_3d.to(device), config, progress)
 
-    _report(progress, "mutual scoring", 0, 1)
-    dist_2d = layer_distances(feats_2d, config) if feats_2d is not None else None
-    dist_3d = layer_distances(feats_3d, config) if feats_3d is not None else None
-    if dist_2d is not None and dist_3d is not None:
-        patch_size = extractor_2d.patch_size
-        projections = [
-            projection_lists(ps.pixel_index[ps.grouping.centre_index], size, patch_size)
-            for ps in point_samples
-        ]
-        patch_2d, patch_3d = multimodal_scores(dist_2d, dist_3d, projections, config)
-    elif dist_2d is not None:
-        patch_2d = single_modality_scores(dist_2d, config)
-    else:
-        patch_3d = single_modality_scores(dist_3d, config)
-    _report(progress, "mutual scoring", 1, 1)
+    with _timed(timings, "mutual_scoring"):
+        _report(progress, "mutual scoring", 0, 1)
+        patch_size = extractor_2d.patch_size if extractor_2d is not None else 0
+        patch_2d, patch_3d = patch_scores(feats_2d, feats_3d, point_samples, patch_size, config)
+        _report(progress, "mutual scoring", 1, 1)
 
-    if patch_2d is not None:
-        maps_2d = map_2d(patch_2d, size)
-        salient_parts.append(salient_features(patch_2d, feats_2d.layers[config.salient_layer]))
-    if patch_3d is not None:
-        maps_3d = torch.stack(
-            [
-                map_3d(
-                    patch_3d[i],
-                    ps.grouping.centres,
-                    ps.points,
-                    ps.pixel_index,
-                    size,
-                    config.map_blur_sigma,
-                )
-                for i, ps in enumerate(point_samples)
-            ]
-        )
-        salient_parts.append(salient_features(patch_3d, feats_3d.layers[config.salient_layer]))
-    if maps_2d is not None and maps_3d is not None:
-        maps = maps_2d + maps_3d
-    else:
-        maps = maps_2d if maps_2d is not None else maps_3d
-    scores = sample_scores(maps)
-    salient = torch.cat(salient_parts, dim=1)
-    rescored = rscon(scores, salient, config.rescoring_windows)
+    with _timed(timings, "maps_and_rescoring"):
+        maps_2d = maps_3d = None
+        salient_parts: list[torch.Tensor] = []
+        if patch_2d is not None:
+            maps_2d = map_2d(patch_2d, size)
+            layer = feats_2d.layers[config.salient_layer]
+            salient_parts.append(salient_features(patch_2d, layer))
+        if patch_3d is not None:
+            maps_3d = torch.stack(
+                [
+                    map_3d(
+                        patch_3d[i],
+                        ps.grouping.centres,
+                        ps.points,
+                        ps.pixel_index,
+                        size,
+                        config.map_blur_sigma,
+                    )
+                    for i, ps in enumerate(point_samples)
+                ]
+            )
+            layer = feats_3d.layers[config.salient_layer]
+            salient_parts.append(salient_features(patch_3d, layer))
+        present = [m for m in (maps_2d, maps_3d) if m is not None]
+        maps = present[0] if len(present) == 1 else present[0] + present[1]
+        scores = sample_scores(maps)
+        salient = torch.cat(salient_parts, dim=1)
+        rescored = rscon(scores, salient, config.rescoring_windows)
     return ScoreResult(
         names=names,
         maps=maps.cpu(),
@@ -339,4 +382,5 @@ def score(
         scores=scores.cpu(),
         scores_rescored=rescored.cpu(),
         salient=salient.cpu(),
+        timings=timings,
     )

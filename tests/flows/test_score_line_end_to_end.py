@@ -96,6 +96,9 @@ def test_cli_score_writes_results_and_announces_random_weights(line, tmp_path, c
     assert "random backbone weights" in out and "scores" in out
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["random_weights"] is True and run["warning"]
+    stages = run["lines"][0]["stage_seconds"]
+    assert {"prepare", "2d_features", "grouping", "3d_features", "mutual_scoring"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and "stages:" in out
     assert (tmp_path / "metrics.json").exists()
     assert "NOT meaningful" in (tmp_path / "part" / "scores.csv").read_text().splitlines()[0]
 
