@@ -63,6 +63,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--distance-dtype", choices=("auto", "float32", "bfloat16"), default="auto"
     )
+    parser.add_argument("--vit-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -76,6 +77,7 @@ def _config_from(args: argparse.Namespace) -> MuscConfig:
         ipg_step=min(args.ipg_step, args.group_size),
         interval_ratio=args.interval_ratio,
         distance_dtype=args.distance_dtype,
+        vit_dtype=args.vit_dtype,
     )
 
 

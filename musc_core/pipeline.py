@@ -135,6 +135,12 @@ def prepare_points(xyz: torch.Tensor, config: MuscConfig) -> PointSample:
     return PointSample(points=points, pixel_index=pixel_index, grouping=grouping)
 
 
+def vit_autocast(config: MuscConfig, device: torch.device) -> torch.autocast:
+    """Autocast context of the ViT: bfloat16 where it is fast and asked for, else off."""
+    dtype = resolve_distance_dtype(config.vit_dtype, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 def features_2d(
     images: torch.Tensor,
     extractor: ViTFeatureExtractor,
@@ -153,11 +159,13 @@ def features_2d(
         SNAMD features, one (N, M, C) tensor per layer.
     """
     total = images.shape[0]
-    tokens = extractor.extract(
-        images,
-        config.layers_2d,
-        progress=lambda done: _report(progress, "2D features", done, total),
-    )
+    with vit_autocast(config, images.device):
+        tokens = extractor.extract(
+            images,
+            config.layers_2d,
+            progress=lambda done: _report(progress, "2D features", done, total),
+        )
+    tokens = [t.float() for t in tokens]
     side = config.image_size // extractor.patch_size
     return ModalityFeatures([snamd_2d(t, side, config.aggregation_degrees) for t in tokens])
 

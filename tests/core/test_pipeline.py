@@ -13,7 +13,7 @@ from musc_core.point_mae import PointFeatureExtractor, load_point_mae
 SIZE = 64
 CONFIG = MuscConfig(
     modality="2d", image_size=SIZE, num_groups=32, group_size=16, ipg_step=8,
-    distance_dtype="float32",
+    distance_dtype="float32", vit_dtype="float32",
 )
 
 
@@ -104,12 +104,17 @@ def test_missing_inputs_are_named(vit):
         score(line, dataclasses.replace(CONFIG, modality="3d"), vit)
 
 
-def test_bfloat16_distances_stay_within_tolerance_of_float32(vit, pointmae):
-    """Stated tolerance: maps and scores within 1% of the float32 map range, same ranking."""
+@pytest.mark.parametrize("fields", [
+    {"distance_dtype": "bfloat16"},
+    {"vit_dtype": "bfloat16"},
+    {"distance_dtype": "bfloat16", "vit_dtype": "bfloat16"},
+])
+def test_bfloat16_stays_within_tolerance_of_float32(vit, pointmae, fields):
+    """Stated tolerance: maps and scores within 1% of the float32 map range, same top sample."""
     line = _line(6, anomalous=4)
     config = dataclasses.replace(CONFIG, modality="2d+3d")
     exact = score(line, config, vit, pointmae)
-    fast = score(line, dataclasses.replace(config, distance_dtype="bfloat16"), vit, pointmae)
+    fast = score(line, dataclasses.replace(config, **fields), vit, pointmae)
     tolerance = 0.01 * float(exact.maps.max() - exact.maps.min())
     assert float((fast.maps - exact.maps).abs().max()) <= tolerance
     assert float((fast.scores_rescored - exact.scores_rescored).abs().max()) <= 0.01
