@@ -3,7 +3,8 @@
 # Open3D's Python wheel links against libusb-1.0 even in its CPU build.
 set -euo pipefail
 missing=()
-ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0' || missing+=(libusb-1.0-0)
+ldconfig_bin=$(command -v ldconfig || echo /sbin/ldconfig)
+"$ldconfig_bin" -p 2>/dev/null | grep -q 'libusb-1.0.so.0' || missing+=(libusb-1.0-0)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
