@@ -1,0 +1,231 @@
+"""Filesystems for the cache and results: local paths, ``file://`` and ``s3://`` URLs.
+
+The S3 endpoint and credentials come only from the environment, never from code or arguments:
+
+- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN`` if set),
+- ``MUSC_S3_ENDPOINT_URL`` (takes precedence) or ``AWS_ENDPOINT_URL`` for S3-compatible servers.
+
+Every filesystem is opened with ``skip_instance_cache=True`` and ``use_listings_cache=False`` so a
+long-lived process (a Dask worker, a Prefect server) sees entries written by other processes.
+Nothing here logs credentials; use :func:`redact` before logging any text that might contain
+them (exception messages, storage options).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Environment variables whose values are secrets and are masked by :func:`redact`.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+#: Environment variables naming an S3 endpoint, in order of precedence.
+ENDPOINT_ENV_VARS = ("MUSC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+_MASK = "***"
+
+
+def redact(text: str) -> str:
+    """Mask the values of the secret environment variables wherever they appear in ``text``.
+
+    Args:
+        text: any string about to be logged or shown (an error message, a repr of options).
+
+    Returns:
+        ``text`` with every occurrence of the current values of :data:`SECRET_ENV_VARS`
+        replaced by ``***`` (longest values first, so a secret containing another is masked
+        whole).
+    """
+    secrets = [os.environ.get(name, "") for name in SECRET_ENV_VARS]
+    for value in sorted((v for v in secrets if v), key=len, reverse=True):
+        text = text.replace(value, _MASK)
+    return text
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint URL from the environment, or None for AWS's default endpoint."""
+    for name in ENDPOINT_ENV_VARS:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def s3_storage_options(asynchronous: bool = False) -> dict[str, Any]:
+    """s3fs constructor options built from the environment only.
+
+    Args:
+        asynchronous: open the filesystem in async mode (what Zarr's ``FsspecStore`` needs).
+
+    Returns:
+        Keyword arguments for ``s3fs.S3FileSystem``. They contain the credentials, so never log
+        them (pass any text made from them through :func:`redact`).
+    """
+    options: dict[str, Any] = {
+        "skip_instance_cache": True,
+        "use_listings_cache": False,
+        "asynchronous": asynchronous,
+    }
+    endpoint = s3_endpoint_url()
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        options["key"] = key
+        options["secret"] = secret
+        token = os.environ.get("AWS_SESSION_TOKEN")
+        if token:
+            options["token"] = token
+    return options
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Split a storage URL into ``(protocol, root_path)``.
+
+    Args:
+        url: a local path, ``file://…`` or ``s3://bucket/prefix``.
+
+    Returns:
+        ``("file", absolute_path)`` or ``("s3", "bucket/prefix")`` (no trailing slash).
+
+    Raises:
+        ValueError: for an unsupported protocol or an S3 URL without a bucket.
+    """
+    protocol, _, rest = url.partition("://")
+    if not _:
+        return "file", os.path.abspath(os.path.expanduser(url)).rstrip("/") or "/"
+    protocol = protocol.lower()
+    if protocol in ("file", "local"):
+        return "file", os.path.abspath(rest).rstrip("/") or "/"
+    if protocol in ("s3", "s3a"):
+        root = rest.strip("/")
+        if not root:
+            raise ValueError(f"S3 URL without a bucket: {url!r}")
+        return "s3", root
+    raise ValueError(f"unsupported storage protocol {protocol!r} in {url!r} (use a path or s3://)")
+
+
+def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Open the filesystem of a storage URL.
+
+    Args:
+        url: a local path, ``file://…`` or ``s3://bucket/prefix``.
+
+    Returns:
+        ``(fs, root_path)``: a synchronous fsspec filesystem (no instance or listings cache) and
+        the root path inside it (absolute local path, or ``bucket/prefix`` for S3).
+    """
+    protocol, root = split_url(url)
+    if protocol == "file":
+        return LocalFileSystem(skip_instance_cache=True, use_listings_cache=False), root
+    import s3fs
+
+    return s3fs.S3FileSystem(**s3_storage_options(asynchronous=False)), root
+
+
+def open_async_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Like :func:`open_filesystem`, but an async filesystem for Zarr's ``FsspecStore`` (S3 only).
+
+    Args:
+        url: an ``s3://bucket/prefix`` URL.
+
+    Returns:
+        ``(fs, root_path)`` with ``fs`` created with ``asynchronous=True``.
+
+    Raises:
+        ValueError: for local URLs (use a Zarr ``LocalStore`` there).
+    """
+    protocol, root = split_url(url)
+    if protocol != "s3":
+        raise ValueError("async filesystems are only used for s3:// URLs")
+    import s3fs
+
+    return s3fs.S3FileSystem(**s3_storage_options(asynchronous=True)), root
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        types += [BotoCoreError, ClientError]
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        pass
+    try:
+        from aiohttp import ClientError as AioClientError
+
+        types.append(AioClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+#: Errors that are never transient even though they subclass OSError.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying (network, throttling, 5xx), not a missing file."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return False
+    return isinstance(exc, _transient_types())
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 4,
+    base_delay: float = 0.2,
+    max_delay: float = 5.0,
+    what: str = "storage operation",
+) -> T:
+    """Call ``fn`` and retry it with exponential backoff (and jitter) on transient errors.
+
+    Args:
+        fn: the operation, without arguments.
+        attempts: total number of tries (>= 1).
+        base_delay: seconds before the second try; doubled for each further one.
+        max_delay: cap on a single wait, seconds.
+        what: a short description used in the (redacted) log message.
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        Exception: the last error once the attempts are spent, or at once any non-transient
+            error (see :func:`is_transient`).
+    """
+    attempts = max(1, int(attempts))
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            log.warning(
+                "%s failed (attempt %d/%d: %s); retrying in %.2fs",
+                what,
+                attempt,
+                attempts,
+                redact(f"{type(exc).__name__}: {exc}"),
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

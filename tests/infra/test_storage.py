@@ -1,0 +1,108 @@
+import logging
+
+import pytest
+
+from infra import storage
+from infra.storage import open_filesystem, redact, split_url, with_retries
+
+
+@pytest.fixture
+def fake_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEKEYID123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake/secret+value/xyz")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tok-fake-session")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("MUSC_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_redact_masks_secret_values(fake_env):
+    text = (
+        "key=AKIAFAKEKEYID123 secret='fake/secret+value/xyz' token=tok-fake-session "
+        "endpoint=http://127.0.0.1:9"
+    )
+    out = redact(text)
+    assert "AKIAFAKEKEYID123" not in out
+    assert "fake/secret+value/xyz" not in out
+    assert "tok-fake-session" not in out
+    assert out.count("***") == 3
+    assert "http://127.0.0.1:9" in out  # the endpoint is not a secret
+    assert redact("nothing to hide") == "nothing to hide"
+
+
+def test_redact_without_secrets_in_env(monkeypatch):
+    for name in storage.SECRET_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert redact("abc") == "abc"
+
+
+def test_s3_filesystem_uses_env_endpoint_and_credentials(fake_env):
+    fs, root = open_filesystem("s3://bucket/some/prefix/")
+    assert root == "bucket/some/prefix"
+    assert fs.endpoint_url == "http://127.0.0.1:9"
+    assert fs.key == "AKIAFAKEKEYID123"
+    assert fs.secret == "fake/secret+value/xyz"
+    assert fs.dircache.use_listings_cache is False
+    # No instance cache: a second open is a fresh object.
+    assert open_filesystem("s3://bucket/some/prefix")[0] is not fs
+
+
+def test_musc_endpoint_takes_precedence(fake_env, monkeypatch):
+    monkeypatch.setenv("MUSC_S3_ENDPOINT_URL", "http://127.0.0.1:10")
+    fs, _ = open_filesystem("s3://bucket")
+    assert fs.endpoint_url == "http://127.0.0.1:10"
+
+
+def test_async_filesystem_for_zarr(fake_env):
+    fs, root = storage.open_async_filesystem("s3://bucket/p")
+    assert fs.asynchronous and fs.endpoint_url == "http://127.0.0.1:9" and root == "bucket/p"
+    with pytest.raises(ValueError):
+        storage.open_async_filesystem("/tmp/x")
+
+
+def test_local_paths(tmp_path):
+    fs, root = open_filesystem(str(tmp_path / "cache"))
+    assert root == str(tmp_path / "cache")
+    assert fs.protocol[0] == "file"
+    assert open_filesystem(f"file://{tmp_path}/c/")[1] == f"{tmp_path}/c"
+    assert split_url("s3://b/x/") == ("s3", "b/x")
+    with pytest.raises(ValueError):
+        split_url("gs://b/x")
+    with pytest.raises(ValueError):
+        split_url("s3://")
+
+
+def test_with_retries_backs_off_on_transient_errors_and_redacts(fake_env, caplog):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset talking with secret fake/secret+value/xyz")
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="infra.storage"):
+        assert with_retries(flaky, attempts=3, base_delay=0.001) == "ok"
+    assert len(calls) == 3
+    assert "fake/secret+value/xyz" not in caplog.text and "***" in caplog.text
+
+
+def test_with_retries_gives_up_and_skips_permanent_errors():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("x")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, attempts=5, base_delay=0.001)
+    assert len(calls) == 1
+
+    def down():
+        calls.append(1)
+        raise OSError("down")
+
+    calls.clear()
+    with pytest.raises(OSError):
+        with_retries(down, attempts=3, base_delay=0.001)
+    assert len(calls) == 3
