@@ -63,8 +63,10 @@ class Encoder(nn.Module):
 
         ``"sample"``: each sample's mean and biased variance over its G·K points (what a
         train-mode BatchNorm computes for a batch of one sample); ``"running"``: the module's
-        running statistics.
+        running statistics. Always computed in float32, so that under bfloat16 autocast only
+        the matrix products run in bfloat16.
         """
+        x = x.float()  # statistics in float32 also under bfloat16 autocast (no copy in fp32)
         if mode == "sample":
             # Two passes (mean, then the mean square of the centred values): as accurate as
             # var_mean and about twice as fast on the CPU for these channels-last tensors.
@@ -94,8 +96,8 @@ class Encoder(nn.Module):
         pooled = local.amax(dim=2)  # (B, G, 256)
         weight3 = conv3.weight.squeeze(-1)
         # second_conv[0] on cat([global, local]): the global half is constant within a group.
-        x = F.linear(local, weight3[:, half:])
-        x += F.linear(pooled, weight3[:, :half], conv3.bias).unsqueeze(2)
+        x = F.linear(local, weight3[:, half:]).float()
+        x += F.linear(pooled, weight3[:, :half], conv3.bias).float().unsqueeze(2)
         del local
         x = self._batchnorm_relu(x, norm2, batchnorm)
         x = F.linear(x, conv4.weight.squeeze(-1), conv4.bias)  # (B, G, K, C)
