@@ -225,7 +225,8 @@ def load_eyecandies_depth(
         depth_path: ``*_depth.png`` (16-bit gray; depth = min + value / 65535 * (max - min)
             is applied by ``musc_core``).
         info_path: ``*_info_depth.yaml``.
-        pose_path: ``*_pose.txt``, a 4x4 (or 3x4) camera-to-world matrix.
+        pose_path: ``*_pose.txt``, a 4x4 (or 3x4) pose matrix (applied inverted by
+            ``musc_core.preprocess_points.backproject_depth``, as in the reference).
 
     Returns:
         ``(depth, depth_min, depth_max, pose)``: (H, W) uint16, the range in scene units,
