@@ -12,10 +12,9 @@ from tqdm import tqdm
 from flows.score_line import RunSummary, score_lines
 from musc_core.config import MODALITIES, MuscConfig
 from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, resolve_device
+from tasks.datasets import FORMATS
 from tasks.outputs import RANDOM_WEIGHTS_WARNING
 from tasks.synth import generate_line
-
-FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
 
 
 class StageProgress:

@@ -7,10 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from musc_core.grouping import knn
+
 IDW_NEIGHBOURS = 3
 IDW_EPSILON = 1e-8
 # Points per chunk of the IDW interpolation: bounds the (chunk, G) distance matrix.
-_POINT_CHUNK = 8192
 
 
 def map_2d(patch_scores: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -47,16 +48,10 @@ def idw_point_scores(
     Returns:
         (P,) interpolated scores.
     """
-    k = min(IDW_NEIGHBOURS, centres.shape[0])
-    out = group_scores.new_empty(points.shape[0])
-    for start in range(0, points.shape[0], _POINT_CHUNK):
-        chunk = points[start : start + _POINT_CHUNK]
-        squared = torch.cdist(chunk, centres).square_()
-        nearest = torch.topk(squared, k, dim=1, largest=False)
-        weight = 1.0 / (nearest.values + IDW_EPSILON)
-        weight = weight / weight.sum(dim=1, keepdim=True)
-        out[start : start + _POINT_CHUNK] = (weight * group_scores[nearest.indices]).sum(dim=1)
-    return out
+    nearest = knn(points, centres, min(IDW_NEIGHBOURS, centres.shape[0]))
+    weight = 1.0 / (nearest.sq_dist + IDW_EPSILON)
+    weight = weight / weight.sum(dim=1, keepdim=True)
+    return (weight * group_scores[nearest.index]).sum(dim=1)
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+RANDOM_SEED = 0
+"""Seed of every explicitly requested random initialization (same model in every process)."""
+
 
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file's bytes, hex (identifies a checkpoint in cache keys and reports)."""

@@ -15,9 +15,8 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from musc_core.checkpoints import file_digest, load_checkpoint
+from musc_core.checkpoints import RANDOM_SEED, file_digest, load_checkpoint
 
-RANDOM_SEED = 0
 _WRAPPER_KEYS = ("teacher", "student", "state_dict", "model", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
 

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musc_core.checkpoints import file_digest, load_checkpoint
+from musc_core.checkpoints import RANDOM_SEED, file_digest, load_checkpoint
+from musc_core.config import BATCHNORM_MODES
 from musc_core.grouping import Grouping
 
-RANDOM_SEED = 0
-BATCHNORM_MODES = ("sample", "running")
 WIDTH = 384
 DEPTH = 12
 HEADS = 6

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from musc_core import anomaly_maps
+from musc_core import grouping
 from musc_core.anomaly_maps import gaussian_blur, map_2d, map_3d, sample_scores
 
 
@@ -49,7 +49,7 @@ def test_map_3d_chunks_and_blur(monkeypatch):
     points = torch.rand(50, 3)
     pixel_index = torch.randperm(64)[:50]
     unblurred = map_3d(scores, centres, points, pixel_index, 8, 0.0)
-    monkeypatch.setattr(anomaly_maps, "_POINT_CHUNK", 7)
+    monkeypatch.setattr(grouping, "_KNN_CHUNK_BYTES", 7 * 20 * 12)  # 7 points per chunk
     torch.testing.assert_close(map_3d(scores, centres, points, pixel_index, 8, 0.0), unblurred)
     blurred = map_3d(scores, centres, points, pixel_index, 8, 1.5)
     torch.testing.assert_close(blurred, gaussian_blur(unblurred, 1.5))
