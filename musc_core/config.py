@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 MODALITIES = ("2d", "3d", "2d+3d")
@@ -39,6 +40,10 @@ class MuscConfig:
         point_batchnorm: ``"sample"`` normalizes the Point-MAE BatchNorms with each sample's
             own statistics (reference behaviour), ``"running"`` with the checkpoint's.
         map_blur_sigma: standard deviation, in pixels, of the Gaussian blur of 3D maps.
+        flag_mad_k: decisions without labels (:mod:`musc_core.decisions`): a sample is flagged
+            when its RsCon score exceeds median + k·1.4826·MAD of the run's RsCon scores, a
+            pixel is predicted defective above median + k·1.4826·MAD of the per-sample map
+            maxima; k > 0, 3 robust standard deviations by default. Changes no score or map.
     """
 
     modality: str = "2d+3d"
@@ -58,6 +63,7 @@ class MuscConfig:
     vit_dtype: str = "auto"
     point_batchnorm: str = "sample"
     map_blur_sigma: float = 4.0
+    flag_mad_k: float = 3.0
 
     def __post_init__(self) -> None:
         """Reject settings that cannot run, naming the field."""
@@ -92,6 +98,8 @@ class MuscConfig:
                 raise ValueError(f"salient_layer {self.salient_layer} is outside {name}={layers}")
         if self.pair_block <= 0:
             raise ValueError(f"pair_block must be positive, got {self.pair_block}")
+        if not (math.isfinite(self.flag_mad_k) and self.flag_mad_k > 0):
+            raise ValueError(f"flag_mad_k must be positive and finite, got {self.flag_mad_k}")
 
     @property
     def uses_2d(self) -> bool:

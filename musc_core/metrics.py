@@ -1,7 +1,8 @@
 """Detection and segmentation metrics (SPEC §6).
 
-Image AUROC/AP/F1-max, pixel AUROC/AP/F1-max, and AUPRO up to an FPR limit (the exact
-MVTec-style one and the reference release's 200-threshold variant).
+Image AUROC/AP/F1-max (and the threshold at the F1 maximum), pixel AUROC/AP/F1-max, and
+AUPRO up to an FPR limit (the exact MVTec-style one and the reference release's 200-threshold
+variant).
 
 Everything here works on NumPy arrays (CPU torch tensors are accepted through ``np.asarray``);
 nothing reads or writes files.
@@ -86,13 +87,7 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     Raises:
         ValueError: when the shapes differ, labels are not 0/1, or scores are not finite.
     """
-    y = np.asarray(labels).ravel()
-    s = _as_scores(scores, "scores").ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 (normal) or 1 (anomalous)")
-    y = y.astype(np.int64)
+    y, s = _image_inputs(labels, scores)
     if y.size == 0 or y.min() == y.max():
         return {key: math.nan for key in IMAGE_KEYS}
     precision, recall, _ = precision_recall_curve(y, s)
@@ -101,6 +96,47 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         "ap": float(average_precision_score(y, s)),
         "f1_max": _f1_max(precision, recall),
     }
+
+
+def _image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validated flat (N,) int64 0/1 labels and finite scores of the same length."""
+    y = np.asarray(labels).ravel()
+    s = _as_scores(scores, "scores").ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (normal) or 1 (anomalous)")
+    return y.astype(np.int64), s
+
+
+def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Score threshold at the F1-max point of the precision–recall curve.
+
+    The labelled counterpart of the unsupervised flag rule (:mod:`musc_core.decisions`): the
+    threshold an oracle would have picked for this line. Every distinct score ``t`` is a
+    candidate cut with the rule ``score >= t`` (the points of scikit-learn's
+    ``precision_recall_curve``); F1 = 2·TP / (2·TP + FP + FN) is computed from exact counts.
+
+    Args:
+        labels: (N,) ground-truth labels, 1 = anomalous, 0 = normal.
+        scores: (N,) anomaly scores, higher = more anomalous.
+
+    Returns:
+        The score ``t`` whose cut has the maximal F1 (that F1 is ``image_metrics``'s
+        ``f1_max``); among cuts with equal F1 the largest ``t`` (fewest samples predicted
+        anomalous). ``nan`` when ``labels`` holds only one class.
+
+    Raises:
+        ValueError: when the shapes differ, labels are not 0/1, or scores are not finite.
+    """
+    y, s = _image_inputs(labels, scores)
+    if y.size == 0 or y.min() == y.max():
+        return math.nan
+    cuts = _sort_pixels(y, s)
+    positives = cuts.tps[-1]
+    f1 = 2.0 * cuts.tps / (cuts.tps + cuts.fps + positives)
+    best = int(np.argmax(f1))
+    return float(s[cuts.order[cuts.ends[best]]])
 
 
 class _SortedPixels(NamedTuple):

@@ -1,0 +1,159 @@
+"""Decisions without labels: which samples to flag and which pixels to mark as defective.
+
+A production line has no labels, so the decision thresholds come from the line itself. Both
+rules use robust statistics of the line's own scores:
+
+- **Flag rule** (samples). A sample is flagged when its score after RsCon exceeds
+  ``median + k · 1.4826 · MAD`` of the RsCon scores of the run, with
+  ``MAD = median |x − median(x)|``.
+- **Pixel rule** (predicted masks). A pixel is predicted defective when its anomaly-map value
+  exceeds ``median + k · 1.4826 · MAD`` of the line's per-sample map maxima (the sample
+  scores before RsCon, which are in the units of the maps). Most samples of a line are
+  normal, so their maxima describe how high a normal pixel gets.
+
+Why robust statistics: a mean and standard deviation would be pulled up by the very defects
+we want to find (one strongly anomalous part can raise a 3σ threshold above every other
+defect). The median and the MAD ignore up to half of the values being anomalous: adding an
+extreme outlier moves them by at most one rank. The factor 1.4826 makes ``1.4826 · MAD``
+equal to the standard deviation for normally distributed scores, so ``k`` reads as "k sigmas"
+(``MuscConfig.flag_mad_k``, 3 by default).
+
+Fallback when the MAD is 0 (more than half of the scores are identical): the spread is taken
+as ``1.2533 · mean |x − median(x)|`` (the mean absolute deviation, scaled to σ for normal
+data); when that is 0 too (a constant line) the threshold is ``+inf`` and nothing is flagged:
+identical samples give no evidence that any of them is different.
+
+Comparisons are strict (``score > threshold``), so a threshold equal to a score does not flag
+it. The metrics' F1-optimal threshold (:func:`musc_core.metrics.f1_optimal_threshold`) is the
+labelled counterpart; it uses ``>=`` like every curve in :mod:`musc_core.metrics`.
+
+Everything here is NumPy/torch only and works on CPU arrays (torch tensors on any device are
+moved to the CPU for the statistics; :func:`predicted_masks` stays on the maps' device).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+MAD_TO_SIGMA = 1.4826
+"""1 / Φ⁻¹(3/4): scales the MAD to the standard deviation of normally distributed data."""
+MEAN_AD_TO_SIGMA = 1.2533
+"""√(π/2): scales the mean absolute deviation to the standard deviation of normal data."""
+
+
+class Decision(NamedTuple):
+    """The flag decision of one run.
+
+    Attributes:
+        threshold: flag threshold on the scores (``+inf`` for a constant line).
+        flags: (N,) bool, True where ``score > threshold``.
+        median: median of the scores.
+        mad: median absolute deviation of the scores from their median (unscaled).
+    """
+
+    threshold: float
+    flags: np.ndarray
+    median: float
+    mad: float
+
+
+def _as_scores(scores: object) -> np.ndarray:
+    """Flat float64 NumPy copy of finite scores (torch tensors from any device)."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().numpy()
+    array = np.asarray(scores, dtype=np.float64).ravel()
+    if array.size == 0:
+        raise ValueError("a threshold needs at least one score")
+    if not np.isfinite(array).all():
+        raise ValueError("scores hold NaN or infinite values")
+    return array
+
+
+def _check_k(k: float) -> None:
+    """Reject a non-positive or non-finite multiplier."""
+    if not (math.isfinite(k) and k > 0):
+        raise ValueError(f"k must be a positive finite number, got {k}")
+
+
+def _robust_stats(scores: np.ndarray, k: float) -> tuple[float, float, float]:
+    """``(threshold, median, mad)`` of validated scores (see the module docstring)."""
+    median = float(np.median(scores))
+    deviations = np.abs(scores - median)
+    mad = float(np.median(deviations))
+    spread = MAD_TO_SIGMA * mad
+    if spread == 0.0:
+        spread = MEAN_AD_TO_SIGMA * float(deviations.mean())
+    threshold = median + k * spread if spread > 0.0 else math.inf
+    return threshold, median, mad
+
+
+def robust_threshold(scores: np.ndarray | torch.Tensor, k: float) -> float:
+    """``median + k · 1.4826 · MAD`` of the scores, with the documented fallbacks.
+
+    Args:
+        scores: (N,) scores of one line (any shape is flattened).
+        k: number of robust standard deviations above the median, > 0.
+
+    Returns:
+        The threshold; with MAD = 0 the mean-absolute-deviation spread is used, and when every
+        score is the same it is ``+inf``.
+
+    Raises:
+        ValueError: for empty or non-finite scores or a non-positive ``k``.
+    """
+    _check_k(k)
+    return _robust_stats(_as_scores(scores), k)[0]
+
+
+def flag_samples(scores: np.ndarray | torch.Tensor, k: float) -> Decision:
+    """Flag the samples whose score exceeds the line's robust threshold.
+
+    Args:
+        scores: (N,) sample scores of one run; the flag rule uses the scores after RsCon.
+        k: number of robust standard deviations above the median, > 0
+            (``MuscConfig.flag_mad_k``).
+
+    Returns:
+        The threshold, the (N,) bool flags (``score > threshold``), the median and the MAD.
+
+    Raises:
+        ValueError: for empty or non-finite scores or a non-positive ``k``.
+    """
+    _check_k(k)
+    values = _as_scores(scores)
+    threshold, median, mad = _robust_stats(values, k)
+    return Decision(threshold=threshold, flags=values > threshold, median=median, mad=mad)
+
+
+def pixel_threshold(sample_scores_before_rscon: np.ndarray | torch.Tensor, k: float) -> float:
+    """Pixel threshold of a line: the robust threshold of its per-sample map maxima.
+
+    Args:
+        sample_scores_before_rscon: (N,) sample scores before RsCon (each the maximum of the
+            sample's anomaly map, so in map units).
+        k: number of robust standard deviations above the median, > 0.
+
+    Returns:
+        The threshold to pass to :func:`predicted_masks` (``+inf`` for a constant line).
+    """
+    return robust_threshold(sample_scores_before_rscon, k)
+
+
+def predicted_masks(maps: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray | torch.Tensor:
+    """Predicted defect masks: the pixels whose map value exceeds the pixel threshold.
+
+    Args:
+        maps: (N, S, S) anomaly maps (NumPy array or torch tensor on any device).
+        threshold: from :func:`pixel_threshold`.
+
+    Returns:
+        (N, S, S) bool, ``maps > threshold``: a torch tensor on the maps' device for torch
+        input, else a NumPy array. A threshold of ``+inf`` marks nothing.
+    """
+    if isinstance(maps, torch.Tensor):
+        return maps > threshold
+    return np.asarray(maps) > threshold
