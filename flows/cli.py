@@ -1,38 +1,51 @@
-"""The ``musc`` command: ``synth``, ``score`` and ``demo``."""
+"""The ``musc`` command: ``synth``, ``score``, ``rescore`` and ``demo``.
+
+``score`` and ``demo`` run the ``score-line`` Prefect flow once per category (line), against
+the Prefect API in ``PREFECT_API_URL`` or, when none is configured, a local server started for
+the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from flows.score_line import RunSummary, score_lines
+from flows.progress import add_reporter, remove_reporter
+from flows.rescore import rescore
+from flows.score_line import DEFAULT_STORAGE, LineNotScored, default_batch_id, score_line
+from infra.prefect_api import prefect_api
 from musc_core.config import MODALITIES, MuscConfig
-from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, resolve_device
-from tasks.datasets import FORMATS
-from tasks.outputs import RANDOM_WEIGHTS_WARNING
+from musc_core.metrics import summarize
+from tasks.backbones import DEFAULT_BACKBONE_2D
+from tasks.datasets import FORMATS, list_categories
+from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
 from tasks.synth import generate_line
+
+EXIT_NOT_SCORED = 2
+EXIT_SET_ASIDE = 3
 
 
 class StageProgress:
-    """Progress bars on stderr, one per stage, for the core's ``(stage, done, total)`` calls."""
+    """Progress bars on stderr, one per stage, fed by the flow's ``(stage, done, total)``."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bars: dict[str, tqdm] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        """Advance (or open) the bar of ``stage``."""
-        if not self.enabled:
+        """Advance (or open) the bar of ``stage``; close it when the stage is done."""
+        if not self.enabled or total == 0:
             return
         bar = self._bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
                 bar.close()
-            bar = tqdm(total=total, desc=f"{stage:>15}", unit="it", file=sys.stderr, leave=True)
+            bar = tqdm(total=total, desc=f"{stage:>13}", unit="task", file=sys.stderr)
             self._bars[stage] = bar
         bar.update(done - bar.n)
         if done >= total:
@@ -59,25 +72,43 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
     parser.add_argument("--ipg-step", type=int, default=defaults.ipg_step)
     parser.add_argument("--interval-ratio", type=float, default=defaults.interval_ratio)
+    parser.add_argument("--flag-k", type=float, default=defaults.flag_mad_k,
+                        help="k of the flag rule: median + k·1.4826·MAD of the RsCon scores")
     parser.add_argument(
         "--distance-dtype", choices=("auto", "float32", "bfloat16"), default="auto"
     )
     parser.add_argument("--vit-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(parser)
 
 
-def _config_from(args: argparse.Namespace) -> MuscConfig:
-    return MuscConfig(
-        modality=args.modality,
-        image_size=args.image_size,
-        num_groups=args.num_groups,
-        group_size=args.group_size,
-        ipg_step=min(args.ipg_step, args.group_size),
-        interval_ratio=args.interval_ratio,
-        distance_dtype=args.distance_dtype,
-        vit_dtype=args.vit_dtype,
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE),
+        help="storage root (path or s3://bucket/prefix) of the feature cache and batch records "
+        "(default: $MUSC_STORAGE or ./musc-store)",
     )
+    parser.add_argument("--batch", default=None, help="batch id (default: the UTC start time)")
+    parser.add_argument(
+        "--cluster",
+        default="local",
+        help="'local' (local Dask cluster), 'threads' (this process) or tcp://scheduler:8786",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="local Dask worker processes")
+    parser.add_argument("--shard-size", type=int, default=16, help="samples per block")
+    parser.add_argument("--reference-budget", type=int, default=None,
+                        help="most references per sample (default: all)")
+    parser.add_argument("--reference-nights", type=int, default=0,
+                        help="earlier batches of the line used as extra references")
+    parser.add_argument("--reference-samples", type=int, default=None,
+                        help="most samples taken from earlier batches")
+    parser.add_argument(
+        "--fail-on-set-aside",
+        action="store_true",
+        help=f"exit with status {EXIT_SET_ASIDE} when any sample had to be set aside",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,13 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     score_cmd.add_argument("data", help="dataset root")
     score_cmd.add_argument("--format", choices=FORMATS, default="mvtec3d")
     score_cmd.add_argument("--category", default="all", help="a category name or 'all'")
-    score_cmd.add_argument("--out", required=True, help="output folder")
-    score_cmd.add_argument(
-        "--fail-on-set-aside",
-        action="store_true",
-        help="exit non-zero when any sample had to be set aside",
-    )
+    score_cmd.add_argument("--out", required=True, help="output folder or s3:// prefix")
     _add_config_options(score_cmd)
+
+    again = sub.add_parser(
+        "rescore", help="score a recorded batch again from cached features (no backbone)"
+    )
+    again.add_argument("line", help="the line (category) name")
+    again.add_argument("--batch", default=None, help="the batch to re-score (default: latest)")
+    again.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    again.add_argument("--storage", default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE))
+    again.add_argument("--interval-ratio", type=float, default=None)
+    again.add_argument("--rescoring-windows", type=int, nargs="+", default=None)
+    again.add_argument("--reference-budget", type=int, default=None)
+    again.add_argument("--reference-nights", type=int, default=None)
+    again.add_argument("--reference-samples", type=int, default=None)
+    again.add_argument("--cluster", default="local")
+    again.add_argument("--workers", type=int, default=1)
+    again.add_argument("--quiet", action="store_true")
 
     demo = sub.add_parser(
         "demo", help="generate a small synthetic line and score it 2D+3D (random weights)"
@@ -115,57 +157,146 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
-    demo.set_defaults(weights_2d="random", weights_3d="random")
+    demo.set_defaults(weights_2d="random", weights_3d="random", storage=None)
     return parser
 
 
-def _print_summary(summary: RunSummary) -> None:
-    stream = sys.stdout
-    if summary.random_weights:
-        print(f"\n{RANDOM_WEIGHTS_WARNING}\n", file=stream)
-    for line in summary.lines:
-        if line.error:
-            print(f"[{line.category}] NOT SCORED: {line.error}", file=stream)
-        else:
-            print(f"[{line.category}] {line.num_scored} samples scored in {line.seconds:.1f} s",
-                  file=stream)
-            stages = ", ".join(f"{k} {v:.1f}s" for k, v in line.timings.items())
-            print(f"    stages: {stages}", file=stream)
-            for kind, path in line.outputs.items():
-                print(f"    {kind:>9}: {path}", file=stream)
-            if line.metrics:
-                shown = ", ".join(
-                    f"{k}={v:.3f}" for k, v in line.metrics.items() if "before" not in k
-                )
-                print(f"    metrics: {shown}", file=stream)
-        for name, problem in line.set_aside:
-            print(f"    set aside {name!r}: {problem}", file=stream)
-    if summary.metrics_path:
-        print(f"metrics (per category and mean): {summary.metrics_path}", file=stream)
-    print(f"run summary: {summary.summary_path}", file=stream)
+def _score_category(args: argparse.Namespace, data: str, fmt: str, category: str, out: str,
+                    batch: str) -> dict:
+    """Run the score-line flow for one category; a line that cannot be scored is reported."""
+    try:
+        return score_line(
+            data=data,
+            data_format=fmt,
+            category=category,
+            modality=args.modality,
+            backbone_2d=args.backbone_2d,
+            weights_2d=args.weights_2d,
+            weights_3d=args.weights_3d,
+            storage=args.storage,
+            out=out,
+            batch=batch,
+            cluster=args.cluster,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            reference_budget=args.reference_budget,
+            reference_nights=args.reference_nights,
+            reference_samples=args.reference_samples,
+            image_size=args.image_size,
+            num_groups=args.num_groups,
+            group_size=args.group_size,
+            ipg_step=args.ipg_step,
+            interval_ratio=args.interval_ratio,
+            distance_dtype=args.distance_dtype,
+            vit_dtype=args.vit_dtype,
+            flag_mad_k=args.flag_k,
+            device=args.device,
+            patch_size_2d=getattr(args, "patch_size_2d", None),
+        )
+    except LineNotScored as error:
+        return {
+            "line": category,
+            "error": str(error),
+            "scored": 0,
+            "set_aside": [[a.name, a.path, a.problem] for a in error.set_aside],
+        }
+
+
+def print_line(summary: dict) -> None:
+    """One line's outcome on stdout: counts, stages, outputs, metrics, set-aside samples."""
+    line = summary["line"]
+    if summary.get("error"):
+        print(f"[{line}] NOT SCORED: {summary['error']}")
+    else:
+        print(
+            f"[{line}] {summary['scored']} samples scored in {summary['seconds']:.1f} s "
+            f"(pool {summary['pool']}, batch {summary['batch']}); "
+            f"{len(summary['flagged'])} flagged"
+        )
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
+        print(f"    stages: {stages}")
+        work = ", ".join(
+            f"{stage} {c['computed']} computed/{c['cached']} cached"
+            for stage, c in summary["counts"].items()
+        )
+        print(f"    cache: {work}")
+        for kind, location in summary["outputs"].items():
+            print(f"    {kind:>9}: {location}")
+        if summary.get("metrics"):
+            shown = ", ".join(
+                f"{k}={v:.3f}" for k, v in summary["metrics"].items() if "before" not in k
+            )
+            print(f"    metrics: {shown}")
+    for name, _path, problem in summary.get("set_aside", []):
+        print(f"    set aside {name!r}: {problem}")
 
 
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
-    config = _config_from(args)
-    spec = BackboneSpec(
-        name_2d=args.backbone_2d, weights_2d=args.weights_2d, weights_3d=args.weights_3d
-    )
-    categories = None if args.category == "all" else [args.category]
-    summary = score_lines(
-        data,
-        fmt,
-        categories,
-        config,
-        spec,
-        out,
-        resolve_device(args.device),
-        progress=StageProgress(enabled=not args.quiet),
-    )
-    _print_summary(summary)
-    if summary.failed_lines:
-        return 2
-    if summary.num_set_aside and getattr(args, "fail_on_set_aside", False):
-        return 3
+    categories = list_categories(data, fmt) if args.category == "all" else [args.category]
+    batch = args.batch or default_batch_id()
+    reporter = StageProgress(enabled=not args.quiet)
+    add_reporter(reporter)
+    try:
+        with prefect_api():
+            lines = [
+                _score_category(
+                    args, data, fmt, c, f"{out.rstrip('/')}/{safe_file_stem(c)}", batch
+                )
+                for c in categories
+            ]
+    finally:
+        remove_reporter(reporter)
+    random_weights = any(s.get("random_weights") for s in lines)
+    if random_weights:
+        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
+    for summary in lines:
+        print_line(summary)
+    store = ResultStore(out)
+    per_category = {s["line"]: s["metrics"] for s in lines if s.get("metrics")}
+    if per_category:
+        payload: dict[str, object] = {"categories": summarize(per_category)}
+        if random_weights:
+            payload["warning"] = RANDOM_WEIGHTS_WARNING
+        print(f"metrics (per category and mean): {store.write_json('metrics.json', payload)}")
+    run = {
+        "warning": RANDOM_WEIGHTS_WARNING if random_weights else None,
+        "random_weights": random_weights,
+        "data": data,
+        "format": fmt,
+        "batch": batch,
+        "lines": lines,
+    }
+    print(f"run summary: {store.write_json('run.json', run)}")
+    if any(s.get("error") for s in lines):
+        return EXIT_NOT_SCORED
+    if args.fail_on_set_aside and any(s.get("set_aside") for s in lines):
+        return EXIT_SET_ASIDE
+    return 0
+
+
+def _run_rescore(args: argparse.Namespace) -> int:
+    reporter = StageProgress(enabled=not args.quiet)
+    add_reporter(reporter)
+    try:
+        with prefect_api():
+            summary = rescore(
+                line=args.line,
+                batch=args.batch,
+                storage=args.storage,
+                out=args.out,
+                interval_ratio=args.interval_ratio,
+                rescoring_windows=args.rescoring_windows,
+                reference_budget=args.reference_budget,
+                reference_nights=args.reference_nights,
+                reference_samples=args.reference_samples,
+                cluster=args.cluster,
+                workers=args.workers,
+            )
+    finally:
+        remove_reporter(reporter)
+    if summary.get("random_weights"):
+        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
+    print_line(summary)
     return 0
 
 
@@ -187,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "score":
             return _run_score(args, args.data, args.format, args.out)
+        if args.command == "rescore":
+            return _run_rescore(args)
         if args.command == "demo":
             data = Path(args.out) / "line"
             generate_line(
@@ -198,12 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"synthetic line: {data / 'demo_part'}")
             args.category = "all"
+            args.storage = args.storage or str(Path(args.out) / "store")
             return _run_score(args, str(data), "mvtec3d", str(Path(args.out) / "results"))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"musc: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_SCORED
     return 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

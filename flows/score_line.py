@@ -1,173 +1,394 @@
-"""Score product lines end to end in this process: discover → prepare → score → report."""
+"""The ``score-line`` flow: one production line (one batch of samples) end to end (SPEC §8.1).
+
+``discover → prepare → 2D tokens / grouping → 3D tokens → SNAMD → pair-scoring shards →
+per-sample reduction (CAE + Interval Average + maps) → RsCon + report``, every intermediate
+cached by content in the feature cache under ``<storage>/cache`` and every task running on the
+chosen cluster. A re-run computes only what is not cached; a changed input or backbone gets
+new keys. The run is recorded as a batch of its line (``<storage>/lines/<line>/batches``) so
+that later nights can use its samples as extra references and ``rescore`` can score it again
+without a backbone.
+"""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
-import torch
+from prefect import flow
+from prefect.runtime import flow_run
 
+from flows.progress import StageTracker
+from flows.stages import score_pool, timed, wait_stage
+from infra.cluster import task_runner
 from musc_core.config import MuscConfig
-from musc_core.metrics import summarize
-from musc_core.pipeline import Progress, score
-from tasks.backbones import BackboneSpec, build_backbones
-from tasks.datasets import list_categories, read_dataset
-from tasks.evaluate import line_metrics
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, safe_file_stem, write_line_results
-from tasks.prepare import prepare_records
+from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, identify_backbones
+from tasks.batches import check_batch_id, load_bank, record_batch
+from tasks.datasets import list_categories
+from tasks.discover import discover_samples
+from tasks.features import prepare_samples
+from tasks.keys import Identities, prepared_key, sample_keys
+from tasks.outputs import safe_file_stem
+from tasks.plan import PoolSample, batch_blocks
+from tasks.prepare import SetAside
+from tasks.results import LineResult, RunInfo, report_line
+from tasks.runtime import Runtime
+from tasks.stage import add_counts
+
+DEFAULT_STORAGE = "musc-store"
 
 
-@dataclass
-class LineOutcome:
-    """What happened to one category (line).
+def cache_url(storage: str) -> str:
+    """The feature cache's root below a storage root."""
+    return f"{storage.rstrip('/')}/cache"
+
+
+def results_url(storage: str, line: str, batch: str) -> str:
+    """Default output prefix of a run: ``<storage>/results/<line>/<batch>``."""
+    return f"{storage.rstrip('/')}/results/{safe_file_stem(line)}/{batch}"
+
+
+@dataclass(frozen=True)
+class LineRequest:
+    """Everything one run of a line needs, resolved from the flow's parameters.
 
     Attributes:
-        category: the line's name.
-        num_scored: samples scored.
-        set_aside: (name, problem) of samples that could not be used.
-        outputs: written artefacts by kind.
-        metrics: metrics when labels exist.
-        error: why the line could not be scored at all, else None.
-        seconds: wall time of the line.
-        timings: wall seconds per stage (preparation, the core's stages, writing).
+        data: dataset root (local path).
+        data_format: dataset format.
+        category: the category to read (the line's samples).
+        line: the production line's name (for batch records and results).
+        batch: this run's batch id.
+        config: MuSc-V2 settings.
+        spec: backbones and their weights.
+        storage: storage root (local path or ``s3://``): cache, batch records, results.
+        out: output prefix of this run's results.
+        shard_size: samples per block (a shard is a pair of blocks).
+        reference_budget: references per sample, None for all.
+        reference_nights: earlier batches of the line used as extra references.
+        reference_samples: most samples taken from earlier batches, None for no limit.
+        device: ``auto``, ``cpu`` or ``cuda:N`` for every task.
     """
 
+    data: str
+    data_format: str
     category: str
-    num_scored: int = 0
-    set_aside: list[tuple[str, str]] = field(default_factory=list)
-    outputs: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] | None = None
-    error: str | None = None
-    seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
+    line: str
+    batch: str
+    config: MuscConfig
+    spec: BackboneSpec
+    storage: str
+    out: str
+    shard_size: int
+    reference_budget: int | None
+    reference_nights: int
+    reference_samples: int | None
+    device: str
 
 
-@dataclass
-class RunSummary:
-    """The outcome of a whole run.
+def prep_settings(request: LineRequest) -> dict[str, object]:
+    """Settings two batches must share for their prepared samples to be scored together."""
+    return {
+        "format": request.data_format,
+        "image_size": request.config.image_size,
+        "modality": request.config.modality,
+    }
+
+
+def bank_blocks(
+    records: list[dict], config: MuscConfig, identities: Identities, exclude: set[str]
+) -> list[list[PoolSample]]:
+    """Pool blocks of earlier batches, as they were stored, without samples seen tonight."""
+    blocks: list[list[PoolSample]] = []
+    for record in records:
+        grouped: dict[int, list[PoolSample]] = {}
+        for sample in record["samples"]:
+            if sample["prepared"] in exclude:
+                continue
+            grouped.setdefault(int(sample["block"]), []).append(
+                PoolSample(
+                    name=sample["name"],
+                    batch=record["batch"],
+                    keys=sample_keys(sample["prepared"], config, identities),
+                    label=sample.get("label"),
+                    defect_type=sample.get("defect_type"),
+                )
+            )
+        blocks += [grouped[b] for b in sorted(grouped)]
+    return blocks
+
+
+def batch_record(
+    request: LineRequest,
+    identities: Identities,
+    blocks: list[list[PoolSample]],
+    set_aside: list[SetAside],
+    bank: list[str],
+    result: LineResult,
+) -> dict:
+    """The batch record of a finished run (see :mod:`tasks.batches`)."""
+    return {
+        "line": request.line,
+        "batch": request.batch,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": request.data,
+        "category": request.category,
+        "prep": prep_settings(request),
+        "config": request.config.as_dict(),
+        "backbones": {
+            "name_2d": request.spec.name_2d,
+            "weights_2d": request.spec.weights_2d,
+            "weights_3d": request.spec.weights_3d,
+            "patch_size_2d": request.spec.patch_size_2d,
+        },
+        "identities": {"2d": identities.backbone_2d, "3d": identities.backbone_3d},
+        "samples": [
+            {
+                "name": s.name,
+                "prepared": s.keys.prepared,
+                "label": s.label,
+                "defect_type": s.defect_type,
+                "block": b,
+            }
+            for b, block in enumerate(blocks)
+            for s in block
+        ],
+        "set_aside": [{"name": a.name, "path": a.path, "problem": a.problem} for a in set_aside],
+        "bank": bank,
+        "out": request.out,
+        "flagged": result.flagged,
+    }
+
+
+@flow(name="score-line-stages", validate_parameters=False)
+def score_line_stages(request: LineRequest) -> dict:
+    """The stages of one line's run on the task runner the outer flow chose."""
+    timings: dict[str, float] = {}
+    started = datetime.now(timezone.utc)
+    config = request.config
+    runtime = Runtime(cache_url(request.storage), request.device)
+    tracker = StageTracker(total_stages=5)
+    with timed(timings, "discover"):
+        found, set_aside = discover_samples.submit(
+            request.data, request.data_format, request.category
+        ).result()
+        identities = identify_backbones.submit(request.spec, config).result()
+    with timed(timings, "prepare"):
+        keys = [prepared_key(s.digest, request.data_format, config) for s in found]
+        pairs = list(zip(found, keys, strict=True))
+        size = request.shard_size
+        chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+        futures = [
+            prepare_samples.submit(chunk, request.data_format, config, runtime) for chunk in chunks
+        ]
+        outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
+    current: list[PoolSample] = []
+    for sample, key, (name, problem) in zip(found, keys, outcomes, strict=True):
+        record = sample.record
+        main = record.image_path or record.xyz_path or record.depth_path or name
+        if problem is not None:
+            set_aside.append(SetAside(name, str(main), problem))
+            continue
+        keys_now = sample_keys(key, config, identities)
+        current.append(PoolSample(name, request.batch, keys_now, record.label, record.defect_type))
+    records = load_bank.submit(
+        request.storage,
+        request.line,
+        request.batch,
+        request.reference_nights,
+        request.reference_samples,
+        prep_settings(request),
+    ).result()
+    tonight = batch_blocks(current, request.shard_size) if current else []
+    bank = bank_blocks(records, config, identities, {s.keys.prepared for s in current})
+    pool_size = len(current) + sum(len(b) for b in bank)
+    if len(current) == 0 or pool_size < 2:
+        raise LineNotScored(request.line, len(current), set_aside)
+    pool, reduced, counts = score_pool(
+        tonight + bank, request.spec, config, request.reference_budget, runtime, tracker, timings
+    )
+    extra = {
+        "counts": add_counts(counts),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
+        "bank": [r["batch"] for r in records],
+    }
+    info = RunInfo(
+        line=request.line,
+        batch=request.batch,
+        run_id=str(flow_run.get_id() or ""),
+        started=started.isoformat(timespec="seconds"),
+        out=request.out,
+        random_weights=request.spec.random_weights(config),
+        backbones=identities.as_dict(),
+        settings={
+            "data": request.data,
+            "format": request.data_format,
+            "category": request.category,
+            "storage": request.storage,
+            "shard_size": request.shard_size,
+            "reference_budget": request.reference_budget,
+            "reference_nights": request.reference_nights,
+            "reference_samples": request.reference_samples,
+        },
+    )
+    with timed(timings, "report"):
+        result = report_line.submit(
+            info, pool, reduced, len(current), set_aside, config, runtime, extra
+        ).result()
+        tracker.report("report", 1, 1)
+        record_batch.submit(
+            request.storage,
+            batch_record(request, identities, tonight, set_aside, extra["bank"], result),
+        ).result()
+    return {
+        **extra,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "line": request.line,
+        "batch": request.batch,
+        "out": request.out,
+        "scored": len(current),
+        "pool": pool_size,
+        "flagged": result.flagged,
+        "set_aside": [[a.name, a.path, a.problem] for a in set_aside],
+        "metrics": result.metrics,
+        "outputs": result.outputs,
+        "random_weights": info.random_weights,
+    }
+
+
+class LineNotScored(RuntimeError):
+    """A line with fewer than two usable samples (in the batch and its bank together).
 
     Attributes:
-        out_dir: where everything was written.
-        lines: one outcome per category.
-        random_weights: whether results came from random backbones.
-        summary_path: the run's JSON summary.
-        metrics_path: the per-category + mean metrics JSON, when any line had labels.
+        line: the line.
+        usable: usable samples of the batch.
+        set_aside: the samples set aside, with their problems.
     """
 
-    out_dir: Path
-    lines: list[LineOutcome]
-    random_weights: bool
-    summary_path: Path
-    metrics_path: Path | None
-
-    @property
-    def num_set_aside(self) -> int:
-        """Samples set aside over all lines."""
-        return sum(len(line.set_aside) for line in self.lines)
-
-    @property
-    def failed_lines(self) -> list[LineOutcome]:
-        """Lines that could not be scored."""
-        return [line for line in self.lines if line.error is not None]
+    def __init__(self, line: str, usable: int, set_aside: list[SetAside]) -> None:
+        self.line = line
+        self.usable = usable
+        self.set_aside = set_aside
+        super().__init__(
+            f"line {line!r}: {usable} usable sample(s), {len(set_aside)} set aside; mutual "
+            "scoring needs at least 2 (tonight's samples and the rolling bank together)"
+        )
 
 
-def score_lines(
-    data: str | Path,
-    fmt: str,
-    categories: Sequence[str] | None,
-    config: MuscConfig,
-    backbones: BackboneSpec,
-    out_dir: str | Path,
-    device: torch.device,
-    progress: Progress | None = None,
-) -> RunSummary:
-    """Score every requested category of a dataset and write results.
+def default_batch_id() -> str:
+    """The batch id of a run started now: its UTC time, ``YYYYmmddTHHMMSSZ``."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+@flow(name="score-line", log_prints=True)
+def score_line(
+    data: str,
+    data_format: str = "folder",
+    category: str | None = None,
+    line: str | None = None,
+    modality: str = "2d+3d",
+    backbone_2d: str = DEFAULT_BACKBONE_2D,
+    weights_2d: str = "pretrained",
+    weights_3d: str | None = None,
+    storage: str = DEFAULT_STORAGE,
+    out: str | None = None,
+    batch: str | None = None,
+    cluster: str = "local",
+    workers: int = 1,
+    shard_size: int = 16,
+    reference_budget: int | None = None,
+    reference_nights: int = 0,
+    reference_samples: int | None = None,
+    image_size: int = 224,
+    num_groups: int = 1024,
+    group_size: int = 128,
+    ipg_step: int = 80,
+    interval_ratio: float = 0.3,
+    rescoring_windows: tuple[int, ...] = (1, 7),
+    distance_dtype: str = "auto",
+    vit_dtype: str = "auto",
+    point_batchnorm: str = "sample",
+    flag_mad_k: float = 3.0,
+    device: str = "auto",
+    patch_size_2d: int | None = None,
+) -> dict:
+    """Score one production line: every sample against the others (and the rolling bank).
 
     Args:
-        data: dataset root.
-        fmt: dataset format (``mvtec3d``, ``eyecandies``, ``mvtec``, ``visa``, ``btad``,
-            ``mpdd``, ``folder``).
-        categories: categories to score, or None for all.
-        config: MuSc-V2 hyperparameters.
-        backbones: backbone names and weights.
-        out_dir: output root; each category gets a subfolder.
-        device: where models and scoring run.
-        progress: optional stage progress callback.
+        data: dataset root (local path).
+        data_format: ``mvtec3d``, ``eyecandies``, ``mvtec``, ``visa``, ``btad``, ``mpdd`` or
+            ``folder``.
+        category: the category to score; default: the dataset's only one (``folder``: the
+            folder itself).
+        line: the line's name in records and results; default: the category.
+        modality: ``2d``, ``3d`` or ``2d+3d``.
+        backbone_2d: timm ViT name.
+        weights_2d: ``pretrained``, a checkpoint path, or ``random`` (not meaningful).
+        weights_3d: Point-MAE checkpoint path, or ``random`` (not meaningful).
+        storage: storage root (local path or ``s3://bucket/prefix``) of the cache, the batch
+            records and (by default) the results.
+        out: output prefix; default ``<storage>/results/<line>/<batch>``.
+        batch: batch id (letters, digits, ``_.-``); default: the UTC start time.
+        cluster: ``local`` (a local Dask cluster of ``workers`` processes), ``threads`` (a
+            thread pool in this process) or a Dask scheduler address (``tcp://host:8786``).
+        workers: local worker processes (or threads).
+        shard_size: samples per block; a pair-scoring task takes two blocks.
+        reference_budget: most references per sample (None: all other samples).
+        reference_nights: earlier batches of the line added as references (rolling bank).
+        reference_samples: most samples taken from earlier batches (None: no limit).
+        image_size: input side in pixels.
+        num_groups: G, 3D groups per sample.
+        group_size: K, points per group.
+        ipg_step: K_iter of IPG.
+        interval_ratio: Interval Average fraction.
+        rescoring_windows: RsCon window sizes.
+        distance_dtype: ``auto``, ``float32`` or ``bfloat16`` pair-distance GEMMs.
+        vit_dtype: ``auto``, ``float32`` or ``bfloat16`` ViT compute.
+        point_batchnorm: ``sample`` or ``running`` Point-MAE BatchNorm statistics.
+        flag_mad_k: k of the flag rule (median + k·MAD).
+        device: ``auto`` (each worker's GPU when it has one), ``cpu`` or ``cuda:N``.
+        patch_size_2d: patch size of a random-weights ViT (small test models).
 
     Returns:
-        The run summary (also written as ``run.json``).
+        A summary: counts of computed and cached entries per stage, stage timings, scored and
+        set-aside samples, flagged samples, metrics and output locations.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chosen = list(categories) if categories else list_categories(data, fmt)
-    built = build_backbones(backbones, config, device)
-    lines: list[LineOutcome] = []
-    for category in chosen:
-        start = time.perf_counter()
-        outcome = LineOutcome(category=category)
-        records = read_dataset(data, fmt, category)
-        prepared, set_aside = prepare_records(records, fmt, config)
-        outcome.timings["prepare"] = time.perf_counter() - start
-        outcome.set_aside = [(s.name, s.problem) for s in set_aside]
-        line_dir = out / safe_file_stem(category)
-        if len(prepared) < 2:
-            outcome.error = (
-                f"{category}: {len(prepared)} usable sample(s) of {len(records)}; mutual "
-                "scoring needs at least 2"
-            )
-            lines.append(outcome)
-            continue
-        result = score(
-            [p.sample for p in prepared],
-            config,
-            built.extractor_2d,
-            built.extractor_3d,
-            device=device,
-            progress=progress,
-        )
-        outcome.timings.update(result.timings)
-        reporting = time.perf_counter()
-        outcome.metrics = line_metrics(prepared, result)
-        outcome.outputs = write_line_results(
-            line_dir, prepared, result, set_aside, outcome.metrics, built.random_weights
-        )
-        outcome.timings["metrics_and_writing"] = time.perf_counter() - reporting
-        outcome.num_scored = len(prepared)
-        outcome.seconds = time.perf_counter() - start
-        lines.append(outcome)
-
-    metrics_path = None
-    per_category = {line.category: line.metrics for line in lines if line.metrics}
-    if per_category:
-        metrics_path = out / "metrics.json"
-        payload: dict[str, object] = {"categories": summarize(per_category)}
-        if built.random_weights:
-            payload["warning"] = RANDOM_WEIGHTS_WARNING
-        metrics_path.write_text(json.dumps(payload, indent=2))
-    summary_path = out / "run.json"
-    summary = {
-        "warning": RANDOM_WEIGHTS_WARNING if built.random_weights else None,
-        "random_weights": built.random_weights,
-        "data": str(data),
-        "format": fmt,
-        "backbones": built.identities(),
-        "config": config.as_dict(),
-        "device": str(device),
-        "lines": [
-            {
-                "category": line.category,
-                "scored": line.num_scored,
-                "set_aside": [{"name": n, "problem": p} for n, p in line.set_aside],
-                "error": line.error,
-                "outputs": line.outputs,
-                "seconds": round(line.seconds, 3),
-                "stage_seconds": {k: round(v, 3) for k, v in line.timings.items()},
-            }
-            for line in lines
-        ],
-    }
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return RunSummary(out, lines, built.random_weights, summary_path, metrics_path)
+    config = MuscConfig(
+        modality=modality,
+        image_size=image_size,
+        num_groups=num_groups,
+        group_size=group_size,
+        ipg_step=min(ipg_step, group_size),
+        interval_ratio=interval_ratio,
+        rescoring_windows=tuple(rescoring_windows),
+        distance_dtype=distance_dtype,
+        vit_dtype=vit_dtype,
+        point_batchnorm=point_batchnorm,
+        flag_mad_k=flag_mad_k,
+    )
+    if category is None:
+        categories = list_categories(data, data_format)
+        if len(categories) != 1:
+            raise ValueError(f"{data} holds {len(categories)} categories; name one: {categories}")
+        category = categories[0]
+    batch = check_batch_id(batch or default_batch_id())
+    line = line or category
+    request = LineRequest(
+        data=data,
+        data_format=data_format,
+        category=category,
+        line=line,
+        batch=batch,
+        config=config,
+        spec=BackboneSpec(backbone_2d, weights_2d, weights_3d, patch_size_2d),
+        storage=storage,
+        out=out or results_url(storage, line, batch),
+        shard_size=shard_size,
+        reference_budget=reference_budget,
+        reference_nights=reference_nights,
+        reference_samples=reference_samples,
+        device=device,
+    )
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    runner = task_runner(cluster, workers)
+    return score_line_stages.with_options(task_runner=runner)(request)

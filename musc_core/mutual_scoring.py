@@ -272,3 +272,35 @@ def interval_average(distances: torch.Tensor, ratio: float) -> torch.Tensor:
     smallest = torch.topk(clean, k_max, dim=-1, largest=False, sorted=True).values
     keep = torch.arange(k_max, device=distances.device) < k[..., None]
     return smallest.masked_fill(~keep, 0.0).sum(dim=-1) / k
+
+
+def block_pair_minima(
+    a: torch.Tensor, b: torch.Tensor, block: int, dtype: torch.dtype
+) -> PairMinima:
+    """Nearest-patch distances in both directions between two sets of samples, tiled.
+
+    The same as :func:`pair_minima_block` on the whole sets, but multiplied in tiles of at
+    most ``block`` samples per side, so the working memory is about ``(block * L)**2`` floats
+    however many samples the sets hold (a pipeline shard holds tens).
+
+    Args:
+        a: (Ba, L, C) features.
+        b: (Bb, L2, C) features.
+        block: samples per side of one GEMM tile.
+        dtype: GEMM dtype, ``torch.float32`` or ``torch.bfloat16``.
+
+    Returns:
+        ``a_to_b`` (Ba, L, Bb) and ``b_to_a`` (Bb, L2, Ba), float32.
+    """
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    a_to_b = torch.empty((a.shape[0], a.shape[1], b.shape[0]), dtype=torch.float32, device=a.device)
+    b_to_a = torch.empty((b.shape[0], b.shape[1], a.shape[0]), dtype=torch.float32, device=a.device)
+    for s0 in range(0, a.shape[0], block):
+        s1 = min(a.shape[0], s0 + block)
+        for t0 in range(0, b.shape[0], block):
+            t1 = min(b.shape[0], t0 + block)
+            tile = pair_minima_block(a[s0:s1], b[t0:t1], dtype)
+            a_to_b[s0:s1, :, t0:t1] = tile.a_to_b
+            b_to_a[t0:t1, :, s0:s1] = tile.b_to_a
+    return PairMinima(a_to_b, b_to_a)

@@ -16,10 +16,11 @@ import torch
 from musc_core.aggregation import snamd_2d, snamd_3d
 from musc_core.anomaly_maps import map_2d, map_3d, sample_scores
 from musc_core.config import MuscConfig
-from musc_core.cross_modal import Projection, cross_modal_enhance, projection_lists
+from musc_core.cross_modal import Projection, projection_lists
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.grouping import Grouping, group_points
 from musc_core.mutual_scoring import interval_average, pair_distances, resolve_distance_dtype
+from musc_core.patch_scoring import sample_patch_scores
 from musc_core.point_mae import PointFeatureExtractor
 from musc_core.preprocess_points import normalize_unit_sphere, organized_to_points
 from musc_core.rescoring import rscon, salient_features
@@ -245,17 +246,16 @@ def multimodal_scores(
     Returns:
         (N, M) 2D and (N, G) 3D patch scores.
     """
-    layer_scores_2d, layer_scores_3d = [], []
-    for d2_all, d3_all in zip(distances_2d, distances_3d, strict=True):
-        d2_refs, d3_refs = drop_self(d2_all), drop_self(d3_all)
-        enhanced_2d, enhanced_3d = [], []
-        for i, projection in enumerate(projections):
-            e2, e3 = cross_modal_enhance(d2_refs[i], d3_refs[i], projection)
-            enhanced_2d.append(e2)
-            enhanced_3d.append(e3)
-        layer_scores_2d.append(interval_average(torch.stack(enhanced_2d), config.interval_ratio))
-        layer_scores_3d.append(interval_average(torch.stack(enhanced_3d), config.interval_ratio))
-    return torch.stack(layer_scores_2d).mean(0), torch.stack(layer_scores_3d).mean(0)
+    d2_refs = torch.stack([drop_self(d) for d in distances_2d], dim=1)  # (N, Y, M, N-1)
+    d3_refs = torch.stack([drop_self(d) for d in distances_3d], dim=1)  # (N, Y, G, N-1)
+    per_sample = [
+        sample_patch_scores(d2_refs[i], d3_refs[i], projection, config.interval_ratio)
+        for i, projection in enumerate(projections)
+    ]
+    return (
+        torch.stack([s.scores_2d for s in per_sample]),
+        torch.stack([s.scores_3d for s in per_sample]),
+    )
 
 
 def patch_scores(

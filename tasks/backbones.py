@@ -1,14 +1,19 @@
-"""Build the 2D and 3D backbones a run asks for, on the right device."""
+"""Build the 2D and 3D backbones a run asks for, and name them for cache keys and reports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from prefect import task
 
+from musc_core.checkpoints import RANDOM_SEED, file_digest
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
+from tasks.keys import Identities
+from tasks.stage import TASK_OPTIONS
 
 DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
 
@@ -28,6 +33,12 @@ class BackboneSpec:
     weights_2d: str = "pretrained"
     weights_3d: str | None = None
     patch_size_2d: int | None = None
+
+    def random_weights(self, config: MuscConfig) -> bool:
+        """Whether a backbone the modality uses is randomly initialized."""
+        return (config.uses_2d and self.weights_2d == "random") or (
+            config.uses_3d and self.weights_3d == "random"
+        )
 
 
 @dataclass(frozen=True)
@@ -61,36 +72,77 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_backbones(spec: BackboneSpec, config: MuscConfig, device: torch.device) -> Backbones:
-    """Create the extractors the modality needs.
-
-    Args:
-        spec: backbone names and weight sources.
-        config: modality, image size, BatchNorm mode.
-        device: where the models run.
-
-    Returns:
-        The extractors, moved to ``device``.
-    """
-    extractor_2d = extractor_3d = None
-    if config.uses_2d:
-        extractor_2d = ViTFeatureExtractor.create(
-            spec.name_2d, spec.weights_2d, config.image_size, spec.patch_size_2d
-        ).to(device)
-        if config.image_size % extractor_2d.patch_size:
-            raise ValueError(
-                f"image size {config.image_size} is not a multiple of the patch size "
-                f"{extractor_2d.patch_size} of {spec.name_2d}"
-            )
-    if config.uses_3d:
-        if spec.weights_3d is None:
-            raise ValueError(
-                "3D scoring needs Point-MAE weights: pass the checkpoint path "
-                "(--weights-3d PATH) or request random weights explicitly (--weights-3d random)"
-            )
-        random_init = spec.weights_3d == "random"
-        model = load_point_mae(
-            None if random_init else spec.weights_3d, random_init, config.point_batchnorm
+def _check_3d_weights(spec: BackboneSpec) -> str:
+    if spec.weights_3d is None:
+        raise ValueError(
+            "3D scoring needs Point-MAE weights: pass the checkpoint path "
+            "(--weights-3d PATH) or request random weights explicitly (--weights-3d random)"
         )
-        extractor_3d = PointFeatureExtractor(model, weights=spec.weights_3d).to(device)
+    return spec.weights_3d
+
+
+def build_2d(spec: BackboneSpec, config: MuscConfig) -> ViTFeatureExtractor:
+    """The 2D extractor of a spec, on the CPU; checks the image size fits its patches."""
+    extractor = ViTFeatureExtractor.create(
+        spec.name_2d, spec.weights_2d, config.image_size, spec.patch_size_2d
+    )
+    if config.image_size % extractor.patch_size:
+        raise ValueError(
+            f"image size {config.image_size} is not a multiple of the patch size "
+            f"{extractor.patch_size} of {spec.name_2d}"
+        )
+    return extractor
+
+
+def build_3d(spec: BackboneSpec, config: MuscConfig) -> PointFeatureExtractor:
+    """The Point-MAE extractor of a spec, on the CPU."""
+    weights = _check_3d_weights(spec)
+    random_init = weights == "random"
+    model = load_point_mae(None if random_init else weights, random_init, config.point_batchnorm)
+    return PointFeatureExtractor(model, weights=weights)
+
+
+def build_backbones(spec: BackboneSpec, config: MuscConfig, device: torch.device) -> Backbones:
+    """Create the extractors the modality needs, moved to ``device``."""
+    extractor_2d = build_2d(spec, config).to(device) if config.uses_2d else None
+    extractor_3d = build_3d(spec, config).to(device) if config.uses_3d else None
     return Backbones(extractor_2d, extractor_3d)
+
+
+def backbone_identities(spec: BackboneSpec, config: MuscConfig) -> Identities:
+    """Identities (name + weights digest) of the backbones the modality uses.
+
+    Random weights and checkpoint files are named without building a model (the file's
+    SHA-256); timm's pretrained weights are loaded once to hash them, since the hub file may
+    change under the same name.
+
+    Raises:
+        FileNotFoundError: a checkpoint path that does not exist.
+        ValueError: 3D scoring without 3D weights.
+    """
+    name_2d = name_3d = None
+    if config.uses_2d:
+        if spec.weights_2d == "random":
+            patch = f":patch{spec.patch_size_2d}" if spec.patch_size_2d else ""
+            name_2d = f"{spec.name_2d}:random-seed{RANDOM_SEED}{patch}"
+        elif spec.weights_2d == "pretrained":
+            name_2d = build_2d(spec, config).identity
+        else:
+            if not Path(spec.weights_2d).is_file():
+                raise FileNotFoundError(f"2D weights {spec.weights_2d!r}: no such file")
+            name_2d = f"{spec.name_2d}:sha256-{file_digest(spec.weights_2d)[:16]}"
+    if config.uses_3d:
+        weights = _check_3d_weights(spec)
+        if weights == "random":
+            name_3d = f"point_mae:random-seed{RANDOM_SEED}"
+        else:
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"Point-MAE checkpoint {weights!r}: no such file")
+            name_3d = f"point_mae:sha256-{file_digest(weights)[:16]}"
+    return Identities(name_2d, name_3d)
+
+
+@task(name="identify-backbones", **TASK_OPTIONS)
+def identify_backbones(spec: BackboneSpec, config: MuscConfig) -> Identities:
+    """Prefect task around :func:`backbone_identities` (may load a pretrained model once)."""
+    return backbone_identities(spec, config)

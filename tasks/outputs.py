@@ -1,19 +1,24 @@
-"""Write a scored line to disk: maps, overlays, scores CSV, metrics JSON, run summary."""
+"""Where a run's results go: a local folder or an ``s3://`` prefix, written through fsspec.
+
+Nothing is ever written outside the configured output prefix: every relative path is checked
+(no absolute paths, no ``..``), and sample names become file names only through
+:func:`safe_file_stem`.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import posixpath
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from musc_core.pipeline import ScoreResult
-from tasks.prepare import PreparedSample, SetAside
+from infra.storage import open_filesystem, split_url, with_retries
 
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: random backbone weights were used: these scores, maps and metrics are NOT "
@@ -75,87 +80,103 @@ def overlay(image: torch.Tensor | None, heat: np.ndarray, alpha: float = 0.5) ->
     return np.clip((1 - alpha) * base + alpha * colours, 0, 255).round().astype(np.uint8)
 
 
-def write_line_results(
-    out_dir: Path,
-    prepared: Sequence[PreparedSample],
-    result: ScoreResult,
-    set_aside: Sequence[SetAside],
-    metrics: dict[str, float] | None,
-    random_weights: bool,
-) -> dict[str, str]:
-    """Write one line's (category's) results.
-
-    Layout under ``out_dir``: ``maps/<stem>.npy`` (float32 S×S anomaly map),
-    ``overlays/<stem>.png`` (heat map over the image, shared colour scale across the line),
-    ``scores.csv`` (one row per sample, ranked by the RsCon score), ``metrics.json`` (when
-    labels exist), ``set_aside.csv`` (samples that could not be used).
+class ResultStore:
+    """Writes result files under one output URL (local path, ``file://`` or ``s3://``).
 
     Args:
-        out_dir: the category's output folder.
-        prepared: the scored samples, in the result's order.
-        result: the scoring result.
-        set_aside: unusable samples with their reasons.
-        metrics: metrics of this line, or None without labels.
-        random_weights: whether any backbone had random weights (announced in every file).
-
-    Returns:
-        Paths of the written artefacts by kind.
+        url: the output prefix; created when missing.
     """
-    maps_dir = out_dir / "maps"
-    overlay_dir = out_dir / "overlays"
-    maps_dir.mkdir(parents=True, exist_ok=True)
-    overlay_dir.mkdir(parents=True, exist_ok=True)
-    maps = result.maps.numpy().astype(np.float32)
-    low, high = float(maps.min()), float(maps.max())
-    scale = (high - low) or 1.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.protocol, self.root = split_url(url)
+        self.fs, _ = open_filesystem(url)
+        if self.protocol == "file":
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, relative: str) -> str:
+        """The storage path of a file below the prefix.
+
+        Raises:
+            ValueError: an absolute path or one that climbs out of the prefix.
+        """
+        clean = posixpath.normpath(relative)
+        if relative.startswith("/") or clean == ".." or clean.startswith("../"):
+            raise ValueError(f"refusing to write outside the output prefix: {relative!r}")
+        return f"{self.root}/{clean}"
+
+    def location(self, relative: str) -> str:
+        """A user-facing location of a file (local path, or ``s3://bucket/...``)."""
+        path = self.path(relative)
+        return path if self.protocol == "file" else f"s3://{path}"
+
+    def read_bytes(self, relative: str) -> bytes:
+        """Read one file below the prefix (retrying transient storage errors).
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+        path = self.path(relative)
+        return with_retries(lambda: self.fs.cat_file(path), what=f"read {relative}")
+
+    def list(self, relative: str) -> list[str]:
+        """Names of the files directly below a folder of the prefix (empty when it is absent)."""
+        path = self.path(relative)
+
+        def listing() -> list[str]:
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+        return with_retries(listing, what=f"list {relative}")
+
+    def write_bytes(self, relative: str, data: bytes) -> str:
+        """Write one file (retrying transient storage errors); returns its location."""
+        path = self.path(relative)
+        if self.protocol == "file":
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with_retries(lambda: self.fs.pipe_file(path, data), what=f"write {relative}")
+        return self.location(relative)
+
+    def write_text(self, relative: str, text: str) -> str:
+        """Write a UTF-8 text file."""
+        return self.write_bytes(relative, text.encode("utf-8"))
+
+    def write_json(self, relative: str, payload: object) -> str:
+        """Write an indented JSON file."""
+        return self.write_text(relative, json.dumps(payload, indent=2, allow_nan=True))
+
+    def write_npy(self, relative: str, array: np.ndarray) -> str:
+        """Write a NumPy ``.npy`` file."""
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return self.write_bytes(relative, buffer.getvalue())
+
+    def write_png(self, relative: str, rgb: np.ndarray) -> str:
+        """Write an (H, W, 3) uint8 image as PNG."""
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG")
+        return self.write_bytes(relative, buffer.getvalue())
+
+    def write_csv(self, relative: str, rows: Sequence[Sequence[object]], comment: str = "") -> str:
+        """Write rows as CSV, optionally after a ``# comment`` line."""
+        buffer = io.StringIO()
+        if comment:
+            buffer.write(f"# {comment}\n")
+        csv.writer(buffer).writerows(rows)
+        return self.write_text(relative, buffer.getvalue())
+
+
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """File stems for sample names: safe, and distinct even when two names map to one stem."""
     stems: list[str] = []
     used: set[str] = set()
-    for index, item in enumerate(prepared):
-        stem = safe_file_stem(item.record.name)
+    for index, name in enumerate(names):
+        stem = safe_file_stem(name)
         while stem in used:
             stem = f"{stem}_{index}"
         used.add(stem)
         stems.append(stem)
-        np.save(maps_dir / f"{stem}.npy", maps[index])
-        heat = (maps[index] - low) / scale
-        Image.fromarray(overlay(item.sample.image, heat)).save(overlay_dir / f"{stem}.png")
-
-    order = np.argsort(-result.scores_rescored.numpy(), kind="stable")
-    scores_path = out_dir / "scores.csv"
-    with open(scores_path, "w", newline="", encoding="utf-8") as handle:
-        if random_weights:
-            handle.write(f"# {RANDOM_WEIGHTS_WARNING}\n")
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["rank", "name", "score", "score_rescored", "label", "defect_type", "map_file"]
-        )
-        for rank, index in enumerate(order, start=1):
-            record = prepared[index].record
-            writer.writerow(
-                [
-                    rank,
-                    record.name,
-                    f"{float(result.scores[index]):.6g}",
-                    f"{float(result.scores_rescored[index]):.6g}",
-                    "" if record.label is None else record.label,
-                    record.defect_type or "",
-                    f"maps/{stems[index]}.npy",
-                ]
-            )
-    written = {"maps": str(maps_dir), "overlays": str(overlay_dir), "scores": str(scores_path)}
-    if set_aside:
-        aside_path = out_dir / "set_aside.csv"
-        with open(aside_path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["name", "path", "problem"])
-            for item in set_aside:
-                writer.writerow([item.name, item.path, item.problem])
-        written["set_aside"] = str(aside_path)
-    if metrics is not None:
-        metrics_path = out_dir / "metrics.json"
-        payload: dict[str, object] = {"metrics": metrics}
-        if random_weights:
-            payload["warning"] = RANDOM_WEIGHTS_WARNING
-        metrics_path.write_text(json.dumps(payload, indent=2, allow_nan=True))
-        written["metrics"] = str(metrics_path)
-    return written
+    return stems

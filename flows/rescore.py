@@ -1,0 +1,1 @@
+"""The ``rescore`` flow placeholder (filled in below)."""

@@ -1,0 +1,156 @@
+"""Stage-by-stage composition of tasks, shared by the ``score_line`` and ``rescore`` flows.
+
+Each function submits one stage's tasks (one per block or shard) to the flow's task runner,
+waits for all of them while reporting progress, and returns the tasks' work counts. The
+stages are separated by these waits, so their wall times are measured one by one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.futures import PrefectFuture
+
+from flows.progress import StageTracker
+from musc_core.config import MuscConfig
+from tasks.backbones import BackboneSpec
+from tasks.features import aggregate_2d, aggregate_3d, extract_2d, extract_3d, group_samples
+from tasks.plan import PoolSample, ScoringPlan, plan_scoring
+from tasks.runtime import Runtime
+from tasks.scoring import reduce_samples, score_pairs
+from tasks.stage import StageCount
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall seconds of the enclosed block to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def wait_stage(tracker: StageTracker, stage: str, futures: list[PrefectFuture]) -> list:
+    """Wait for a stage's futures (progress reported as they finish); their results in order."""
+    for _ in tracker.track(stage, futures):
+        pass
+    return [future.result() for future in futures]
+
+
+def compute_features(
+    blocks: list[list[PoolSample]],
+    spec: BackboneSpec | None,
+    config: MuscConfig,
+    runtime: Runtime,
+    tracker: StageTracker,
+) -> list[StageCount]:
+    """Make sure every pool sample's features are cached, one chain of tasks per block.
+
+    The chains: 2D tokens then 2D SNAMD; IPG grouping, 3D tokens, then 3D SNAMD.
+
+    Args:
+        blocks: the pool, block by block.
+        spec: the backbones; None when every feature must already be cached (re-scoring):
+            then nothing is submitted and a missing entry fails the reduction.
+        config: the stages' settings.
+        runtime: cache and device of the tasks.
+        tracker: progress of the run.
+
+    Returns:
+        The tasks' work counts.
+    """
+    if spec is None:
+        return []
+    futures: list[PrefectFuture] = []
+    for block in blocks:
+        keys = [s.keys for s in block]
+        if config.uses_2d:
+            tokens = extract_2d.submit(
+                [(k.prepared, k.tokens_2d) for k in keys], spec, config, runtime
+            )
+            futures += [
+                tokens,
+                aggregate_2d.submit(
+                    [(k.tokens_2d, k.snamd_2d) for k in keys], config, runtime, wait_for=[tokens]
+                ),
+            ]
+        if config.uses_3d:
+            grouped = group_samples.submit(
+                [(k.prepared, k.grouping) for k in keys], config, runtime
+            )
+            tokens_3d = extract_3d.submit(
+                [(k.grouping, k.tokens_3d) for k in keys], spec, config, runtime, wait_for=[grouped]
+            )
+            futures += [
+                grouped,
+                tokens_3d,
+                aggregate_3d.submit(
+                    [(k.tokens_3d, k.grouping, k.snamd_3d) for k in keys],
+                    config,
+                    runtime,
+                    wait_for=[tokens_3d],
+                ),
+            ]
+    return wait_stage(tracker, "features", futures)
+
+
+def score_all_pairs(
+    plan: ScoringPlan, config: MuscConfig, runtime: Runtime, tracker: StageTracker
+) -> list[StageCount]:
+    """Compute the plan's pair-distance shards that are not cached yet (one task per shard)."""
+    futures = [
+        score_pairs.submit(
+            [s.keys for s in plan.blocks[shard.a]],
+            None if shard.b is None else [s.keys for s in plan.blocks[shard.b]],
+            shard.key,
+            config,
+            runtime,
+        )
+        for shard in plan.shards
+    ]
+    return wait_stage(tracker, "pair scoring", futures)
+
+
+def reduce_all(
+    plan: ScoringPlan, config: MuscConfig, runtime: Runtime, tracker: StageTracker
+) -> list[StageCount]:
+    """Reduce every pool sample (CAE, Interval Average, maps, salient feature), block by block."""
+    futures = [reduce_samples.submit(items, config, runtime) for items in plan.reduce]
+    return wait_stage(tracker, "reduction", futures)
+
+
+def score_pool(
+    blocks: list[list[PoolSample]],
+    spec: BackboneSpec | None,
+    config: MuscConfig,
+    budget: int | None,
+    runtime: Runtime,
+    tracker: StageTracker,
+    timings: dict[str, float],
+) -> tuple[list[PoolSample], list[str], list[StageCount]]:
+    """Features (when ``spec`` is given), shards and reductions of a pool.
+
+    Args:
+        blocks: the pool, block by block (tonight's first, then the bank's).
+        spec: the backbones, or None to use cached features only.
+        config: the run's settings.
+        budget: references per sample, None for all.
+        runtime: cache and device of the tasks.
+        tracker: progress of the run.
+        timings: stage wall times, updated.
+
+    Returns:
+        The pool's samples in order, the key of each one's reduced entry, and the counts.
+    """
+    with timed(timings, "features"):
+        counts = compute_features(blocks, spec, config, runtime, tracker)
+    plan = plan_scoring(blocks, config, budget)
+    with timed(timings, "pair_scoring"):
+        counts += score_all_pairs(plan, config, runtime, tracker)
+    with timed(timings, "reduction"):
+        counts += reduce_all(plan, config, runtime, tracker)
+    reduced = [item.key for items in plan.reduce for item in items]
+    return plan.samples, reduced, counts

@@ -1,0 +1,243 @@
+"""Per-sample stages as Prefect tasks: preprocess, 2D/3D features, IPG grouping, SNAMD.
+
+Every task takes a chunk of samples as ``(input key, output key)`` pairs, skips the outputs
+that are already valid in the cache, computes the rest on its worker's device and writes one
+cache entry per sample. Tasks return a :class:`~tasks.stage.StageCount`, never arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from prefect import task
+
+from musc_core.aggregation import snamd_2d, snamd_3d
+from musc_core.config import MuscConfig
+from musc_core.grouping import Grouping
+from musc_core.pipeline import prepare_points, vit_autocast
+from tasks.backbones import BackboneSpec
+from tasks.cache import FeatureCache
+from tasks.discover import DiscoveredSample
+from tasks.prepare import prepare_record
+from tasks.runtime import Runtime, extractor_2d, extractor_3d, feature_cache
+from tasks.stage import TASK_OPTIONS, StageCount
+
+GROUPING_ARRAYS = ("points", "pixel_index", "centre_index", "centres", "members", "curvature")
+
+
+def _missing(cache: FeatureCache, keys: Sequence[str]) -> list[int]:
+    """Positions of the keys without a complete cache entry."""
+    return [i for i, key in enumerate(keys) if not cache.has(key)]
+
+
+def _tensor(cache: FeatureCache, key: str, name: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(cache.read_array(key, name)).to(device)
+
+
+def read_grouping(cache: FeatureCache, key: str, device: torch.device) -> tuple:
+    """A cached grouping: ``(points (P, 3), pixel_index (P,), Grouping)`` on ``device``."""
+    stored, _ = cache.read(key)
+    arrays = {name: torch.from_numpy(stored[name]).to(device) for name in GROUPING_ARRAYS}
+    grouping = Grouping(
+        arrays["centre_index"], arrays["centres"], arrays["members"], arrays["curvature"]
+    )
+    return arrays["points"], arrays["pixel_index"], grouping
+
+
+@task(name="prepare", **TASK_OPTIONS)
+def prepare_samples(
+    items: list[tuple[DiscoveredSample, str]], fmt: str, config: MuscConfig, runtime: Runtime
+) -> list[tuple[str, str | None]]:
+    """Load, clean and resize samples into the cache; unusable ones are reported, not raised.
+
+    Args:
+        items: samples and the keys of their prepared entries.
+        fmt: dataset format (selects the cleaning).
+        config: image size and modality.
+        runtime: cache location.
+
+    Returns:
+        Per sample ``(name, None)`` when its entry is valid, or ``(name, problem)`` naming the
+        file and what is wrong with it (the flow sets such samples aside).
+    """
+    cache = feature_cache(runtime.cache_url)
+    outcomes: list[tuple[str, str | None]] = []
+    for sample, key in items:
+        name = sample.record.name
+        if cache.has(key):
+            outcomes.append((name, None))
+            continue
+        try:
+            prepared = prepare_record(sample.record, fmt, config)
+        except (ValueError, OSError) as error:
+            outcomes.append((name, str(error)))
+            continue
+        arrays: dict[str, np.ndarray] = {}
+        if prepared.sample.image is not None:
+            arrays["image"] = prepared.sample.image.numpy()
+        if prepared.sample.xyz is not None:
+            arrays["xyz"] = prepared.sample.xyz.numpy()
+        if prepared.mask is not None:
+            arrays["mask"] = prepared.mask.numpy().astype(np.uint8)
+        cache.write(key, arrays, meta={"has_mask": prepared.mask is not None})
+        outcomes.append((name, None))
+    return outcomes
+
+
+@task(name="extract-2d", **TASK_OPTIONS)
+def extract_2d(
+    items: list[tuple[str, str]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
+) -> StageCount:
+    """ViT patch tokens of the configured layers for a chunk of prepared samples.
+
+    Args:
+        items: ``(prepared key, tokens key)`` per sample.
+        spec: the 2D backbone.
+        config: layers, image size, ViT dtype.
+        runtime: cache and device.
+
+    Returns:
+        The work count. Each entry holds ``tokens`` (Y, M, C) float32, the raw LayerNorm
+        tokens of the Y layers.
+    """
+    cache = feature_cache(runtime.cache_url)
+    todo = _missing(cache, [out for _, out in items])
+    if todo:
+        device = runtime.torch_device
+        extractor = extractor_2d(spec, config, device)
+        images = torch.stack([_tensor(cache, items[i][0], "image", device) for i in todo])
+        with vit_autocast(config, device):
+            tokens = extractor.extract(images, config.layers_2d)
+        stacked = torch.stack([t.float() for t in tokens], dim=1).cpu().numpy()  # (n, Y, M, C)
+        for row, i in enumerate(todo):
+            cache.write(items[i][1], {"tokens": stacked[row]})
+    return StageCount("tokens_2d", len(todo), len(items) - len(todo))
+
+
+@task(name="aggregate-2d", **TASK_OPTIONS)
+def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runtime) -> StageCount:
+    """2D SNAMD of cached tokens (SPEC §3.1).
+
+    Args:
+        items: ``(tokens key, SNAMD key)`` per sample.
+        config: aggregation degrees.
+        runtime: cache and device.
+
+    Returns:
+        The work count. Each entry holds ``features`` (Y, M, C) float32, L2-normalized.
+    """
+    cache = feature_cache(runtime.cache_url)
+    todo = _missing(cache, [out for _, out in items])
+    if todo:
+        device = runtime.torch_device
+        tokens = torch.stack([_tensor(cache, items[i][0], "tokens", device) for i in todo])
+        side = int(round(tokens.shape[2] ** 0.5))
+        layers = [
+            snamd_2d(tokens[:, y], side, config.aggregation_degrees)
+            for y in range(tokens.shape[1])
+        ]
+        features = torch.stack(layers, dim=1).cpu().numpy()
+        for row, i in enumerate(todo):
+            cache.write(items[i][1], {"features": features[row]})
+    return StageCount("snamd_2d", len(todo), len(items) - len(todo))
+
+
+@task(name="group", **TASK_OPTIONS)
+def group_samples(
+    items: list[tuple[str, str]], config: MuscConfig, runtime: Runtime
+) -> StageCount:
+    """Foreground points, unit-sphere normalization and IPG grouping (SPEC §2.3).
+
+    Cached on their own (``points``, ``pixel_index``, ``centre_index``, ``centres``,
+    ``members``, ``curvature``), so another 3D backbone reuses them.
+
+    Args:
+        items: ``(prepared key, grouping key)`` per sample.
+        config: G, K, K_iter, C_thr.
+        runtime: cache and device.
+
+    Returns:
+        The work count.
+    """
+    cache = feature_cache(runtime.cache_url)
+    todo = _missing(cache, [out for _, out in items])
+    device = runtime.torch_device
+    for i in todo:
+        point_sample = prepare_points(_tensor(cache, items[i][0], "xyz", device), config)
+        grouping = point_sample.grouping
+        arrays = {
+            "points": point_sample.points,
+            "pixel_index": point_sample.pixel_index,
+            "centre_index": grouping.centre_index,
+            "centres": grouping.centres,
+            "members": grouping.members,
+            "curvature": grouping.curvature,
+        }
+        cache.write(items[i][1], {k: v.cpu().numpy() for k, v in arrays.items()})
+    return StageCount("grouping", len(todo), len(items) - len(todo))
+
+
+@task(name="extract-3d", **TASK_OPTIONS)
+def extract_3d(
+    items: list[tuple[str, str]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
+) -> StageCount:
+    """Point-MAE group tokens of the configured layers (SPEC §2.2).
+
+    Args:
+        items: ``(grouping key, tokens key)`` per sample.
+        spec: the 3D backbone.
+        config: layers and BatchNorm mode.
+        runtime: cache and device.
+
+    Returns:
+        The work count. Each entry holds ``tokens`` (Y, G, C) float32.
+    """
+    cache = feature_cache(runtime.cache_url)
+    todo = _missing(cache, [out for _, out in items])
+    if todo:
+        device = runtime.torch_device
+        extractor = extractor_3d(spec, config, device)
+        for i in todo:
+            points, _, grouping = read_grouping(cache, items[i][0], device)
+            tokens = extractor.extract(points, grouping, config.layers_3d)
+            cache.write(items[i][1], {"tokens": torch.stack(tokens).cpu().numpy()})
+    return StageCount("tokens_3d", len(todo), len(items) - len(todo))
+
+
+@task(name="aggregate-3d", **TASK_OPTIONS)
+def aggregate_3d(
+    items: list[tuple[str, str, str]], config: MuscConfig, runtime: Runtime
+) -> StageCount:
+    """3D SNAMD of cached tokens with the surface-consistent gate (SPEC §3.2).
+
+    Args:
+        items: ``(tokens key, grouping key, SNAMD key)`` per sample.
+        config: aggregation degrees and curvature threshold.
+        runtime: cache and device.
+
+    Returns:
+        The work count. Each entry holds ``features`` (Y, G, C) float32.
+    """
+    cache = feature_cache(runtime.cache_url)
+    todo = _missing(cache, [out for _, _, out in items])
+    if todo:
+        device = runtime.torch_device
+        tokens = torch.stack([_tensor(cache, items[i][0], "tokens", device) for i in todo])
+        centres = torch.stack([_tensor(cache, items[i][1], "centres", device) for i in todo])
+        curvature = torch.stack([_tensor(cache, items[i][1], "curvature", device) for i in todo])
+        layers = [
+            snamd_3d(
+                tokens[:, y],
+                centres,
+                curvature,
+                config.aggregation_degrees,
+                config.curvature_threshold,
+            )
+            for y in range(tokens.shape[1])
+        ]
+        features = torch.stack(layers, dim=1).cpu().numpy()
+        for row, i in enumerate(todo):
+            cache.write(items[i][2], {"features": features[row]})
+    return StageCount("snamd_3d", len(todo), len(items) - len(todo))

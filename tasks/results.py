@@ -1,0 +1,245 @@
+"""The last stage of a run: RsCon over the pool, decisions, metrics and every result file.
+
+Written under the run's output prefix (local or ``s3://``)::
+
+    run.json              settings, backbones, counts of computed/cached entries, timings,
+                          set-aside samples, outputs
+    scores.csv            rank, name, score (max of the map), score after RsCon, flag, label
+    maps/<stem>.npy       float32 S×S anomaly map per sample
+    overlays/<stem>.png   heat map over the image, one colour scale for the line
+    metrics.json          image and pixel metrics (when labels exist)
+    set_aside.csv         samples that could not be used, the file and the problem
+    report.html           the self-contained run report
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import task
+
+from musc_core.config import MuscConfig
+from musc_core.decisions import flag_samples, pixel_threshold, predicted_masks
+from musc_core.metrics import f1_optimal_threshold
+from musc_core.rescoring import rscon
+from tasks.evaluate import line_metrics
+from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, overlay, unique_stems
+from tasks.plan import PoolSample
+from tasks.prepare import SetAside
+from tasks.report import ReportData, ReportSample, render_report
+from tasks.runtime import Runtime, feature_cache
+from tasks.stage import TASK_OPTIONS
+
+FLAG_RULE = (
+    "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
+    "run's scores after RsCon (k = {k}); a pixel is predicted defective when its map value "
+    "exceeds median + k · 1.4826 · MAD of the run's per-sample map maxima."
+)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Facts about a run that end up in its files.
+
+    Attributes:
+        line: the production line.
+        batch: the batch id.
+        run_id: the Prefect flow run id.
+        started: ISO 8601 UTC start time.
+        out: output prefix (local path or ``s3://``).
+        random_weights: whether a backbone has random weights.
+        backbones: backbone identity by modality.
+        settings: everything else worth recording (data source, format, options).
+    """
+
+    line: str
+    batch: str
+    run_id: str
+    started: str
+    out: str
+    random_weights: bool
+    backbones: dict[str, str]
+    settings: dict[str, object]
+
+
+@dataclass(frozen=True)
+class LineResult:
+    """What the report task returns to the flow (small).
+
+    Attributes:
+        scored: names of tonight's scored samples, ranked by RsCon score.
+        flagged: names of the flagged samples.
+        metrics: metrics when labels exist.
+        outputs: written files by kind.
+    """
+
+    scored: list[str]
+    flagged: list[str]
+    metrics: dict[str, float] | None
+    outputs: dict[str, str]
+
+
+@task(name="report", **TASK_OPTIONS)
+def report_line(
+    info: RunInfo,
+    pool: list[PoolSample],
+    reduced: list[str],
+    current: int,
+    set_aside: list[SetAside],
+    config: MuscConfig,
+    runtime: Runtime,
+    extra: dict[str, object],
+) -> LineResult:
+    """RsCon over the pool, then decisions, metrics and the result files of tonight's samples.
+
+    Args:
+        info: the run's identity and settings.
+        pool: the pool's samples in order; the first ``current`` are tonight's.
+        reduced: the reduced-entry key of each pool sample.
+        current: how many pool samples are tonight's (the rest is the rolling bank).
+        set_aside: samples that could not be used.
+        config: RsCon windows, flag rule, modality.
+        runtime: cache location.
+        extra: run facts for ``run.json`` (counts, timings, bank batches).
+
+    Returns:
+        Names, flags, metrics and written files.
+    """
+    cache = feature_cache(runtime.cache_url)
+    store = ResultStore(info.out)
+    scores = torch.tensor([cache.meta(key)["score"] for key in reduced], dtype=torch.float32)
+    salient = torch.stack([torch.from_numpy(cache.read_array(k, "salient")) for k in reduced])
+    rescored_pool = rscon(scores, salient, config.rescoring_windows)
+    tonight = pool[:current]
+    before = scores[:current].numpy()
+    after = rescored_pool[:current].numpy()
+    maps = np.stack([cache.read_array(key, "map") for key in reduced[:current]])
+    decision = flag_samples(after, config.flag_mad_k)
+    pixel_cut = pixel_threshold(before, config.flag_mad_k)
+    predicted = predicted_masks(maps, pixel_cut)
+    prepared = [cache.read(s.keys.prepared) for s in tonight]
+    masks = [
+        arrays["mask"].astype(bool) if "mask" in arrays else None for arrays, _ in prepared
+    ]
+    labels = [s.label for s in tonight]
+    metrics = line_metrics(labels, before, after, masks, maps)
+    stems = unique_stems([s.name for s in tonight])
+    low, high = float(maps.min()), float(maps.max())
+    scale = (high - low) or 1.0
+    outputs: dict[str, str] = {}
+    for index, stem in enumerate(stems):
+        store.write_npy(f"maps/{stem}.npy", maps[index].astype(np.float32))
+        image = prepared[index][0].get("image")
+        heat = (maps[index] - low) / scale
+        picture = overlay(None if image is None else torch.from_numpy(image), heat)
+        store.write_png(f"overlays/{stem}.png", picture)
+    outputs["maps"] = store.location("maps")
+    outputs["overlays"] = store.location("overlays")
+    order = np.argsort(-after, kind="stable")
+    rows: list[list[object]] = [
+        ["rank", "name", "score", "score_rescored", "flagged", "label", "defect_type", "map_file"]
+    ]
+    for rank, index in enumerate(order, start=1):
+        sample = tonight[index]
+        rows.append(
+            [
+                rank,
+                sample.name,
+                f"{float(before[index]):.6g}",
+                f"{float(after[index]):.6g}",
+                int(decision.flags[index]),
+                "" if sample.label is None else sample.label,
+                sample.defect_type or "",
+                f"maps/{stems[index]}.npy",
+            ]
+        )
+    warning = RANDOM_WEIGHTS_WARNING if info.random_weights else ""
+    outputs["scores"] = store.write_csv("scores.csv", rows, comment=warning)
+    if set_aside:
+        aside_rows = [["name", "path", "problem"]]
+        aside_rows += [[a.name, a.path, a.problem] for a in set_aside]
+        outputs["set_aside"] = store.write_csv("set_aside.csv", aside_rows)
+    f1_cut = None
+    if metrics is not None:
+        payload: dict[str, object] = {"metrics": metrics}
+        if warning:
+            payload["warning"] = warning
+        outputs["metrics"] = store.write_json("metrics.json", payload)
+        f1_cut = f1_optimal_threshold(np.asarray(labels, dtype=np.int64), after)
+        f1_cut = None if math.isnan(f1_cut) else float(f1_cut)
+    report = ReportData(
+        line=info.line,
+        run_id=info.run_id,
+        started=info.started,
+        seconds=float(extra.get("seconds", 0.0)),
+        modality=config.modality,
+        backbones=info.backbones,
+        random_weights=info.random_weights,
+        samples=[
+            ReportSample(
+                name=sample.name,
+                score=float(before[i]),
+                score_rescored=float(after[i]),
+                flagged=bool(decision.flags[i]),
+                label=sample.label,
+                defect_type=sample.defect_type,
+                image=_rgb(prepared[i][0].get("image")),
+                anomaly_map=maps[i],
+                predicted_mask=predicted[i],
+                gt_mask=masks[i],
+                depth=_depth(prepared[i][0].get("xyz")),
+            )
+            for i, sample in enumerate(tonight)
+        ],
+        flag_threshold=decision.threshold,
+        pixel_threshold=pixel_cut,
+        flag_rule=FLAG_RULE.format(k=config.flag_mad_k),
+        metrics=metrics,
+        f1_threshold=f1_cut,
+        set_aside=[(a.name, a.path, a.problem) for a in set_aside],
+        timings={k: float(v) for k, v in dict(extra.get("timings", {})).items()},
+        config={**config.as_dict(), **info.settings},
+    )
+    outputs["report"] = store.write_text("report.html", render_report(report))
+    summary = {
+        "warning": warning or None,
+        "random_weights": info.random_weights,
+        "line": info.line,
+        "batch": info.batch,
+        "run_id": info.run_id,
+        "started": info.started,
+        "backbones": info.backbones,
+        "config": config.as_dict(),
+        "settings": info.settings,
+        "scored": len(tonight),
+        "pool": len(pool),
+        "flag_threshold": decision.threshold,
+        "pixel_threshold": pixel_cut,
+        "flagged": [tonight[i].name for i in np.flatnonzero(decision.flags)],
+        "set_aside": [{"name": a.name, "path": a.path, "problem": a.problem} for a in set_aside],
+        "metrics": metrics,
+        "outputs": outputs,
+        **extra,
+    }
+    outputs["run"] = store.write_json("run.json", summary)
+    return LineResult(
+        scored=[tonight[i].name for i in order],
+        flagged=summary["flagged"],
+        metrics=metrics,
+        outputs=outputs,
+    )
+
+
+def _rgb(image: np.ndarray | None) -> np.ndarray | None:
+    """(3, S, S) float image in [0, 1] → (S, S, 3) uint8, or None."""
+    if image is None:
+        return None
+    return (np.clip(image.transpose(1, 2, 0), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _depth(xyz: np.ndarray | None) -> np.ndarray | None:
+    """Z of an (S, S, 3) organized point cloud (0 = no point), or None."""
+    return None if xyz is None else np.ascontiguousarray(xyz[..., 2], dtype=np.float32)

@@ -1,0 +1,77 @@
+"""What a task needs from the process it runs in: its device, the feature cache, the backbones.
+
+A worker process (a Dask worker, or the flow process with the thread-pool runner) keeps one
+model of each backbone and one cache handle per thread, so a chunk of samples does not reload
+weights. Each task uses its worker's GPU when there is one (``"auto"``), else the CPU; with
+dask-cuda every worker sees exactly one GPU, so ``cuda`` is that worker's GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from musc_core.config import MuscConfig
+from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.point_mae import PointFeatureExtractor
+from tasks.backbones import BackboneSpec, build_2d, build_3d, resolve_device
+from tasks.cache import FeatureCache
+
+_LOCK = threading.Lock()
+_MODELS: dict[tuple, object] = {}
+_LOCAL = threading.local()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a task runs and what it writes to.
+
+    Attributes:
+        cache_url: feature-cache root (local path or ``s3://``).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda:N"``.
+    """
+
+    cache_url: str
+    device: str = "auto"
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The resolved device of this process."""
+        return resolve_device(self.device)
+
+
+def feature_cache(url: str) -> FeatureCache:
+    """This thread's handle on the cache at ``url`` (S3 sessions are not shared by threads)."""
+    caches = getattr(_LOCAL, "caches", None)
+    if caches is None:
+        caches = _LOCAL.caches = {}
+    cache = caches.get(url)
+    if cache is None:
+        cache = caches[url] = FeatureCache(url)
+    return cache
+
+
+def _model(key: tuple, build) -> object:
+    with _LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _MODELS[key] = build()
+        return model
+
+
+def extractor_2d(
+    spec: BackboneSpec, config: MuscConfig, device: torch.device
+) -> ViTFeatureExtractor:
+    """This process's 2D backbone for a spec, built once and kept."""
+    key = ("2d", spec.name_2d, spec.weights_2d, spec.patch_size_2d, config.image_size, str(device))
+    return _model(key, lambda: build_2d(spec, config).to(device))
+
+
+def extractor_3d(
+    spec: BackboneSpec, config: MuscConfig, device: torch.device
+) -> PointFeatureExtractor:
+    """This process's 3D backbone for a spec, built once and kept."""
+    key = ("3d", spec.weights_3d, config.point_batchnorm, str(device))
+    return _model(key, lambda: build_3d(spec, config).to(device))

@@ -1,0 +1,215 @@
+"""Mutual scoring as Prefect tasks: pair-distance shards and per-sample reduction (SPEC §4).
+
+A *shard* is the pair distances between two blocks of samples (or inside one block), for every
+layer and modality, in one cache entry. It reads only the SNAMD features of its blocks, so a
+worker's memory is bounded by the block size, never by N. The *reduction* of a sample gathers
+its distances to its references from the shards, applies CAE, Interval Average and the layer
+mean (``musc_core.patch_scoring``), builds its anomaly maps and picks its anomaly-salient
+feature for RsCon.
+
+Shard arrays (Y layers, L patches of the modality, ``m`` = 2 or 3):
+
+- inside block a (B samples): ``d{m}`` (B, Y, L, B), ``+inf`` on the diagonal;
+- between blocks a and b: ``d{m}_ab`` (Ba, Y, L, Bb) = distances of a's patches to b's samples,
+  ``d{m}_ba`` (Bb, Y, L, Ba) the other way (one GEMM gives both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import task
+
+from musc_core.anomaly_maps import map_2d, map_3d
+from musc_core.config import MuscConfig
+from musc_core.cross_modal import projection_lists
+from musc_core.mutual_scoring import block_pair_minima, pair_distances, resolve_distance_dtype
+from musc_core.patch_scoring import sample_patch_scores
+from tasks.cache import FeatureCache
+from tasks.features import read_grouping
+from tasks.keys import SampleKeys
+from tasks.runtime import Runtime, feature_cache
+from tasks.stage import TASK_OPTIONS, StageCount
+
+#: Modality digit in shard array names, and its slot in ``SampleKeys.features``.
+MODALITIES = (("2", 0), ("3", 1))
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Where some of a sample's reference distances are stored.
+
+    Attributes:
+        key: the shard's cache key.
+        array: ``"d"`` (inside the sample's own block), ``"d_ab"`` or ``"d_ba"``.
+        row: the sample's row in that array.
+        columns: the columns (reference samples of the other block) to take, in order.
+    """
+
+    key: str
+    array: str
+    row: int
+    columns: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReduceItem:
+    """One sample to reduce.
+
+    Attributes:
+        sample: the sample's cache keys.
+        key: the key of its reduced entry.
+        sources: where its distances to its references are, in reference order.
+    """
+
+    sample: SampleKeys
+    key: str
+    sources: tuple[PairSource, ...]
+
+
+def _features(cache: FeatureCache, keys: Sequence[str], device: torch.device) -> torch.Tensor:
+    """SNAMD features of samples: (B, Y, L, C)."""
+    return torch.stack(
+        [torch.from_numpy(cache.read_array(key, "features")).to(device) for key in keys]
+    )
+
+
+def _layer_pairs(
+    a: torch.Tensor, b: torch.Tensor | None, config: MuscConfig, dtype: torch.dtype
+) -> dict[str, np.ndarray]:
+    """Shard arrays of one modality (names without the modality digit: ``d``, ``d_ab``...)."""
+    if b is None:
+        inside = [pair_distances(a[:, y], config.pair_block, dtype) for y in range(a.shape[1])]
+        return {"d": torch.stack(inside, dim=1).cpu().numpy()}
+    ab, ba = [], []
+    for y in range(a.shape[1]):
+        minima = block_pair_minima(a[:, y], b[:, y], config.pair_block, dtype)
+        ab.append(minima.a_to_b)
+        ba.append(minima.b_to_a)
+    return {
+        "d_ab": torch.stack(ab, dim=1).cpu().numpy(),
+        "d_ba": torch.stack(ba, dim=1).cpu().numpy(),
+    }
+
+
+@task(name="score-pairs", **TASK_OPTIONS)
+def score_pairs(
+    block_a: list[SampleKeys],
+    block_b: list[SampleKeys] | None,
+    key: str,
+    config: MuscConfig,
+    runtime: Runtime,
+) -> StageCount:
+    """Pair distances of one shard, every layer and modality (SPEC §4.1).
+
+    Args:
+        block_a: keys of the first block's samples.
+        block_b: keys of the second block's samples, or None for the pairs inside block a.
+        key: the shard's cache key.
+        config: modality, GEMM tile and dtype.
+        runtime: cache and device.
+
+    Returns:
+        The work count (one shard).
+    """
+    cache = feature_cache(runtime.cache_url)
+    if cache.has(key):
+        return StageCount("pairs", 0, 1)
+    device = runtime.torch_device
+    dtype = resolve_distance_dtype(config.distance_dtype, device)
+    arrays: dict[str, np.ndarray] = {}
+    for digit, slot in MODALITIES:
+        keys_a = [k.features[slot] for k in block_a]
+        if keys_a[0] is None:
+            continue
+        a = _features(cache, keys_a, device)
+        b = None
+        if block_b is not None:
+            b = _features(cache, [k.features[slot] for k in block_b], device)
+        for name, array in _layer_pairs(a, b, config, dtype).items():
+            arrays[name.replace("d", f"d{digit}", 1)] = array
+    cache.write(key, arrays, meta={"dtype": str(dtype).removeprefix("torch.")})
+    return StageCount("pairs", 1, 0)
+
+
+def gather_distances(
+    cache: FeatureCache, sources: Sequence[PairSource], digit: str
+) -> torch.Tensor:
+    """A sample's distances to its references from the shards: (Y, L, R) float32."""
+    parts = []
+    for source in sources:
+        name = source.array.replace("d", f"d{digit}", 1)
+        rows = cache.read_array(source.key, name, source.row)  # (Y, L, B)
+        parts.append(torch.from_numpy(rows[:, :, list(source.columns)]))
+    return torch.cat(parts, dim=2)
+
+
+def _salient(cache: FeatureCache, key: str, scores: torch.Tensor, layer: int) -> torch.Tensor:
+    """The SNAMD feature of the salient layer at the highest-scoring patch: (C,)."""
+    features = cache.read_array(key, "features", layer)  # (L, C)
+    return torch.from_numpy(features[int(scores.argmax())].copy())
+
+
+@task(name="reduce", **TASK_OPTIONS)
+def reduce_samples(items: list[ReduceItem], config: MuscConfig, runtime: Runtime) -> StageCount:
+    """Patch scores, anomaly maps and salient features of a chunk of samples (SPEC §4.2–4.4).
+
+    Args:
+        items: the samples, their output keys and where their reference distances are.
+        config: Interval Average ratio, image size, map blur, salient layer.
+        runtime: cache and device.
+
+    Returns:
+        The work count. Each entry holds ``map`` (S, S) float32 (the sum of the modalities'
+        maps), ``map_2d``/``map_3d`` and ``patch_2d`` (M,)/``patch_3d`` (G,) when scored, and
+        ``salient`` (C2 + C3,); its meta holds ``score``, the maximum of the map.
+    """
+    cache = feature_cache(runtime.cache_url)
+    todo = [item for item in items if not cache.has(item.key)]
+    size = config.image_size
+    for item in todo:
+        d2 = gather_distances(cache, item.sources, "2") if config.uses_2d else None
+        d3 = gather_distances(cache, item.sources, "3") if config.uses_3d else None
+        grouped = None
+        projection = None
+        if config.uses_3d:
+            grouped = read_grouping(cache, item.sample.grouping, torch.device("cpu"))
+        if d2 is not None and grouped is not None:
+            side = int(round(d2.shape[1] ** 0.5))
+            points, pixel_index, grouping = grouped
+            centre_pixel = pixel_index[grouping.centre_index]
+            projection = projection_lists(centre_pixel, size, size // side)
+        scores = sample_patch_scores(d2, d3, projection, config.interval_ratio)
+        arrays: dict[str, np.ndarray] = {}
+        salient = []
+        maps = []
+        if scores.scores_2d is not None:
+            maps.append(map_2d(scores.scores_2d[None], size)[0])
+            arrays["patch_2d"], arrays["map_2d"] = scores.scores_2d.numpy(), maps[-1].numpy()
+            salient.append(
+                _salient(cache, item.sample.snamd_2d, scores.scores_2d, config.salient_layer)
+            )
+        if scores.scores_3d is not None and grouped is not None:
+            points, pixel_index, grouping = grouped
+            maps.append(
+                map_3d(
+                    scores.scores_3d,
+                    grouping.centres,
+                    points,
+                    pixel_index,
+                    size,
+                    config.map_blur_sigma,
+                )
+            )
+            arrays["patch_3d"], arrays["map_3d"] = scores.scores_3d.numpy(), maps[-1].numpy()
+            salient.append(
+                _salient(cache, item.sample.snamd_3d, scores.scores_3d, config.salient_layer)
+            )
+        total = maps[0] if len(maps) == 1 else maps[0] + maps[1]
+        arrays["map"] = total.numpy()
+        arrays["salient"] = torch.cat(salient).numpy()
+        cache.write(item.key, arrays, meta={"score": float(total.max())})
+    return StageCount("reduced", len(todo), len(items) - len(todo))
