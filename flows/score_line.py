@@ -18,7 +18,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.progress import StageTracker
-from flows.stages import score_pool, timed, wait_stage
+from flows.stages import report_run, score_pool, timed, wait_stage
 from infra.cluster import task_runner
 from musc_core.config import MuscConfig
 from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, identify_backbones
@@ -30,9 +30,8 @@ from tasks.keys import Identities, prepared_key, sample_keys
 from tasks.outputs import safe_file_stem
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
-from tasks.results import LineResult, RunInfo, report_line
+from tasks.results import LineResult, RunInfo
 from tasks.runtime import Runtime
-from tasks.stage import add_counts
 
 DEFAULT_STORAGE = "musc-store"
 
@@ -153,6 +152,8 @@ def batch_record(
         ],
         "set_aside": [{"name": a.name, "path": a.path, "problem": a.problem} for a in set_aside],
         "bank": bank,
+        "shard_size": request.shard_size,
+        "reference_budget": request.reference_budget,
         "out": request.out,
         "flagged": result.flagged,
     }
@@ -205,12 +206,6 @@ def score_line_stages(request: LineRequest) -> dict:
     pool, reduced, counts = score_pool(
         tonight + bank, request.spec, config, request.reference_budget, runtime, tracker, timings
     )
-    extra = {
-        "counts": add_counts(counts),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
-        "bank": [r["batch"] for r in records],
-    }
     info = RunInfo(
         line=request.line,
         batch=request.batch,
@@ -230,29 +225,15 @@ def score_line_stages(request: LineRequest) -> dict:
             "reference_samples": request.reference_samples,
         },
     )
-    with timed(timings, "report"):
-        result = report_line.submit(
-            info, pool, reduced, len(current), set_aside, config, runtime, extra
-        ).result()
-        tracker.report("report", 1, 1)
-        record_batch.submit(
-            request.storage,
-            batch_record(request, identities, tonight, set_aside, extra["bank"], result),
-        ).result()
-    return {
-        **extra,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "line": request.line,
-        "batch": request.batch,
-        "out": request.out,
-        "scored": len(current),
-        "pool": pool_size,
-        "flagged": result.flagged,
-        "set_aside": [[a.name, a.path, a.problem] for a in set_aside],
-        "metrics": result.metrics,
-        "outputs": result.outputs,
-        "random_weights": info.random_weights,
-    }
+    bank_ids = [r["batch"] for r in records]
+    result, summary = report_run(
+        info, pool, reduced, len(current), set_aside, config, runtime, counts, timings,
+        tracker, bank_ids,
+    )
+    record_batch.submit(
+        request.storage, batch_record(request, identities, tonight, set_aside, bank_ids, result)
+    ).result()
+    return summary
 
 
 class LineNotScored(RuntimeError):

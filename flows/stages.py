@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 from prefect.futures import PrefectFuture
 
@@ -18,9 +19,11 @@ from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
 from tasks.features import aggregate_2d, aggregate_3d, extract_2d, extract_3d, group_samples
 from tasks.plan import PoolSample, ScoringPlan, plan_scoring
+from tasks.prepare import SetAside
+from tasks.results import LineResult, RunInfo, report_line
 from tasks.runtime import Runtime
 from tasks.scoring import reduce_samples, score_pairs
-from tasks.stage import StageCount
+from tasks.stage import StageCount, add_counts
 
 
 @contextmanager
@@ -154,3 +157,64 @@ def score_pool(
         counts += reduce_all(plan, config, runtime, tracker)
     reduced = [item.key for items in plan.reduce for item in items]
     return plan.samples, reduced, counts
+
+
+def report_run(
+    info: RunInfo,
+    pool: list[PoolSample],
+    reduced: list[str],
+    current: int,
+    set_aside: list[SetAside],
+    config: MuscConfig,
+    runtime: Runtime,
+    counts: list[StageCount],
+    timings: dict[str, float],
+    tracker: StageTracker,
+    bank: list[str],
+) -> tuple[LineResult, dict]:
+    """RsCon, decisions, metrics and result files; the run's summary.
+
+    Args:
+        info: the run's identity and settings.
+        pool: the pool's samples; the first ``current`` are the batch's own.
+        reduced: reduced-entry key of each pool sample.
+        current: how many pool samples belong to the batch.
+        set_aside: samples that could not be used.
+        config: the run's settings.
+        runtime: cache and device of the tasks.
+        counts: work counts of the stages so far.
+        timings: stage wall times (``report`` is added).
+        tracker: progress of the run.
+        bank: batch ids of the rolling bank.
+
+    Returns:
+        The report task's result and the summary the flow returns (also in ``run.json``).
+    """
+    started = datetime.fromisoformat(info.started)
+    extra = {
+        "counts": add_counts(counts),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
+        "bank": bank,
+    }
+    with timed(timings, "report"):
+        result = report_line.submit(
+            info, pool, reduced, current, set_aside, config, runtime, extra
+        ).result()
+        tracker.report("report", 1, 1)
+    summary = {
+        **extra,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
+        "line": info.line,
+        "batch": info.batch,
+        "out": info.out,
+        "scored": current,
+        "pool": len(pool),
+        "flagged": result.flagged,
+        "set_aside": [[a.name, a.path, a.problem] for a in set_aside],
+        "metrics": result.metrics,
+        "outputs": result.outputs,
+        "random_weights": info.random_weights,
+    }
+    return result, summary

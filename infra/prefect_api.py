@@ -97,7 +97,7 @@ def _flush_logs() -> None:
     from prefect.logging.handlers import APILogHandler
 
     try:
-        APILogHandler.flush()
+        APILogHandler().flush()
     except Exception as error:  # a log that cannot be sent must not fail the run
         log.debug("could not flush Prefect logs: %s", error)
 

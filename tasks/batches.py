@@ -17,6 +17,7 @@ import re
 
 from prefect import task
 
+from musc_core.config import MuscConfig
 from tasks.outputs import ResultStore, safe_file_stem
 from tasks.stage import TASK_OPTIONS
 
@@ -132,3 +133,30 @@ def load_bank(
 def record_batch(storage: str, record: dict) -> str:
     """Prefect task around :func:`write_batch_record`."""
     return write_batch_record(storage, record)
+
+
+def config_from_record(record: dict) -> MuscConfig:
+    """The MuSc-V2 settings a batch was scored with (JSON lists back to tuples)."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()}
+    return MuscConfig(**values)
+
+
+@task(name="read-batch", **TASK_OPTIONS)
+def read_batch(storage: str, line: str, batch: str | None) -> dict:
+    """A batch record: the given batch, or the line's latest when ``batch`` is None.
+
+    Raises:
+        FileNotFoundError: the line has no (such) batch.
+    """
+    if batch is None:
+        batches = list_batches(storage, line)
+        if not batches:
+            raise FileNotFoundError(f"line {line!r} has no recorded batch in {storage}")
+        batch = batches[-1]
+    return read_batch_record(storage, line, batch)
+
+
+@task(name="read-batches", **TASK_OPTIONS)
+def read_batches(storage: str, line: str, batches: list[str]) -> list[dict]:
+    """Several batch records of a line, in the order given."""
+    return [read_batch_record(storage, line, batch) for batch in batches]

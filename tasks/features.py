@@ -241,3 +241,22 @@ def aggregate_3d(
         for row, i in enumerate(todo):
             cache.write(items[i][2], {"features": features[row]})
     return StageCount("snamd_3d", len(todo), len(items) - len(todo))
+
+
+@task(name="check-features", **TASK_OPTIONS)
+def missing_features(items: list[tuple[str, str]], runtime: Runtime) -> list[str]:
+    """Names of the samples whose SNAMD features are not in the cache.
+
+    Args:
+        items: ``(sample name, SNAMD key)`` pairs (both modalities' keys may be listed).
+        runtime: cache location.
+
+    Returns:
+        The names, in order, each once.
+    """
+    cache = feature_cache(runtime.cache_url)
+    missing: list[str] = []
+    for name, key in items:
+        if name not in missing and not cache.has(key):
+            missing.append(name)
+    return missing
