@@ -180,9 +180,40 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: S3 error codes worth retrying (throttling, timeouts, server trouble).
+TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+     "InternalError", "ServiceUnavailable", "503", "500"}
+)
+
+
+def _permanent_botocore(exc: BaseException) -> bool:
+    """Credential and parameter errors, and S3 client errors that a retry cannot fix."""
+    try:
+        from botocore.exceptions import (
+            ClientError,
+            NoCredentialsError,
+            ParamValidationError,
+            PartialCredentialsError,
+        )
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        return False
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
+        return True
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return not (error.get("Code") in TRANSIENT_S3_CODES or status >= 500 or status == 429)
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether a storage error is worth retrying (network, throttling, 5xx), not a missing file."""
-    if isinstance(exc, PERMANENT_ERRORS):
+    """Whether a storage error is worth retrying (network, throttling, 5xx).
+
+    Missing files, refused permissions, missing credentials and other client errors are not:
+    they fail at once with their message.
+    """
+    if isinstance(exc, PERMANENT_ERRORS) or _permanent_botocore(exc):
         return False
     return isinstance(exc, _transient_types())
 
