@@ -11,13 +11,17 @@ DEMO_DIR ?= demo
 DEMO_N ?= 16
 DEMO_SIZE ?= 224
 
-.PHONY: install system-deps demo test lint clean
+.PHONY: install system-deps test-deps demo test lint clean
 
 ## install: system packages (when missing) + virtual environment in .venv with the project
 install: system-deps $(STAMP)
 
 system-deps:
 	@bash infra/install_system_deps.sh
+
+## test-deps: also the headless browser of the report test (chromium, chromium-driver)
+test-deps:
+	@bash infra/install_system_deps.sh --with-browser
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +34,7 @@ demo: install
 	$(BIN)/musc demo --out $(DEMO_DIR) --num-samples $(DEMO_N) --image-size $(DEMO_SIZE)
 
 ## test: install everything and run the test suite
-test: install
+test: install test-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

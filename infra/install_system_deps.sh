@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project needs, only when they are missing.
 # Open3D's Python wheel links against libusb-1.0 even in its CPU build.
-# Headless Chromium and its WebDriver render the HTML run report in the browser test.
+# With --with-browser (the test command), also headless Chromium and its WebDriver, which render
+# the HTML run report in the browser test.
 set -euo pipefail
 missing=()
 ldconfig_bin=$(command -v ldconfig || echo /sbin/ldconfig)
 "$ldconfig_bin" -p 2>/dev/null | grep -q 'libusb-1.0.so.0' || missing+=(libusb-1.0-0)
-command -v chromium >/dev/null || missing+=(chromium)
-command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+if [ "${1:-}" = "--with-browser" ]; then
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

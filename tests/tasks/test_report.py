@@ -337,7 +337,7 @@ def _chromium_paths():
     browser, driver = find()
     if not (browser and driver):
         subprocess.run(
-            ["bash", str(REPO / "infra" / "install_system_deps.sh")],
+            ["bash", str(REPO / "infra" / "install_system_deps.sh"), "--with-browser"],
             capture_output=True,
             check=False,
         )
