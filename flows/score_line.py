@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.progress import StageTracker
@@ -23,9 +23,10 @@ from infra.cluster import task_runner
 from musc_core.config import MuscConfig
 from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, identify_backbones
 from tasks.batches import check_batch_id, load_bank, record_batch
+from tasks.cache import CacheCorruption
 from tasks.datasets import list_categories
-from tasks.discover import discover_samples
-from tasks.features import prepare_samples
+from tasks.discover import DiscoveredSample, discover_samples
+from tasks.features import drop_entry, prepare_samples
 from tasks.keys import Identities, prepared_key, sample_keys
 from tasks.outputs import safe_file_stem
 from tasks.plan import PoolSample, batch_blocks
@@ -34,6 +35,8 @@ from tasks.results import LineResult, RunInfo
 from tasks.runtime import Runtime
 
 DEFAULT_STORAGE = "musc-store"
+#: Times a run drops a corrupted cache entry and runs again before giving up.
+CORRUPTION_RETRIES = 3
 
 
 def cache_url(storage: str) -> str:
@@ -172,6 +175,33 @@ def score_line_stages(request: LineRequest) -> dict:
             request.data, request.data_format, request.category
         ).result()
         identities = identify_backbones.submit(request.spec, config).result()
+    for attempt in range(1, CORRUPTION_RETRIES + 2):
+        try:
+            return _score_batch(
+                request, found, list(set_aside), identities, runtime, tracker, timings, started
+            )
+        except CacheCorruption as error:
+            if attempt > CORRUPTION_RETRIES or error.key is None:
+                raise
+            get_run_logger().warning(
+                "cache entry %s is corrupted (%s); deleting it and running again", error.key, error
+            )
+            drop_entry.submit(error.key, runtime).result()
+    raise AssertionError("unreachable")
+
+
+def _score_batch(
+    request: LineRequest,
+    found: list[DiscoveredSample],
+    set_aside: list[SetAside],
+    identities: Identities,
+    runtime: Runtime,
+    tracker: StageTracker,
+    timings: dict[str, float],
+    started: datetime,
+) -> dict:
+    """Prepare, score and report one batch (run again after a corrupted entry was dropped)."""
+    config = request.config
     with timed(timings, "prepare"):
         keys = [prepared_key(s.digest, request.data_format, config) for s in found]
         pairs = list(zip(found, keys, strict=True))

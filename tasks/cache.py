@@ -52,7 +52,18 @@ T = TypeVar("T")
 
 
 class CacheCorruption(RuntimeError):
-    """A cache entry's stored data does not match its completion record (recompute it)."""
+    """A cache entry's stored data does not match its completion record (recompute it).
+
+    Attributes:
+        key: the corrupted entry's key, so that the caller can delete and recompute it.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.key))  # keeps the key across process boundaries
 
 
 def _encode(value: Any) -> Any:
@@ -341,9 +352,9 @@ class FeatureCache:
         try:
             z = self._retry(open_, f"open array {name}")
         except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise CacheCorruption(f"entry {key}: array {name!r} is missing ({exc})") from exc
+            raise CacheCorruption(f"entry {key}: array {name!r} is missing ({exc})", key) from exc
         if list(z.shape) != info["shape"] or np.dtype(z.dtype).str != info["dtype"]:
-            raise CacheCorruption(f"entry {key}: array {name!r} has wrong shape/dtype")
+            raise CacheCorruption(f"entry {key}: array {name!r} has wrong shape/dtype", key)
         return z, info
 
     def _get(self, key: str, name: str, z, selection) -> np.ndarray:
@@ -354,7 +365,7 @@ class FeatureCache:
                 raise  # storage still failing after the retries: not a corruption
             # Undecodable chunk (truncated / garbled compressed bytes).
             raise CacheCorruption(
-                f"entry {key}: array {name!r} cannot be decoded: {redact(str(exc))}"
+                f"entry {key}: array {name!r} cannot be decoded: {redact(str(exc))}", key
             ) from exc
 
     def _with_record(self, key: str, fn: Callable[[dict], T]) -> T:
@@ -389,7 +400,7 @@ class FeatureCache:
             z, info = self._open(key, record, name)
             value = self._get(key, name, z, ...)
             if _sha256(value) != info["sha256"]:
-                raise CacheCorruption(f"entry {key}: checksum mismatch in array {name!r}")
+                raise CacheCorruption(f"entry {key}: checksum mismatch in array {name!r}", key)
             out[name] = value
         return out, record["meta"]
 
@@ -419,7 +430,7 @@ class FeatureCache:
         if z.ndim == 0 or first is None or first is Ellipsis or not isinstance(first, (int, slice)):
             value = self._get(key, name, z, ...)
             if _sha256(value) != info["sha256"]:
-                raise CacheCorruption(f"entry {key}: checksum mismatch in array {name!r}")
+                raise CacheCorruption(f"entry {key}: checksum mismatch in array {name!r}", key)
             return value if selection is None else value[selection]
         n, rows = z.shape[0], info["chunk_rows"]
         if isinstance(first, int):
@@ -436,7 +447,7 @@ class FeatureCache:
         for c in range(c0, c1):
             part = block[(c - c0) * rows : (c - c0 + 1) * rows]
             if _sha256(part) != info["chunk_sha256"][c]:
-                raise CacheCorruption(f"entry {key}: checksum mismatch in {name!r} chunk {c}")
+                raise CacheCorruption(f"entry {key}: checksum mismatch in {name!r} chunk {c}", key)
         rest = sel[1:]
         if isinstance(first, int):
             return block[(first % n - lo, *rest)]

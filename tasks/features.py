@@ -260,3 +260,9 @@ def missing_features(items: list[tuple[str, str]], runtime: Runtime) -> list[str
         if name not in missing and not cache.has(key):
             missing.append(name)
     return missing
+
+
+@task(name="drop-entry", **TASK_OPTIONS)
+def drop_entry(key: str, runtime: Runtime) -> None:
+    """Delete a cache entry found corrupted, so that the next attempt recomputes it."""
+    feature_cache(runtime.cache_url).delete(key)

@@ -25,6 +25,7 @@ from musc_core.config import MuscConfig
 from musc_core.decisions import flag_samples, pixel_threshold, predicted_masks
 from musc_core.metrics import f1_optimal_threshold
 from musc_core.rescoring import rscon
+from tasks.artifacts import publish_artifacts
 from tasks.evaluate import line_metrics
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, overlay, unique_stems
 from tasks.plan import PoolSample
@@ -225,6 +226,8 @@ def report_line(
         **extra,
     }
     outputs["run"] = store.write_json("run.json", summary)
+    ranked = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+    publish_artifacts(summary, ranked, warning or None)
     return LineResult(
         scored=[tonight[i].name for i in order],
         flagged=summary["flagged"],
