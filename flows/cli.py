@@ -211,7 +211,7 @@ def print_line(summary: dict) -> None:
         print(
             f"[{line}] {summary['scored']} samples scored in {summary['seconds']:.1f} s "
             f"(pool {summary['pool']}, batch {summary['batch']}); "
-            f"{len(summary['flagged'])} flagged"
+            f"{len(summary['flagged'])} flagged, {len(summary.get('set_aside', []))} set aside"
         )
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
         print(f"    stages: {stages}")

@@ -30,12 +30,18 @@ single category folder, whose folder name is then its category):
 
 Records are sorted by name. Layout problems raise ``FileNotFoundError`` / ``ValueError``
 naming the path; unreadable individual files are left for the loaders (and the preparation
-step) to report.
+step) to report. Two files that would give one name (``000.tif`` and ``000.tiff``, ``a.png``
+and ``a.jpg``) give two records of that name: discovery sets both aside.
+
+Links: a run reads only below its dataset root. Folder symlinks are not followed when a
+folder is searched recursively; a file symlink is read only when it resolves inside the
+root (:func:`inside_root`; discovery sets the others aside with a message).
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -143,6 +149,23 @@ def _files(path: Path, suffixes: Iterable[str]) -> list[Path]:
     )
 
 
+def inside_root(path: PathLike, root: PathLike) -> bool:
+    """Whether a file, links resolved, lies below the (resolved) dataset root."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _all_by_stem(files: Iterable[Path]) -> dict[str, list[Path]]:
+    """Every file (sorted order) of each stem."""
+    out: dict[str, list[Path]] = {}
+    for path in sorted(files):
+        out.setdefault(path.stem, []).append(path)
+    return out
+
+
 def _by_stem(files: Iterable[Path]) -> dict[str, Path]:
     """First file (sorted order) of each stem."""
     out: dict[str, Path] = {}
@@ -196,22 +219,26 @@ def _read_mvtec3d(root: Path, category: str) -> list[SampleRecord]:
             raise ValueError(
                 f"{defect_dir}: expected rgb/ and/or xyz/ subfolders (MVTec 3D-AD layout)"
             )
-        images = _by_stem(_files(rgb_dir, (".png",)))
-        xyzs = _by_stem(_files(xyz_dir, TIFF_SUFFIXES))
+        images = _all_by_stem(_files(rgb_dir, (".png",)))
+        xyzs = _all_by_stem(_files(xyz_dir, TIFF_SUFFIXES))
         masks = _by_stem(_files(defect_dir / "gt", (".png",)))
         defect = defect_dir.name
         for stem in sorted(images.keys() | xyzs.keys()):
-            records.append(
-                SampleRecord(
-                    name=f"{defect}/{stem}",
-                    category=category,
-                    image_path=_str(images.get(stem)),
-                    xyz_path=_str(xyzs.get(stem)),
-                    mask_path=_str(masks.get(stem)),
-                    label=0 if defect == "good" else 1,
-                    defect_type=defect,
+            stem_images, stem_xyzs = images.get(stem, []), xyzs.get(stem, [])
+            # One record per file of a stem: a second image or XYZ map of one stem (000.tif
+            # and 000.tiff) makes a duplicate name, which discovery reports.
+            for i in range(max(len(stem_images), len(stem_xyzs))):
+                records.append(
+                    SampleRecord(
+                        name=f"{defect}/{stem}",
+                        category=category,
+                        image_path=_str(stem_images[i] if i < len(stem_images) else None),
+                        xyz_path=_str(stem_xyzs[i] if i < len(stem_xyzs) else None),
+                        mask_path=_str(masks.get(stem)),
+                        label=0 if defect == "good" else 1,
+                        defect_type=defect,
+                    )
                 )
-            )
     return _sorted_records(records, test, "mvtec3d")
 
 
@@ -219,8 +246,8 @@ def _read_mvtec3d(root: Path, category: str) -> list[SampleRecord]:
 # Eyecandies
 
 
-def _mask_label(path: Path | None) -> int | None:
-    if path is None:
+def _mask_label(path: Path | None, root: Path) -> int | None:
+    if path is None or not inside_root(path, root):
         return None
     try:
         return int(load_mask(path).any())
@@ -251,7 +278,7 @@ def _read_eyecandies(root: Path, category: str) -> list[SampleRecord]:
                 category=category,
                 image_path=_str(file(sample_id, image_suffix)),
                 mask_path=_str(mask),
-                label=_mask_label(mask),
+                label=_mask_label(mask, root),
                 depth_path=_str(file(sample_id, depth_suffix)),
                 info_path=_str(file(sample_id, "_info_depth.yaml")),
                 pose_path=_str(file(sample_id, "_pose.txt")),
@@ -379,8 +406,14 @@ def _read_visa(root: Path, category: str) -> list[SampleRecord]:
 # generic folder
 
 
-def _is_xyz_tiff(path: Path) -> bool:
-    """True for a TIFF whose first series is (H, W, 3) or (3, H, W) floating-point data."""
+def _is_xyz_tiff(path: Path, root: Path) -> bool:
+    """True for a TIFF whose first series is (H, W, 3) or (3, H, W) floating-point data.
+
+    A link to a file outside the root is not opened (it is taken as an image, which
+    discovery then refuses).
+    """
+    if not inside_root(path, root):
+        return False
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -422,13 +455,19 @@ def _closest(
 
 
 def _walk(line_dir: Path) -> list[Path]:
-    """Every visible file below the folder (hidden files and folders skipped), sorted."""
+    """Every visible file below the folder (hidden files and folders skipped), sorted.
+
+    Folder symlinks are not followed (no loops, nothing outside the tree); file symlinks are
+    listed, even dangling ones, so that discovery reports them.
+    """
     files = []
-    for path in line_dir.rglob("*"):
-        relative = path.relative_to(line_dir).parts
-        if any(part.startswith(".") for part in relative) or not path.is_file():
-            continue
-        files.append(path)
+    for folder, subfolders, names in os.walk(line_dir, followlinks=False):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if name.startswith(".") or not (path.is_file() or path.is_symlink()):
+                continue
+            files.append(path)
     return sorted(files)
 
 
@@ -463,7 +502,7 @@ def _read_folder(root: Path, category: str) -> list[SampleRecord]:
     # an XYZ-only sample when it holds 3-channel float data, else an image.
     beside = {(p.parent, p.stem) for p in images}
     for path in loose_tiffs:
-        if (path.parent, path.stem) in beside or _is_xyz_tiff(path):
+        if (path.parent, path.stem) in beside or _is_xyz_tiff(path, line_dir):
             xyzs.append(path)
         else:
             images.append(path)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from prefect import task
 
-from tasks.datasets import SampleRecord, read_dataset
-from tasks.prepare import SetAside
+from tasks.datasets import SampleRecord, inside_root, read_dataset
+from tasks.prepare import SetAside, main_file, record_files, split_duplicates
 from tasks.stage import TASK_OPTIONS
 
 #: Record fields naming input files, in the order they enter a sample's digest.
@@ -52,7 +52,11 @@ def input_digest(record: SampleRecord, chunk: int = 1 << 22) -> str:
 def discover_line(
     data: str, fmt: str, category: str
 ) -> tuple[list[DiscoveredSample], list[SetAside]]:
-    """Every sample of a line with its input digest; duplicates and unreadable files set aside.
+    """Every sample of a line with its input digest; bad ones set aside with their problem.
+
+    Set aside here: samples sharing a name (all of them, see
+    :func:`tasks.prepare.split_duplicates`), samples with a file that resolves outside the
+    dataset root (a symlink to elsewhere: not read), and files that cannot be read.
 
     Args:
         data: dataset root (local path).
@@ -63,18 +67,17 @@ def discover_line(
         The usable samples in name order, and the samples set aside with their problem.
     """
     found: list[DiscoveredSample] = []
-    set_aside: list[SetAside] = []
-    seen: set[str] = set()
-    for record in read_dataset(data, fmt, category):
-        main_path = record.image_path or record.xyz_path or record.depth_path or record.name
-        if record.name in seen:
-            set_aside.append(SetAside(record.name, str(main_path), "duplicate sample name"))
+    records, set_aside = split_duplicates(read_dataset(data, fmt, category))
+    for record in records:
+        outside = [f for f in record_files(record) if not inside_root(f, data)]
+        if outside:
+            problem = f"{outside[0]}: links outside the dataset root {data}; not read"
+            set_aside.append(SetAside(record.name, main_file(record), problem))
             continue
-        seen.add(record.name)
         try:
             found.append(DiscoveredSample(record, input_digest(record)))
         except OSError as error:
-            set_aside.append(SetAside(record.name, str(main_path), f"cannot read: {error}"))
+            set_aside.append(SetAside(record.name, main_file(record), f"cannot read: {error}"))
     return found, set_aside
 
 

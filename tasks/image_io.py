@@ -6,6 +6,13 @@ resizes or normalizes (that is ``musc_core``'s job).
 
 Decoders: TIFF files (``.tif``/``.tiff``) are read with tifffile (first image series),
 everything else with Pillow.
+
+Decompression bombs: a file's pixel count is read from its header before anything is decoded,
+and a file with more than :func:`max_image_pixels` pixels (default
+:data:`DEFAULT_MAX_IMAGE_PIXELS`, about 33.5 million: 8192 x 4096; override with the
+``MUSC_MAX_IMAGE_PIXELS`` environment variable) is refused with a ``ValueError`` naming the
+file, its size and the limit. Decoding and preprocessing take about 30 bytes per pixel, so a
+worker needs at most about 1 GB for one sample at the default limit, whatever the file claims.
 """
 
 from __future__ import annotations
@@ -17,14 +24,64 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import yaml
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from musc_core.preprocess_image import to_rgb_uint8
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: Largest image (width x height) decoded by default: 32 Mi pixels, e.g. 8192 x 4096.
+DEFAULT_MAX_IMAGE_PIXELS = 32 * 1024 * 1024
+#: Environment variable that overrides :data:`DEFAULT_MAX_IMAGE_PIXELS`.
+MAX_PIXELS_ENV = "MUSC_MAX_IMAGE_PIXELS"
 _PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 PathLike = str | os.PathLike
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of decoded files: ``$MUSC_MAX_IMAGE_PIXELS`` or the default.
+
+    Raises:
+        ValueError: the variable is set but is not a positive integer.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels")
+    return limit
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Refuse a file whose header announces more pixels than the limit (before decoding)."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ValueError(
+            f"{path}: image is {width}x{height} = {width * height:,} pixels, above the limit "
+            f"of {limit:,} pixels ({MAX_PIXELS_ENV}); refusing to decode it"
+        )
+
+
+def _tiff_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(width, height) of a TIFF series: (H, W), (H, W, C), planar (C, H, W) or a stack.
+
+    Extra leading dimensions (pages of a stack) count as more rows, so the product is the
+    number of pixels the decoder would produce.
+    """
+    dims = list(shape)
+    if len(dims) == 3 and dims[2] <= 4:
+        dims = dims[:2]
+    elif len(dims) == 3 and dims[0] <= 4:
+        dims = dims[1:]
+    if not dims:
+        return 0, 0
+    if len(dims) == 1:
+        return dims[0], 1
+    return dims[-1], math.prod(dims[:-1])
 
 
 def _existing_file(path: PathLike | None, what: str) -> Path:
@@ -53,9 +110,22 @@ def _channels_last(array: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """First image series of a TIFF (all its pages: planar data may span several)."""
+    """First image series of a TIFF (all its pages: planar data may span several).
+
+    The series' shape is read from the header first: an image above the pixel limit is
+    refused before any pixel is decoded.
+    """
     try:
-        return np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ValueError("no image in the file")
+            series = tif.series[0]
+            _check_pixels(path, *_tiff_size(tuple(series.shape)))
+            return np.asarray(series.asarray())
+    except ValueError as error:
+        if str(error).startswith(f"{path}: "):
+            raise
+        raise ValueError(f"{path}: cannot read TIFF ({error})") from error
     except Exception as error:  # tifffile raises many types for damaged files
         raise ValueError(f"{path}: cannot read TIFF ({error})") from error
 
@@ -68,6 +138,7 @@ def _read_pil(path: Path) -> np.ndarray:
     """
     try:
         with Image.open(path) as image:
+            _check_pixels(path, *image.size)  # from the header, before decoding
             image.load()
             mode = image.mode
             if mode in _PIL_16BIT_MODES:
@@ -80,8 +151,19 @@ def _read_pil(path: Path) -> np.ndarray:
                 has_alpha = mode == "PA" or "transparency" in image.info
                 return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
             return np.asarray(image.convert("RGB"))
-    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error...
+    except Image.DecompressionBombError as error:  # Pillow's own guard, at open()
+        raise ValueError(
+            f"{path}: image is above the limit of {max_image_pixels():,} pixels "
+            f"({MAX_PIXELS_ENV}); refusing to decode it ({error})"
+        ) from error
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path}: not an image (unrecognised file content)") from error
+    except ValueError as error:
+        if str(error).startswith(f"{path}: "):
+            raise
         raise ValueError(f"{path}: cannot decode image ({error})") from error
+    except Exception as error:  # Pillow raises OSError, SyntaxError, zlib.error...
+        raise ValueError(f"{path}: cannot decode image, truncated or damaged ({error})") from error
 
 
 def _decode(path: PathLike, what: str) -> tuple[Path, np.ndarray]:

@@ -1,5 +1,6 @@
 """Shared test set-up: quiet, offline, deterministic; GPU tests skipped without CUDA."""
 
+import json
 import os
 import socket
 
@@ -20,6 +21,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- chaos records
+#: File (JSON lines) where chaos tests record what they tried; ``make chaos`` sets it.
+CHAOS_LOG_ENV = "MUSC_CHAOS_LOG"
+
+
+@pytest.fixture
+def chaos_record(request):
+    """Record one tried input or injected fault for ``make chaos``'s summary table.
+
+    Fields: ``kind`` (``input``, ``fault`` or ``run``), ``what``, ``runs`` started,
+    ``completed`` runs, ``samples`` concerned, ``lost`` samples (neither scored nor listed as
+    set aside, or missing from a result that should hold them), and any detail. Nothing is
+    written unless ``$MUSC_CHAOS_LOG`` names a file.
+    """
+
+    def record(**fields) -> None:
+        path = os.environ.get(CHAOS_LOG_ENV)
+        if path:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"test": request.node.nodeid, **fields}) + "\n")
+
+    return record
 
 
 # --------------------------------------------------------------------------- S3 (moto server)
