@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 import re
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,11 +135,27 @@ class ResultStore:
         return with_retries(listing, what=f"list {relative}")
 
     def write_bytes(self, relative: str, data: bytes) -> str:
-        """Write one file (retrying transient storage errors); returns its location."""
+        """Write one file atomically (retrying transient storage errors); returns its location.
+
+        Readers and concurrent runs see the old file or the whole new one, never a mix: a
+        local file is written beside its place and renamed over it, an S3 object is one PUT.
+        """
         path = self.path(relative)
-        if self.protocol == "file":
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with_retries(lambda: self.fs.pipe_file(path, data), what=f"write {relative}")
+        if self.protocol != "file":
+            with_retries(lambda: self.fs.pipe_file(path, data), what=f"write {relative}")
+            return self.location(relative)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+
+        def write_and_rename() -> None:
+            temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                self.fs.pipe_file(temporary, data)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
+
+        with_retries(write_and_rename, what=f"write {relative}")
         return self.location(relative)
 
     def write_text(self, relative: str, text: str) -> str:

@@ -28,19 +28,12 @@ from flows.score_line import LineNotScored, score_line
 from tasks.cache import FeatureCache
 from tasks.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from tasks.synth import generate_line
-from tests.flows.conftest import SIZE, SMALL, read_scores
+from tests.flows.chaos import PARAMS, cli_args
+from tests.flows.conftest import SIZE, read_scores
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.usefixtures("prefect_server")]
 
-# ``musc score`` has no option for the test ViT's patch size: use the model's own (16 px).
-PARAMS = {k: v for k, v in SMALL.items() if k != "patch_size_2d"}
-CLI_PARAMS = [
-    "--format", "mvtec3d", "--category", "part", "--modality", "2d+3d",
-    "--image-size", str(SIZE), "--backbone-2d", "vit_tiny_patch16_224", "--weights-2d",
-    "random", "--weights-3d", "random", "--num-groups", "32", "--group-size", "16",
-    "--ipg-step", "8", "--distance-dtype", "float32", "--vit-dtype", "float32",
-    "--cluster", "threads", "--batch", "b1", "--quiet",
-]
+CLI_PARAMS = cli_args()
 SCRIPT_NAME = "<script>alert(1)</script>"
 # Accepted samples beside the generated ones: name -> what is unusual about it.
 ACCEPTED = {

@@ -1,11 +1,34 @@
-"""Faults during and between runs: corrupted cache entries are detected and recomputed."""
+"""Faults during and between runs: corrupted cache entries are detected and recomputed; an
+S3 outage, a killed Dask worker, a killed flow process and two concurrent runs on one cache
+lose nothing and change no result."""
 
+import csv
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from flows.score_line import score_line
+from infra.storage import open_filesystem
+from tasks.cache import FeatureCache
+from tests.flows.chaos import (
+    PARAMS,
+    TcpProxy,
+    WorkerKiller,
+    cli_args,
+    complete_entries,
+    grouped_work,
+    kind_counts,
+    wait_for,
+)
 from tests.flows.conftest import SMALL, read_scores
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -33,8 +56,11 @@ def _damage(chunk: Path, how: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_corrupted_entries_are_detected_and_recomputed_never_used(line, tmp_path, how):
+def test_corrupted_entries_are_detected_and_recomputed_never_used(
+    line, tmp_path, how, chaos_record
+):
     store = tmp_path / "store"
     score_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **SMALL)
     cache = store / "cache"
@@ -64,13 +90,226 @@ def test_corrupted_entries_are_detected_and_recomputed_never_used(line, tmp_path
         **SMALL,
     )
     assert read_scores(second["outputs"]["scores"]) == read_scores(fresh["outputs"]["scores"])
+    chaos_record(kind="fault", what=f"3 cache entries corrupted ({how}) between runs",
+                 injected=3, runs=3, completed=3, samples=8,
+                 lost=8 - len(read_scores(second["outputs"]["scores"])))
 
 
 @pytest.mark.slow
-def test_corrupted_reduction_is_recomputed_when_the_report_reads_it(line, tmp_path):
+@pytest.mark.chaos
+def test_corrupted_reduction_is_recomputed_when_the_report_reads_it(
+    line, tmp_path, chaos_record
+):
     store = tmp_path / "store"
     first = score_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **SMALL)
     _damage(_chunks(_entries_with(store / "cache", "map")[0], "map")[0], "flip")
     second = score_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **SMALL)
     assert second["counts"]["reduced"] == {"computed": 1, "cached": 7}
     assert read_scores(first["outputs"]["scores"]) == read_scores(second["outputs"]["scores"])
+    chaos_record(kind="fault", what="a reduction corrupted, found by the report's checksum",
+                 injected=1, runs=2, completed=2, samples=8,
+                 lost=8 - len(read_scores(second["outputs"]["scores"])))
+
+
+# --------------------------------------------------------------------------- injected faults
+#: The fault runs lay 8 samples out in 4 blocks: 10 pair shards, enough to stop half-way.
+FAULT = {**PARAMS, "shard_size": 2}
+OUTAGE_SECONDS = 5.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(line, tmp_path_factory):
+    """The fault runs' configuration run once without any fault (thread pool, local disk)."""
+    store = tmp_path_factory.mktemp("undisturbed")
+    return score_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **FAULT)
+
+
+def _results(summary: dict, fs=None) -> tuple[dict, dict]:
+    """scores.csv rows and maps of a run (local, or through an fsspec filesystem)."""
+    out = summary["out"].removeprefix("s3://")
+
+    def read(relative: str) -> bytes:
+        path = f"{out}/{relative}"
+        return fs.cat_file(path) if fs is not None else Path(path).read_bytes()
+
+    text = read("scores.csv").decode("utf-8")
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")]
+    scores = {r[1]: dict(zip(rows[0], r, strict=True)) for r in rows[1:]}
+    maps = {name: np.load(io.BytesIO(read(row["map_file"]))) for name, row in scores.items()}
+    return scores, maps
+
+
+def assert_same_results(summary: dict, reference: dict, fs=None) -> int:
+    """The run's rows and maps equal the reference run's; returns the samples it lacks."""
+    scores, maps = _results(summary, fs)
+    want_scores, want_maps = _results(reference)
+    assert scores == want_scores
+    for name, heat in want_maps.items():
+        np.testing.assert_array_equal(maps[name], heat, err_msg=name)
+    return len(set(want_scores) - set(scores))
+
+
+def _cli_env(api_url: str) -> dict[str, str]:
+    """Environment of a ``musc score`` subprocess: this session's Prefect server, no
+    telemetry, and this process's thread count (equal floating-point results)."""
+    threads = str(torch.get_num_threads())
+    return {
+        **os.environ, "PREFECT_API_URL": api_url, "DO_NOT_TRACK": "1",
+        "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(REPO),
+    }
+
+
+def _musc_score(line: Path, out: Path, store: Path, api_url: str, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "score", str(line), "--out", str(out),
+             "--storage", str(store), *cli_args("b1", FAULT["shard_size"])],
+            cwd=REPO, env=_cli_env(api_url), stdout=handle, stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.chaos
+def test_an_s3_outage_mid_run_is_bridged_by_retries(
+    line, undisturbed, s3_env, moto_endpoint, monkeypatch, chaos_record
+):
+    proxy = TcpProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    timers: list[threading.Timer] = []
+    lock = threading.Lock()
+    write = FeatureCache.write
+
+    def write_during_outage(self, key, arrays, *args, **kwargs):
+        with lock:  # the first pair shard's write starts the outage
+            if not timers and any(name.startswith(("d2", "d3")) for name in arrays):
+                proxy.down()
+                timers.append(threading.Timer(OUTAGE_SECONDS, proxy.up))
+                timers[0].start()
+        return write(self, key, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "write", write_during_outage)
+    try:
+        summary = score_line(
+            data=str(line), storage=f"{s3_env}/store", cluster="threads", batch="b1", **FAULT
+        )
+    finally:
+        for timer in timers:
+            timer.join()
+        proxy.close()
+    assert proxy.outages == 1 and proxy.refused + proxy.cut > 0, "the outage hit the run"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    fs, _ = open_filesystem(s3_env)
+    lost = assert_same_results(summary, undisturbed, fs)
+    chaos_record(kind="fault", what=f"S3 refuses connections for {OUTAGE_SECONDS:.0f} s mid-run",
+                 injected=1, runs=1, completed=1, samples=8, lost=lost,
+                 refused=proxy.refused, cut=proxy.cut)
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_a_killed_dask_worker_is_replaced_and_the_results_are_unchanged(
+    line, tmp_path, monkeypatch, chaos_record
+):
+    from prefect_dask import DaskTaskRunner
+
+    runners: list = []
+    enter = DaskTaskRunner.__enter__
+
+    def entered(self):
+        runners.append(enter(self))
+        return runners[-1]
+
+    monkeypatch.setattr(DaskTaskRunner, "__enter__", entered)
+    store = tmp_path / "store"
+    killer = WorkerKiller(runners, store / "cache", kind="pairs", after=1)
+    killer.start()
+    try:
+        summary = score_line(
+            data=str(line), storage=str(store), cluster="local", workers=2, batch="b1", **FAULT
+        )
+    finally:
+        killer.stop()
+        killer.join()
+    assert killer.error is None, killer.error
+    assert len(killer.killed) == 1, "a worker was killed while it ran a task"
+    undisturbed = score_line(
+        data=str(line), storage=str(tmp_path / "undisturbed"), cluster="local", workers=2,
+        batch="b1", **FAULT,
+    )
+    lost = assert_same_results(summary, undisturbed)
+    assert summary["scored"] == 8
+    chaos_record(kind="fault", what="a Dask worker killed (SIGKILL) while running a task",
+                 injected=1, runs=1, completed=1, samples=8, lost=lost,
+                 task=killer.busy_with)
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_a_killed_flow_process_is_resumed_computing_only_missing_entries(
+    line, undisturbed, tmp_path, prefect_server, chaos_record
+):
+    store = tmp_path / "store"
+    process = _musc_score(line, tmp_path / "out", store, prefect_server, tmp_path / "cli.log")
+    try:  # killed while the features of the line's 4 blocks are being computed
+        wait_for(
+            lambda: process.poll() is not None
+            or kind_counts(complete_entries(store / "cache")).get("snamd", 0) >= 4,
+            timeout=300, what="4 SNAMD entries in the cache",
+        )
+    finally:
+        process.kill()
+        process.wait()
+    log = (tmp_path / "cli.log").read_text(errors="replace")
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{log}"
+    stored = kind_counts(complete_entries(store / "cache"))
+    assert stored.get("reduced", 0) == 0 and stored["snamd"] < 16, "killed mid-run"
+    summary = score_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
+    final = kind_counts(complete_entries(store / "cache"))
+    work = grouped_work(summary["counts"])
+    assert set(work) == {"tokens", "snamd", "grouping", "pairs", "reduced"}
+    for kind, count in work.items():
+        assert count == {"computed": final[kind] - stored.get(kind, 0),
+                         "cached": stored.get(kind, 0)}, kind
+    assert work["snamd"]["cached"] >= 4 and work["pairs"]["computed"] > 0
+    lost = assert_same_results(summary, undisturbed)
+    chaos_record(kind="fault", what="the flow process killed (SIGKILL) mid-run, then re-run",
+                 injected=1, runs=2, completed=1, samples=8, lost=lost,
+                 reused=sum(stored.values()))
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_two_runs_sharing_one_cache_at_once_both_complete_with_equal_results(
+    line, undisturbed, tmp_path, prefect_server, chaos_record
+):
+    store = tmp_path / "store"
+    processes = [
+        _musc_score(line, tmp_path / f"out{i}", store, prefect_server, tmp_path / f"cli{i}.log")
+        for i in range(2)
+    ]
+    try:
+        for process in processes:
+            process.wait(timeout=580)
+    finally:
+        for process in processes:
+            process.kill()
+    logs = [(tmp_path / f"cli{i}.log").read_text(errors="replace") for i in range(2)]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(logs)
+    runs = [
+        json.loads((tmp_path / f"out{i}" / "run.json").read_text())["lines"][0] for i in range(2)
+    ]
+    lost = sum(assert_same_results(run, undisturbed) for run in runs)
+    entries = complete_entries(store / "cache")
+    cache = FeatureCache(str(store / "cache"))
+    for key in entries:
+        cache.read(key)  # every checksum verified: no entry is corrupted
+    computed = [sum(c["computed"] for c in run["counts"].values()) for run in runs]
+    stages = len([k for k in entries if entries[k] != "prepared"])
+    assert sum(computed) >= stages, "every entry was computed by one of the runs"
+    record = json.loads((store / "lines" / "part" / "batches" / "b1.json").read_text())
+    assert record["out"] in {run["out"] for run in runs}
+    chaos_record(kind="fault", what="two runs of one line on one cache at the same time",
+                 injected=1, runs=2, completed=2, samples=16, lost=lost,
+                 computed_twice=sum(computed) - stages)
