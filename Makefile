@@ -10,8 +10,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 DEMO_DIR ?= demo
 DEMO_N ?= 16
 DEMO_SIZE ?= 224
+CHAOS_LOG ?= build/chaos-records.jsonl
 
-.PHONY: install system-deps test-deps demo test lint clean
+.PHONY: install system-deps test-deps demo test chaos lint clean
 
 ## install: system packages (when missing) + virtual environment in .venv with the project
 install: system-deps $(STAMP)
@@ -37,6 +38,13 @@ demo: install
 test: install test-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+## chaos: the bad-input, fault and security tests (pytest -m chaos), then a summary table
+chaos: install
+	@mkdir -p $(dir $(CHAOS_LOG)) && rm -f $(CHAOS_LOG)
+	@MUSC_CHAOS_LOG=$(CHAOS_LOG) $(BIN)/python -m pytest -q -m chaos; tests=$$?; \
+	$(BIN)/python -m tests.chaos_summary $(CHAOS_LOG); summary=$$?; \
+	exit $$(( tests ? tests : summary ))
 
 lint: install
 	$(BIN)/ruff check .

@@ -250,9 +250,14 @@ def test_good_samples_keep_the_clean_runs_results(runs, chaos_record):
     assert clean_maps.keys() == bad_maps.keys()
     for name, heat in clean_maps.items():
         np.testing.assert_array_equal(bad_maps[name], heat, err_msg=name)
-    lost = GOOD_COUNT - len(set(bad_rows) & set(clean_rows))
-    chaos_record(kind="run", what="bad line through score_line (threads)", runs=1,
-                 completed=1, samples=GOOD_COUNT + len(BAD) + 1, lost=lost)
+    everything = set(clean_rows) | set(BAD)
+    lost = len(everything - set(bad_rows) - {name for name, _p, _q in bad["set_aside"]})
+    for _status, _stdout, out in runs["cli"].values():
+        (summary,) = json.loads((out / "run.json").read_text(encoding="utf-8"))["lines"]
+        aside = {name for name, _path, _problem in summary["set_aside"]}
+        lost += len(everything - set(read_scores(out / "part" / "scores.csv")) - aside)
+    chaos_record(kind="run", what="bad line: score_line, musc score (strict and not)", runs=3,
+                 completed=3, samples=3 * (GOOD_COUNT + len(BAD) + 1), lost=lost)
 
 
 def test_every_bad_sample_is_set_aside_with_its_file_and_problem(runs, chaos_record):
@@ -271,7 +276,7 @@ def test_every_bad_sample_is_set_aside_with_its_file_and_problem(runs, chaos_rec
         for row in listed[name] + from_run[name]:
             assert file_name in row["problem"], (name, row["problem"])
             assert words.lower() in row["problem"].lower(), (name, row["problem"])
-        chaos_record(kind="input", what=what, runs=2, completed=2, samples=1,
+        chaos_record(kind="input", what=what, runs=3, completed=3, samples=1,
                      outcome="set aside", lost=0)
 
 
@@ -288,7 +293,7 @@ def test_unusual_formats_and_names_are_accepted_and_scored(runs, chaos_record):
         assert name in scored, name
         heat = np.load(Path(bad["out"]) / scored[name]["map_file"])
         assert heat.shape == (SIZE, SIZE) and np.isfinite(heat).all()
-        chaos_record(kind="input", what=what, runs=2, completed=2, samples=1,
+        chaos_record(kind="input", what=what, runs=3, completed=3, samples=1,
                      outcome="scored", lost=0)
     # Independent truth: each format decodes to the same pixels as its 8-bit RGB twin.
     np.testing.assert_array_equal(prepared["good/rgba"]["image"], prepared[good[0]]["image"])
