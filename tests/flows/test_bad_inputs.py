@@ -366,5 +366,5 @@ def test_a_line_with_fewer_than_two_usable_samples_is_not_scored(tmp_path, chaos
     assert "empty file" in text
     run = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
     assert run["lines"][0]["error"] and run["lines"][0]["scored"] == 0
-    chaos_record(kind="run", what="line with one usable sample (exit 2)", runs=2, completed=2,
-                 samples=2, lost=0)
+    chaos_record(kind="run", what="line with one usable sample", outcome="exit 2", runs=2,
+                 completed=2, samples=2, lost=0)

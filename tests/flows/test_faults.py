@@ -275,7 +275,7 @@ def test_a_killed_flow_process_is_resumed_computing_only_missing_entries(
     assert work["snamd"]["cached"] >= 4 and work["pairs"]["computed"] > 0
     lost = assert_same_results(summary, undisturbed)
     chaos_record(kind="fault", what="the flow process killed (SIGKILL) mid-run, then re-run",
-                 injected=1, runs=2, completed=1, samples=8, lost=lost,
+                 outcome="resumed", injected=1, runs=2, completed=1, samples=8, lost=lost,
                  reused=sum(stored.values()))
 
 
