@@ -8,6 +8,7 @@ the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,23 @@ class StageProgress:
         if done >= total:
             bar.close()
             del self._bars[stage]
+
+
+def quiet_console() -> None:
+    """Keep the console to warnings, progress bars and the summary.
+
+    Run and task logs still reach the Prefect API (and its UI); only the console handler of
+    this process and of the Dask workers it starts (through their environment) is raised to
+    WARNING, and the Dask cluster's own INFO messages are dropped.
+    """
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +127,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help=f"exit with status {EXIT_SET_ASIDE} when any sample had to be set aside",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print Prefect and Dask INFO logs on the console"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--cluster", default="local")
     again.add_argument("--workers", type=int, default=1)
     again.add_argument("--quiet", action="store_true")
+    again.add_argument("--verbose", action="store_true")
 
     demo = sub.add_parser(
         "demo", help="generate a small synthetic line and score it 2D+3D (random weights)"
@@ -303,6 +325,8 @@ def _run_rescore(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``musc`` command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_console()
     try:
         if args.command == "synth":
             summary = generate_line(
