@@ -11,7 +11,7 @@ DEMO_DIR ?= demo
 DEMO_N ?= 16
 DEMO_SIZE ?= 224
 
-.PHONY: install system-deps test-deps demo test lint clean
+.PHONY: install system-deps test-deps demo test bench lint clean
 
 ## install: system packages (when missing) + virtual environment in .venv with the project
 install: system-deps $(STAMP)
@@ -37,6 +37,11 @@ demo: install
 test: install test-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+## bench: kernel and pipeline benchmarks (long: about an hour on 2 cores); figures in benchmarks/out
+bench: install
+	$(BIN)/python -m benchmarks.bench_kernels --out benchmarks/out/kernels.json
+	$(BIN)/python -m benchmarks.bench_pipeline --out benchmarks/out/pipeline.json
 
 lint: install
 	$(BIN)/ruff check .

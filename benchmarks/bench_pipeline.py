@@ -29,8 +29,6 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,14 +75,6 @@ class PeakMemory:
 
 def _mib(value: int) -> float:
     return round(value / 2**20, 1)
-
-
-@contextmanager
-def _quiet_prefect() -> Iterator[None]:
-    import logging
-
-    logging.getLogger("prefect").setLevel(logging.WARNING)
-    yield
 
 
 def machine() -> dict[str, object]:
@@ -317,13 +307,15 @@ def main() -> None:
     parser.add_argument("--workers-n", type=int, default=16)
     args = parser.parse_args()
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.cli import quiet_console
     from infra.prefect_api import prefect_api
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {"machine": machine()}
     print(f"musc pipeline benchmarks — {RANDOM_NOTE}\n{report['machine']}", flush=True)
-    with prefect_api(work / "prefect-home"), _quiet_prefect():
+    quiet_console()
+    with prefect_api(work / "prefect-home"):
         if "e2e" in args.sections:
             report["e2e"] = bench_e2e(work, args.sizes, args.modalities)
         if "memory" in args.sections:
