@@ -21,7 +21,7 @@ from flows.progress import StageTracker
 from flows.stages import report_run, score_pool, timed, wait_stage
 from infra.cluster import task_runner
 from musc_core.config import MuscConfig
-from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, identify_backbones
+from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec
 from tasks.batches import check_batch_id, load_bank, record_batch
 from tasks.cache import CacheCorruption
 from tasks.datasets import list_categories
@@ -32,7 +32,7 @@ from tasks.outputs import safe_file_stem
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
 from tasks.results import LineResult, RunInfo
-from tasks.runtime import Runtime
+from tasks.runtime import Runtime, identify_backbones
 
 DEFAULT_STORAGE = "musc-store"
 #: Times a run drops a corrupted cache entry and runs again before giving up.
@@ -174,7 +174,7 @@ def score_line_stages(request: LineRequest) -> dict:
         found, set_aside = discover_samples.submit(
             request.data, request.data_format, request.category
         ).result()
-        identities = identify_backbones.submit(request.spec, config).result()
+        identities = identify_backbones.submit(request.spec, config, runtime).result()
     for attempt in range(1, CORRUPTION_RETRIES + 2):
         try:
             return _score_batch(
