@@ -32,7 +32,10 @@ EXIT_SET_ASIDE = 3
 
 
 class StageProgress:
-    """Progress bars on stderr, one per stage, fed by the flow's ``(stage, done, total)``."""
+    """Progress bars on stderr, one per stage, fed by the flow's ``(stage, done, total)``.
+
+    Off under ``--quiet`` and when stderr is not a terminal (CI logs, redirected output).
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -256,7 +259,7 @@ def print_line(summary: dict) -> None:
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
-    reporter = StageProgress(enabled=not args.quiet)
+    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
     add_reporter(reporter)
     try:
         with prefect_api():
@@ -297,7 +300,7 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
 
 
 def _run_rescore(args: argparse.Namespace) -> int:
-    reporter = StageProgress(enabled=not args.quiet)
+    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
     add_reporter(reporter)
     try:
         with prefect_api():
