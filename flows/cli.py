@@ -1,8 +1,9 @@
-"""The ``musc`` command: ``synth``, ``score``, ``rescore`` and ``demo``.
+"""The ``musc`` command: ``synth``, ``score``, ``rescore``, ``score-new`` and ``demo``.
 
 ``score`` and ``demo`` run the ``score-line`` Prefect flow once per category (line), against
 the Prefect API in ``PREFECT_API_URL`` or, when none is configured, a local server started for
-the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow.
+the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow, ``score-new``
+the ``score-new`` flow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from flows.progress import add_reporter, remove_reporter
 from flows.rescore import rescore
 from flows.score_line import DEFAULT_STORAGE, LineNotScored, default_batch_id, score_line
+from flows.score_new import score_new
 from infra.prefect_api import prefect_api
 from musc_core.config import MODALITIES, MuscConfig
 from musc_core.metrics import summarize
@@ -149,6 +151,42 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--cluster", default="local")
     again.add_argument("--workers", type=int, default=1)
     again.add_argument("--quiet", action="store_true")
+
+    new = sub.add_parser(
+        "score-new",
+        help="score new parts against a line's recorded batches (only the parts are extracted)",
+    )
+    new.add_argument("line", help="the line (category) name")
+    new.add_argument(
+        "inputs", nargs="+",
+        help="image files of the new parts (XYZ TIFFs for a 3D-only line), or one folder",
+    )
+    new.add_argument("--xyz", nargs="+", default=None, help="XYZ TIFFs, one per image, in order")
+    new.add_argument("--format", choices=FORMATS, default="folder",
+                     help="layout of a folder input (preprocessing is always the bank's)")
+    new.add_argument("--category", default=None, help="category of a folder input")
+    new.add_argument("--storage", default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE))
+    new.add_argument("--bank", nargs="+", default=None,
+                     help="batch ids forming the bank (default: the latest --bank-nights)")
+    new.add_argument("--bank-nights", type=int, default=1,
+                     help="how many of the line's latest batches form the bank (1)")
+    new.add_argument("--out", default=None,
+                     help="output folder or s3:// prefix (default <storage>/results/<line>/new-…)")
+    new.add_argument("--reference-budget", type=int, default=None,
+                     help="most bank samples per part (default: all)")
+    new.add_argument("--flag-k", type=float, default=None, help="k of the flag rule (bank's)")
+    new.add_argument("--weights-2d", default=None,
+                     help="2D weights, when the bank's recorded location differs here")
+    new.add_argument("--weights-3d", default=None,
+                     help="Point-MAE weights, when the bank's recorded location differs here")
+    new.add_argument("--record-as", default=None,
+                     help="record the new parts as a batch of the line with this id")
+    new.add_argument("--shard-size", type=int, default=16)
+    new.add_argument("--cluster", default="threads",
+                     help="'threads' (default, fastest for a few parts), 'local' or tcp://…")
+    new.add_argument("--workers", type=int, default=1)
+    new.add_argument("--device", default="auto")
+    new.add_argument("--quiet", action="store_true")
 
     demo = sub.add_parser(
         "demo", help="generate a small synthetic line and score it 2D+3D (random weights)"
@@ -300,6 +338,49 @@ def _run_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_score_new(args: argparse.Namespace) -> int:
+    reporter = StageProgress(enabled=not args.quiet)
+    add_reporter(reporter)
+    try:
+        with prefect_api():
+            summary = score_new(
+                line=args.line,
+                inputs=args.inputs,
+                xyz=args.xyz,
+                data_format=args.format,
+                category=args.category,
+                storage=args.storage,
+                bank=args.bank,
+                bank_nights=args.bank_nights,
+                out=args.out,
+                reference_budget=args.reference_budget,
+                flag_mad_k=args.flag_k,
+                weights_2d=args.weights_2d,
+                weights_3d=args.weights_3d,
+                shard_size=args.shard_size,
+                cluster=args.cluster,
+                workers=args.workers,
+                device=args.device,
+                record_as=args.record_as,
+            )
+    finally:
+        remove_reporter(reporter)
+    if summary.get("random_weights"):
+        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
+    print(
+        f"[{summary['line']}] {summary['scored']} new part(s) scored against bank "
+        f"{', '.join(summary['bank'])} (pool {summary['pool']}) in {summary['seconds']:.1f} s; "
+        f"{len(summary['flagged'])} flagged"
+    )
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
+    print(f"    stages: {stages}")
+    for kind, location in summary["outputs"].items():
+        print(f"    {kind:>9}: {location}")
+    for name, _path, problem in summary.get("set_aside", []):
+        print(f"    set aside {name!r}: {problem}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``musc`` command line; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -320,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_score(args, args.data, args.format, args.out)
         if args.command == "rescore":
             return _run_rescore(args)
+        if args.command == "score-new":
+            return _run_score_new(args)
         if args.command == "demo":
             data = Path(args.out) / "line"
             generate_line(
