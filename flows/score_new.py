@@ -25,6 +25,7 @@ Results are written like a run's (``scores.csv``, maps, overlays, ``report.html`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,7 +121,8 @@ def part_records(
         category: the line (the records' category).
 
     Returns:
-        One record per part, named by file stem (the path where stems repeat).
+        One record per part, named by its file stem; parts whose stems repeat are named by
+        their path below the folder the files share (``good/rgb/000``).
 
     Raises:
         ValueError: no file, or images and XYZ maps that do not pair up.
@@ -134,15 +136,18 @@ def part_records(
     pairs = [
         (images[i] if images else None, xyz[i] if xyz else None) for i in range(count)
     ]
-    stems = [Path(image or cloud).stem for image, cloud in pairs]
+    files = [Path(image or cloud) for image, cloud in pairs]
+    stems = [f.stem for f in files]
+    root = Path(os.path.commonpath([str(f.absolute().parent) for f in files]))
     return [
         SampleRecord(
-            name=stem if stems.count(stem) == 1 else str(image or cloud),
+            name=stem if stems.count(stem) == 1 else f.absolute().relative_to(root)
+            .with_suffix("").as_posix(),
             category=category,
             image_path=image,
             xyz_path=cloud,
         )
-        for stem, (image, cloud) in zip(stems, pairs, strict=True)
+        for stem, f, (image, cloud) in zip(stems, files, pairs, strict=True)
     ]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from flows.cli import main
 from flows.score_line import score_line
-from flows.score_new import score_new
+from flows.score_new import part_records, score_new
 from tasks.bank import bank_reductions
 from tasks.batches import list_batches, read_batch_record
 from tasks.synth import generate_line
@@ -126,3 +126,15 @@ def test_cli_scores_new_part_files_against_the_latest_batch(
     assert "reference bank" in (out / "report.html").read_text()
     record = read_batch_record(store, "part", "extra-1")
     assert record["scored_against_bank"] and len(record["samples"]) == 2
+
+
+def test_part_files_are_named_by_stem_or_by_path_where_stems_repeat():
+    records = part_records(
+        ["/l/good/rgb/000.png", "/l/crack/rgb/000.png", "/l/crack/rgb/001.png"],
+        ["/l/good/xyz/000.tiff", "/l/crack/xyz/000.tiff", "/l/crack/xyz/001.tiff"],
+        "part",
+    )
+    assert [r.name for r in records] == ["good/rgb/000", "crack/rgb/000", "001"]
+    assert records[1].xyz_path == "/l/crack/xyz/000.tiff" and records[0].category == "part"
+    with pytest.raises(ValueError, match="one per image"):
+        part_records(["/l/a.png", "/l/b.png"], ["/l/a.tiff"], "part")
