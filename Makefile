@@ -11,7 +11,7 @@ DEMO_DIR ?= demo
 DEMO_N ?= 16
 DEMO_SIZE ?= 224
 
-.PHONY: install system-deps test-deps demo test bench lint clean
+.PHONY: install system-deps test-deps demo test bench lint screenshot clean
 
 ## install: system packages (when missing) + virtual environment in .venv with the project
 install: system-deps $(STAMP)
@@ -45,6 +45,10 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+
+## screenshot: regenerate docs/report-screenshot.png from a real run (random weights)
+screenshot: install test-deps
+	$(BIN)/python docs/make_screenshot.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

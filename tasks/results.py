@@ -42,6 +42,13 @@ FLAG_RULE = (
     "run's scores after RsCon (k = {k}); a pixel is predicted defective when its map value "
     "exceeds median + k · 1.4826 · MAD of the run's per-sample map maxima."
 )
+FLAG_RULE_BANK = (
+    "New parts are scored against the line's reference bank. A part is flagged when its score "
+    "after RsCon (computed over the new parts and the bank together) exceeds median + k · "
+    "1.4826 · MAD of the bank samples' scores after RsCon in that pool (k = {k}); a pixel is "
+    "predicted defective when its map value exceeds median + k · 1.4826 · MAD of the bank "
+    "samples' map maxima."
+)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,7 @@ def report_line(
     config: MuscConfig,
     runtime: Runtime,
     extra: dict[str, object],
+    against_bank: bool = False,
 ) -> LineResult:
     """RsCon over the pool, then decisions, metrics and the result files of tonight's samples.
 
@@ -168,6 +176,9 @@ def report_line(
         config: RsCon windows, flag rule, modality.
         runtime: cache location.
         extra: run facts for ``run.json`` (counts, timings, bank batches).
+        against_bank: new parts scored against a reference bank (``score_new``): the flag
+            and pixel thresholds come from the bank's part of the pool (its RsCon scores and
+            map maxima) instead of tonight's samples, and no metrics are computed.
 
     Returns:
         Names, flags, metrics and written files.
@@ -181,12 +192,17 @@ def report_line(
     before = scores[:current].numpy()
     after = rescored_pool[:current].numpy()
     maps = np.stack([cache.read_array(key, "map") for key in reduced[:current]])
-    decision = flag_samples(after, config.flag_mad_k)
-    pixel_cut = pixel_threshold(before, config.flag_mad_k)
+    if against_bank:
+        bank = flag_samples(rescored_pool[current:].numpy(), config.flag_mad_k)
+        decision = bank._replace(flags=after > bank.threshold)
+        pixel_cut = pixel_threshold(scores[current:].numpy(), config.flag_mad_k)
+    else:
+        decision = flag_samples(after, config.flag_mad_k)
+        pixel_cut = pixel_threshold(before, config.flag_mad_k)
     masks = [_prepared_array(cache, s.keys.prepared, "mask") for s in tonight]
     masks = [None if m is None else m.astype(bool) for m in masks]
     labels = [s.label for s in tonight]
-    metrics = line_metrics(labels, before, after, masks, maps)
+    metrics = None if against_bank else line_metrics(labels, before, after, masks, maps)
     stems = unique_stems([s.name for s in tonight])
     _write_sample_files(store, cache, tonight, stems, maps)
     outputs = {"maps": store.location("maps"), "overlays": store.location("overlays")}
@@ -239,7 +255,7 @@ def report_line(
         samples=samples,
         flag_threshold=decision.threshold,
         pixel_threshold=pixel_cut,
-        flag_rule=FLAG_RULE.format(k=config.flag_mad_k),
+        flag_rule=(FLAG_RULE_BANK if against_bank else FLAG_RULE).format(k=config.flag_mad_k),
         metrics=metrics,
         f1_threshold=f1_cut,
         set_aside=[(a.name, a.path, a.problem) for a in set_aside],
