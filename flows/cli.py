@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from flows.benchmark import evaluate_benchmark
+from flows.paper_eval import evaluate_benchmark
 from flows.progress import add_reporter, remove_reporter
 from flows.rescore import rescore
 from flows.score_line import DEFAULT_STORAGE, LineNotScored, default_batch_id, score_line

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tasks.benchmark import aggregate, split_subsets
+from tasks.paper_eval import aggregate, split_subsets
 from tasks.published import COLUMNS, ROWS, published_mean
 
 

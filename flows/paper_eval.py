@@ -1,11 +1,11 @@
 """Paper-style evaluation of a benchmark dataset: ``score_line`` runs composed per protocol.
 
 For each category of the dataset and each seed, the category's test set is split into g
-random subsets (:func:`tasks.benchmark.split_subsets`), each subset is one ``score_line`` run
+random subsets (:func:`tasks.paper_eval.split_subsets`), each subset is one ``score_line`` run
 (line ``eval-<category>``, batch ``<eval id>-s<seed>-<k>of<g>``), and the category's metrics
 are computed over the union of its subsets; the seeds are then averaged and the table is
 written in the paper's layout beside the paper's published means (see
-:mod:`tasks.benchmark` for the protocol and :mod:`tasks.published` for the paper's numbers).
+:mod:`tasks.paper_eval` for the protocol and :mod:`tasks.published` for the paper's numbers).
 The feature cache is content-addressed, so every sample goes through the backbones once
 whatever the number of seeds: another seed only computes new pair shards and reductions.
 """
@@ -16,7 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flows.score_line import cache_url, score_line
-from tasks.benchmark import (
+from tasks.cache import FeatureCache
+from tasks.datasets import list_categories, read_dataset
+from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
+from tasks.paper_eval import (
     aggregate,
     collect_run,
     csv_rows,
@@ -25,9 +28,6 @@ from tasks.benchmark import (
     split_subsets,
     union_metrics,
 )
-from tasks.cache import FeatureCache
-from tasks.datasets import list_categories, read_dataset
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
 from tasks.published import COLUMNS, published_mean
 
 #: Called after each subset run with (category, seed, subset index, g, the run's summary).
