@@ -12,7 +12,7 @@ DEMO_N ?= 16
 DEMO_SIZE ?= 224
 CHAOS_LOG ?= build/chaos-records.jsonl
 
-.PHONY: install system-deps test-deps demo test chaos lint clean
+.PHONY: install system-deps test-deps demo test chaos bench lint screenshot clean
 
 ## install: system packages (when missing) + virtual environment in .venv with the project
 install: system-deps $(STAMP)
@@ -46,8 +46,17 @@ chaos: install
 	$(BIN)/python -m tests.chaos_summary $(CHAOS_LOG); summary=$$?; \
 	exit $$(( tests ? tests : summary ))
 
+## bench: kernel and pipeline benchmarks (long: about an hour on 2 cores); figures in benchmarks/out
+bench: install
+	$(BIN)/python -m benchmarks.bench_kernels --out benchmarks/out/kernels.json
+	$(BIN)/python -m benchmarks.bench_pipeline --out benchmarks/out/pipeline.json
+
 lint: install
 	$(BIN)/ruff check .
+
+## screenshot: regenerate docs/report-screenshot.png from a real run (random weights)
+screenshot: install test-deps
+	$(BIN)/python docs/make_screenshot.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

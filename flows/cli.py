@@ -1,13 +1,16 @@
-"""The ``musc`` command: ``synth``, ``score``, ``rescore`` and ``demo``.
+"""The ``musc`` command: ``synth``, ``score``, ``rescore``, ``score-new``, ``eval``, ``demo``.
 
 ``score`` and ``demo`` run the ``score-line`` Prefect flow once per category (line), against
 the Prefect API in ``PREFECT_API_URL`` or, when none is configured, a local server started for
-the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow.
+the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow, ``score-new``
+the ``score-new`` flow, and ``eval`` one ``score-line`` run per category, seed and subset of
+a benchmark dataset (the paper's protocol).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,9 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flows.paper_eval import evaluate_benchmark
 from flows.progress import add_reporter, remove_reporter
 from flows.rescore import rescore
 from flows.score_line import DEFAULT_STORAGE, LineNotScored, default_batch_id, score_line
+from flows.score_new import score_new
 from infra.prefect_api import prefect_api
 from musc_core.config import MODALITIES, MuscConfig
 from musc_core.metrics import summarize
@@ -31,7 +36,10 @@ EXIT_SET_ASIDE = 3
 
 
 class StageProgress:
-    """Progress bars on stderr, one per stage, fed by the flow's ``(stage, done, total)``."""
+    """Progress bars on stderr, one per stage, fed by the flow's ``(stage, done, total)``.
+
+    Off under ``--quiet`` and when stderr is not a terminal (CI logs, redirected output).
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -51,6 +59,23 @@ class StageProgress:
         if done >= total:
             bar.close()
             del self._bars[stage]
+
+
+def quiet_console() -> None:
+    """Keep the console to warnings, progress bars and the summary.
+
+    Run and task logs still reach the Prefect API (and its UI); only the console handler of
+    this process and of the Dask workers it starts (through their environment) is raised to
+    WARNING, and the Dask cluster's own INFO messages are dropped.
+    """
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +134,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help=f"exit with status {EXIT_SET_ASIDE} when any sample had to be set aside",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print Prefect and Dask INFO logs on the console"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +177,59 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--cluster", default="local")
     again.add_argument("--workers", type=int, default=1)
     again.add_argument("--quiet", action="store_true")
+    again.add_argument("--verbose", action="store_true")
+
+    new = sub.add_parser(
+        "score-new",
+        help="score new parts against a line's recorded batches (only the parts are extracted)",
+    )
+    new.add_argument("line", help="the line (category) name")
+    new.add_argument(
+        "inputs", nargs="+",
+        help="image files of the new parts (XYZ TIFFs for a 3D-only line), or one folder",
+    )
+    new.add_argument("--xyz", nargs="+", default=None, help="XYZ TIFFs, one per image, in order")
+    new.add_argument("--format", choices=FORMATS, default="folder",
+                     help="layout of a folder input (preprocessing is always the bank's)")
+    new.add_argument("--category", default=None, help="category of a folder input")
+    new.add_argument("--storage", default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE))
+    new.add_argument("--bank", nargs="+", default=None,
+                     help="batch ids forming the bank (default: the latest --bank-nights)")
+    new.add_argument("--bank-nights", type=int, default=1,
+                     help="how many of the line's latest batches form the bank (1)")
+    new.add_argument("--out", default=None,
+                     help="output folder or s3:// prefix (default <storage>/results/<line>/new-…)")
+    new.add_argument("--reference-budget", type=int, default=None,
+                     help="most bank samples per part (default: all)")
+    new.add_argument("--flag-k", type=float, default=None, help="k of the flag rule (bank's)")
+    new.add_argument("--weights-2d", default=None,
+                     help="2D weights, when the bank's recorded location differs here")
+    new.add_argument("--weights-3d", default=None,
+                     help="Point-MAE weights, when the bank's recorded location differs here")
+    new.add_argument("--record-as", default=None,
+                     help="record the new parts as a batch of the line with this id")
+    new.add_argument("--shard-size", type=int, default=16)
+    new.add_argument("--cluster", default="threads",
+                     help="'threads' (default, fastest for a few parts), 'local' or tcp://…")
+    new.add_argument("--workers", type=int, default=1)
+    new.add_argument("--device", default="auto")
+    new.add_argument("--quiet", action="store_true")
+
+    bench = sub.add_parser(
+        "eval",
+        help="paper-style evaluation of a benchmark dataset: every category, g subsets, seeds",
+    )
+    bench.add_argument("data", help="dataset root")
+    bench.add_argument("--format", choices=[f for f in FORMATS if f != "folder"], required=True)
+    bench.add_argument("--category", nargs="+", default=None,
+                       help="categories to evaluate (default: all)")
+    bench.add_argument("--subsets", type=int, default=1,
+                       help="g: split each category's test set into g random subsets, each "
+                       "scored on its own (paper: 1, 2, 3)")
+    bench.add_argument("--seeds", type=int, default=10,
+                       help="random partitions (seeds 0..N-1) averaged when g > 1 (paper: 10)")
+    bench.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    _add_config_options(bench)
 
     demo = sub.add_parser(
         "demo", help="generate a small synthetic line and score it 2D+3D (random weights)"
@@ -161,6 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _line_options(args: argparse.Namespace) -> dict[str, object]:
+    """The ``score_line`` parameters the command-line options set (all but the line's data)."""
+    return dict(
+        modality=args.modality,
+        backbone_2d=args.backbone_2d,
+        weights_2d=args.weights_2d,
+        weights_3d=args.weights_3d,
+        cluster=args.cluster,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        reference_budget=args.reference_budget,
+        reference_nights=args.reference_nights,
+        reference_samples=args.reference_samples,
+        image_size=args.image_size,
+        num_groups=args.num_groups,
+        group_size=args.group_size,
+        ipg_step=args.ipg_step,
+        interval_ratio=args.interval_ratio,
+        distance_dtype=args.distance_dtype,
+        vit_dtype=args.vit_dtype,
+        flag_mad_k=args.flag_k,
+        device=args.device,
+        patch_size_2d=getattr(args, "patch_size_2d", None),
+    )
+
+
 def _score_category(args: argparse.Namespace, data: str, fmt: str, category: str, out: str,
                     batch: str) -> dict:
     """Run the score-line flow for one category; a line that cannot be scored is reported."""
@@ -169,29 +276,10 @@ def _score_category(args: argparse.Namespace, data: str, fmt: str, category: str
             data=data,
             data_format=fmt,
             category=category,
-            modality=args.modality,
-            backbone_2d=args.backbone_2d,
-            weights_2d=args.weights_2d,
-            weights_3d=args.weights_3d,
             storage=args.storage,
             out=out,
             batch=batch,
-            cluster=args.cluster,
-            workers=args.workers,
-            shard_size=args.shard_size,
-            reference_budget=args.reference_budget,
-            reference_nights=args.reference_nights,
-            reference_samples=args.reference_samples,
-            image_size=args.image_size,
-            num_groups=args.num_groups,
-            group_size=args.group_size,
-            ipg_step=args.ipg_step,
-            interval_ratio=args.interval_ratio,
-            distance_dtype=args.distance_dtype,
-            vit_dtype=args.vit_dtype,
-            flag_mad_k=args.flag_k,
-            device=args.device,
-            patch_size_2d=getattr(args, "patch_size_2d", None),
+            **_line_options(args),
         )
     except LineNotScored as error:
         return {
@@ -234,7 +322,7 @@ def print_line(summary: dict) -> None:
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
-    reporter = StageProgress(enabled=not args.quiet)
+    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
     add_reporter(reporter)
     try:
         with prefect_api():
@@ -275,7 +363,7 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
 
 
 def _run_rescore(args: argparse.Namespace) -> int:
-    reporter = StageProgress(enabled=not args.quiet)
+    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
     add_reporter(reporter)
     try:
         with prefect_api():
@@ -300,9 +388,83 @@ def _run_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_score_new(args: argparse.Namespace) -> int:
+    reporter = StageProgress(enabled=not args.quiet)
+    add_reporter(reporter)
+    try:
+        with prefect_api():
+            summary = score_new(
+                line=args.line,
+                inputs=args.inputs,
+                xyz=args.xyz,
+                data_format=args.format,
+                category=args.category,
+                storage=args.storage,
+                bank=args.bank,
+                bank_nights=args.bank_nights,
+                out=args.out,
+                reference_budget=args.reference_budget,
+                flag_mad_k=args.flag_k,
+                weights_2d=args.weights_2d,
+                weights_3d=args.weights_3d,
+                shard_size=args.shard_size,
+                cluster=args.cluster,
+                workers=args.workers,
+                device=args.device,
+                record_as=args.record_as,
+            )
+    finally:
+        remove_reporter(reporter)
+    if summary.get("random_weights"):
+        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
+    print(
+        f"[{summary['line']}] {summary['scored']} new part(s) scored against bank "
+        f"{', '.join(summary['bank'])} (pool {summary['pool']}) in {summary['seconds']:.1f} s; "
+        f"{len(summary['flagged'])} flagged"
+    )
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
+    print(f"    stages: {stages}")
+    for kind, location in summary["outputs"].items():
+        print(f"    {kind:>9}: {location}")
+    for name, _path, problem in summary.get("set_aside", []):
+        print(f"    set aside {name!r}: {problem}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    options = {**_line_options(args), "reference_nights": 0, "reference_samples": None}
+    eval_id = args.batch or default_batch_id()
+
+    def done(category: str, seed: int, index: int, subsets: int, summary: dict) -> None:
+        print(
+            f"[{category}] seed {seed}, subset {index}/{subsets}: {summary['scored']} samples "
+            f"scored in {summary['seconds']:.1f} s ({len(summary['set_aside'])} set aside)"
+        )
+
+    reporter = StageProgress(enabled=not args.quiet)
+    add_reporter(reporter)
+    try:
+        with prefect_api():
+            result = evaluate_benchmark(
+                args.data, args.format, args.out, args.storage, options,
+                subsets=args.subsets, seeds=range(args.seeds), categories=args.category,
+                eval_id=eval_id, progress=done,
+            )
+    finally:
+        remove_reporter(reporter)
+    if result.table["warning"]:
+        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
+    print(result.markdown)
+    for kind, location in result.outputs.items():
+        print(f"    {kind:>9}: {location}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``musc`` command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_console()
     try:
         if args.command == "synth":
             summary = generate_line(
@@ -320,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_score(args, args.data, args.format, args.out)
         if args.command == "rescore":
             return _run_rescore(args)
+        if args.command == "score-new":
+            return _run_score_new(args)
+        if args.command == "eval":
+            return _run_eval(args)
         if args.command == "demo":
             data = Path(args.out) / "line"
             generate_line(

@@ -21,7 +21,8 @@ from flows.progress import StageTracker
 from flows.stages import report_run, score_pool, timed, wait_stage
 from infra.cluster import task_runner
 from musc_core.config import MuscConfig
-from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec, identify_backbones
+from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec
+from tasks.bank import record_blocks
 from tasks.batches import check_batch_id, load_bank, record_batch
 from tasks.cache import CacheCorruption
 from tasks.datasets import list_categories
@@ -32,7 +33,7 @@ from tasks.outputs import safe_file_stem
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
 from tasks.results import LineResult, RunInfo
-from tasks.runtime import Runtime
+from tasks.runtime import Runtime, identify_backbones
 
 DEFAULT_STORAGE = "musc-store"
 #: Times a run drops a corrupted cache entry and runs again before giving up.
@@ -68,6 +69,8 @@ class LineRequest:
         reference_nights: earlier batches of the line used as extra references.
         reference_samples: most samples taken from earlier batches, None for no limit.
         device: ``auto``, ``cpu`` or ``cuda:N`` for every task.
+        samples: names of the category's samples to score (a subset of the line, e.g. one of
+            the paper's g random subsets); None for all.
     """
 
     data: str
@@ -84,6 +87,7 @@ class LineRequest:
     reference_nights: int
     reference_samples: int | None
     device: str
+    samples: tuple[str, ...] | None = None
 
 
 def prep_settings(request: LineRequest) -> dict[str, object]:
@@ -99,23 +103,11 @@ def bank_blocks(
     records: list[dict], config: MuscConfig, identities: Identities, exclude: set[str]
 ) -> list[list[PoolSample]]:
     """Pool blocks of earlier batches, as they were stored, without samples seen tonight."""
-    blocks: list[list[PoolSample]] = []
-    for record in records:
-        grouped: dict[int, list[PoolSample]] = {}
-        for sample in record["samples"]:
-            if sample["prepared"] in exclude:
-                continue
-            grouped.setdefault(int(sample["block"]), []).append(
-                PoolSample(
-                    name=sample["name"],
-                    batch=record["batch"],
-                    keys=sample_keys(sample["prepared"], config, identities),
-                    label=sample.get("label"),
-                    defect_type=sample.get("defect_type"),
-                )
-            )
-        blocks += [grouped[b] for b in sorted(grouped)]
-    return blocks
+    return [
+        block
+        for record in records
+        for block in record_blocks(record, config, identities, exclude)
+    ]
 
 
 def batch_record(
@@ -125,8 +117,15 @@ def batch_record(
     set_aside: list[SetAside],
     bank: list[str],
     result: LineResult,
+    reduced: list[str],
 ) -> dict:
-    """The batch record of a finished run (see :mod:`tasks.batches`)."""
+    """The batch record of a finished run (see :mod:`tasks.batches`).
+
+    ``reduced`` holds the reduced-entry key of each sample of ``blocks`` (block after block):
+    ``score_new`` reads the bank's scores and salient features from them without reducing
+    the bank again.
+    """
+    keys = iter(reduced)
     return {
         "line": request.line,
         "batch": request.batch,
@@ -149,6 +148,7 @@ def batch_record(
                 "label": s.label,
                 "defect_type": s.defect_type,
                 "block": b,
+                "reduced": next(keys),
             }
             for b, block in enumerate(blocks)
             for s in block
@@ -160,6 +160,24 @@ def batch_record(
         "out": request.out,
         "flagged": result.flagged,
     }
+
+
+def select_samples(
+    found: list[DiscoveredSample], set_aside: list[SetAside], names: tuple[str, ...]
+) -> tuple[list[DiscoveredSample], list[SetAside]]:
+    """The discovered and set-aside samples named in ``names``.
+
+    Raises:
+        ValueError: a name the line does not have.
+    """
+    wanted = set(names)
+    unknown = wanted - {s.record.name for s in found} - {a.name for a in set_aside}
+    if unknown:
+        raise ValueError(f"the line has no sample(s) named {sorted(unknown)[:5]}")
+    return (
+        [s for s in found if s.record.name in wanted],
+        [a for a in set_aside if a.name in wanted],
+    )
 
 
 @flow(name="score-line-stages", validate_parameters=False)
@@ -174,7 +192,9 @@ def score_line_stages(request: LineRequest) -> dict:
         found, set_aside = discover_samples.submit(
             request.data, request.data_format, request.category
         ).result()
-        identities = identify_backbones.submit(request.spec, config).result()
+        identities = identify_backbones.submit(request.spec, config, runtime).result()
+    if request.samples is not None:
+        found, set_aside = select_samples(found, set_aside, request.samples)
     for attempt in range(1, CORRUPTION_RETRIES + 2):
         try:
             return _score_batch(
@@ -261,7 +281,10 @@ def _score_batch(
         tracker, bank_ids,
     )
     record_batch.submit(
-        request.storage, batch_record(request, identities, tonight, set_aside, bank_ids, result)
+        request.storage,
+        batch_record(
+            request, identities, tonight, set_aside, bank_ids, result, reduced[: len(current)]
+        ),
     ).result()
     return summary
 
@@ -321,6 +344,7 @@ def score_line(
     flag_mad_k: float = 3.0,
     device: str = "auto",
     patch_size_2d: int | None = None,
+    samples: list[str] | None = None,
 ) -> dict:
     """Score one production line: every sample against the others (and the rolling bank).
 
@@ -358,6 +382,7 @@ def score_line(
         flag_mad_k: k of the flag rule (median + k·MAD).
         device: ``auto`` (each worker's GPU when it has one), ``cpu`` or ``cuda:N``.
         patch_size_2d: patch size of a random-weights ViT (small test models).
+        samples: names of the samples to score (a subset of the category); None for all.
 
     Returns:
         A summary: counts of computed and cached entries per stage, stage timings, scored and
@@ -398,6 +423,7 @@ def score_line(
         reference_nights=reference_nights,
         reference_samples=reference_samples,
         device=device,
+        samples=None if samples is None else tuple(samples),
     )
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")

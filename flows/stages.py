@@ -171,6 +171,7 @@ def report_run(
     timings: dict[str, float],
     tracker: StageTracker,
     bank: list[str],
+    against_bank: bool = False,
 ) -> tuple[LineResult, dict]:
     """RsCon, decisions, metrics and result files; the run's summary.
 
@@ -186,6 +187,8 @@ def report_run(
         timings: stage wall times (``report`` is added).
         tracker: progress of the run.
         bank: batch ids of the rolling bank.
+        against_bank: new parts scored against a reference bank: decisions use the bank's
+            thresholds (see :func:`tasks.results.report_line`).
 
     Returns:
         The report task's result and the summary the flow returns (also in ``run.json``).
@@ -199,7 +202,7 @@ def report_run(
     }
     with timed(timings, "report"):
         result = report_line.submit(
-            info, pool, reduced, current, set_aside, config, runtime, extra
+            info, pool, reduced, current, set_aside, config, runtime, extra, against_bank
         ).result()
         tracker.report("report", 1, 1)
     summary = {

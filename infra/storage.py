@@ -3,7 +3,11 @@
 The S3 endpoint and credentials come only from the environment, never from code or arguments:
 
 - ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN`` if set),
-- ``MUSC_S3_ENDPOINT_URL`` (takes precedence) or ``AWS_ENDPOINT_URL`` for S3-compatible servers.
+- ``MUSC_S3_ENDPOINT_URL`` (takes precedence) or ``AWS_ENDPOINT_URL`` for S3-compatible servers,
+
+or, when the key variables are not set, from a Prefect ``Secret`` block named by
+``MUSC_S3_SECRET_BLOCK`` whose value is a JSON object with ``aws_access_key_id``,
+``aws_secret_access_key`` and optionally ``aws_session_token`` and ``endpoint_url``.
 
 Every filesystem is opened with ``skip_instance_cache=True`` and ``use_listings_cache=False`` so a
 long-lived process (a Dask worker, a Prefect server) sees entries written by other processes.
@@ -34,6 +38,44 @@ ENDPOINT_ENV_VARS = ("MUSC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 _MASK = "***"
 
 
+#: Environment variable naming a Prefect Secret block with S3 credentials.
+SECRET_BLOCK_ENV_VAR = "MUSC_S3_SECRET_BLOCK"
+_BLOCK_SECRETS: set[str] = set()
+
+
+def _block_credentials() -> dict[str, str]:
+    """S3 credentials from the Prefect Secret block named by ``MUSC_S3_SECRET_BLOCK`` ({} if unset).
+
+    Raises:
+        ValueError: the block does not hold the expected JSON object (the message names the
+            block and the missing fields, never a value).
+    """
+    name = os.environ.get(SECRET_BLOCK_ENV_VAR, "").strip()
+    if not name:
+        return {}
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(name).get()
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    required = ("aws_access_key_id", "aws_secret_access_key")
+    if not isinstance(value, dict) or any(not value.get(k) for k in required):
+        raise ValueError(
+            f"Prefect Secret block {name!r} must hold a JSON object with {required} "
+            "(and optionally aws_session_token, endpoint_url)"
+        )
+    credentials = {k: str(v) for k, v in value.items() if v}
+    _BLOCK_SECRETS.update(
+        credentials[k] for k in (*required, "aws_session_token") if k in credentials
+    )
+    return credentials
+
+
 def redact(text: str) -> str:
     """Mask the values of the secret environment variables wherever they appear in ``text``.
 
@@ -45,7 +87,7 @@ def redact(text: str) -> str:
         replaced by ``***`` (longest values first, so a secret containing another is masked
         whole).
     """
-    secrets = [os.environ.get(name, "") for name in SECRET_ENV_VARS]
+    secrets = [os.environ.get(name, "") for name in SECRET_ENV_VARS] + sorted(_BLOCK_SECRETS)
     for value in sorted((v for v in secrets if v), key=len, reverse=True):
         text = text.replace(value, _MASK)
     return text
@@ -61,7 +103,7 @@ def s3_endpoint_url() -> str | None:
 
 
 def s3_storage_options(asynchronous: bool = False) -> dict[str, Any]:
-    """s3fs constructor options built from the environment only.
+    """s3fs constructor options built from the environment (or the Prefect Secret block).
 
     Args:
         asynchronous: open the filesystem in async mode (what Zarr's ``FsspecStore`` needs).
@@ -76,14 +118,19 @@ def s3_storage_options(asynchronous: bool = False) -> dict[str, Any]:
         "asynchronous": asynchronous,
     }
     endpoint = s3_endpoint_url()
-    if endpoint:
-        options["endpoint_url"] = endpoint
     key = os.environ.get("AWS_ACCESS_KEY_ID")
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    token = os.environ.get("AWS_SESSION_TOKEN")
+    if not (key and secret):
+        block = _block_credentials()
+        key, secret = block.get("aws_access_key_id"), block.get("aws_secret_access_key")
+        token = block.get("aws_session_token")
+        endpoint = endpoint or block.get("endpoint_url")
+    if endpoint:
+        options["endpoint_url"] = endpoint
     if key and secret:
         options["key"] = key
         options["secret"] = secret
-        token = os.environ.get("AWS_SESSION_TOKEN")
         if token:
             options["token"] = token
     return options

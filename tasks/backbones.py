@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prefect import task
 
 from musc_core.checkpoints import RANDOM_SEED, file_digest
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
 from tasks.keys import Identities
-from tasks.stage import TASK_OPTIONS
 
 DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
 
@@ -109,12 +108,22 @@ def build_backbones(spec: BackboneSpec, config: MuscConfig, device: torch.device
     return Backbones(extractor_2d, extractor_3d)
 
 
-def backbone_identities(spec: BackboneSpec, config: MuscConfig) -> Identities:
+def backbone_identities(
+    spec: BackboneSpec,
+    config: MuscConfig,
+    load_2d: Callable[[], ViTFeatureExtractor] | None = None,
+) -> Identities:
     """Identities (name + weights digest) of the backbones the modality uses.
 
     Random weights and checkpoint files are named without building a model (the file's
     SHA-256); timm's pretrained weights are loaded once to hash them, since the hub file may
     change under the same name.
+
+    Args:
+        spec: backbones and weights.
+        config: modality and image size.
+        load_2d: builds (or returns a kept) 2D extractor for pretrained weights; default
+            :func:`build_2d` (a worker passes its kept model so the weights load once).
 
     Raises:
         FileNotFoundError: a checkpoint path that does not exist.
@@ -126,7 +135,7 @@ def backbone_identities(spec: BackboneSpec, config: MuscConfig) -> Identities:
             patch = f":patch{spec.patch_size_2d}" if spec.patch_size_2d else ""
             name_2d = f"{spec.name_2d}:random-seed{RANDOM_SEED}{patch}"
         elif spec.weights_2d == "pretrained":
-            name_2d = build_2d(spec, config).identity
+            name_2d = (load_2d or (lambda: build_2d(spec, config)))().identity
         else:
             if not Path(spec.weights_2d).is_file():
                 raise FileNotFoundError(f"2D weights {spec.weights_2d!r}: no such file")
@@ -140,9 +149,3 @@ def backbone_identities(spec: BackboneSpec, config: MuscConfig) -> Identities:
                 raise FileNotFoundError(f"Point-MAE checkpoint {weights!r}: no such file")
             name_3d = f"point_mae:sha256-{file_digest(weights)[:16]}"
     return Identities(name_2d, name_3d)
-
-
-@task(name="identify-backbones", **TASK_OPTIONS)
-def identify_backbones(spec: BackboneSpec, config: MuscConfig) -> Identities:
-    """Prefect task around :func:`backbone_identities` (may load a pretrained model once)."""
-    return backbone_identities(spec, config)

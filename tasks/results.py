@@ -15,7 +15,7 @@ Written under the run's output prefix (local or ``s3://``)::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,18 +26,28 @@ from musc_core.decisions import flag_samples, pixel_threshold, predicted_masks
 from musc_core.metrics import f1_optimal_threshold
 from musc_core.rescoring import rscon
 from tasks.artifacts import publish_artifacts
+from tasks.cache import FeatureCache
 from tasks.evaluate import line_metrics
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, overlay, unique_stems
 from tasks.plan import PoolSample
 from tasks.prepare import SetAside
-from tasks.report import ReportData, ReportSample, render_report
+from tasks.report import ReportData, ReportSample, rank_samples, render_report
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS
 
+#: Samples shown with thumbnails in the HTML report (the ranked table lists all of them).
+REPORT_THUMBNAILS = 40
 FLAG_RULE = (
     "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
     "run's scores after RsCon (k = {k}); a pixel is predicted defective when its map value "
     "exceeds median + k · 1.4826 · MAD of the run's per-sample map maxima."
+)
+FLAG_RULE_BANK = (
+    "New parts are scored against the line's reference bank. A part is flagged when its score "
+    "after RsCon (computed over the new parts and the bank together) exceeds median + k · "
+    "1.4826 · MAD of the bank samples' scores after RsCon in that pool (k = {k}); a pixel is "
+    "predicted defective when its map value exceeds median + k · 1.4826 · MAD of the bank "
+    "samples' map maxima."
 )
 
 
@@ -83,6 +93,63 @@ class LineResult:
     outputs: dict[str, str]
 
 
+def _prepared_array(cache: FeatureCache, key: str, name: str) -> np.ndarray | None:
+    """One array of a prepared sample, or None when the sample has none (no mask, no XYZ)."""
+    try:
+        return cache.read_array(key, name)
+    except KeyError:
+        return None
+
+
+def _write_sample_files(
+    store: ResultStore,
+    cache: FeatureCache,
+    tonight: list[PoolSample],
+    stems: list[str],
+    maps: np.ndarray,
+) -> None:
+    """Map (.npy) and overlay (.png, one colour scale for the line) of every sample.
+
+    Images are read one at a time, so memory does not grow with the line beyond the maps.
+    """
+    low, high = float(maps.min()), float(maps.max())
+    scale = (high - low) or 1.0
+    for index, (sample, stem) in enumerate(zip(tonight, stems, strict=True)):
+        store.write_npy(f"maps/{stem}.npy", maps[index].astype(np.float32))
+        image = _prepared_array(cache, sample.keys.prepared, "image")
+        heat = (maps[index] - low) / scale
+        picture = overlay(None if image is None else torch.from_numpy(image), heat)
+        store.write_png(f"overlays/{stem}.png", picture)
+
+
+def _ranked_rows(
+    tonight: list[PoolSample],
+    stems: list[str],
+    before: np.ndarray,
+    after: np.ndarray,
+    flags: np.ndarray,
+) -> list[list[object]]:
+    """scores.csv rows (header first), most suspect first (by RsCon score)."""
+    rows: list[list[object]] = [
+        ["rank", "name", "score", "score_rescored", "flagged", "label", "defect_type", "map_file"]
+    ]
+    for rank, index in enumerate(np.argsort(-after, kind="stable"), start=1):
+        sample = tonight[index]
+        rows.append(
+            [
+                rank,
+                sample.name,
+                f"{float(before[index]):.6g}",
+                f"{float(after[index]):.6g}",
+                int(flags[index]),
+                "" if sample.label is None else sample.label,
+                sample.defect_type or "",
+                f"maps/{stems[index]}.npy",
+            ]
+        )
+    return rows
+
+
 @task(name="report", **TASK_OPTIONS)
 def report_line(
     info: RunInfo,
@@ -93,8 +160,12 @@ def report_line(
     config: MuscConfig,
     runtime: Runtime,
     extra: dict[str, object],
+    against_bank: bool = False,
 ) -> LineResult:
     """RsCon over the pool, then decisions, metrics and the result files of tonight's samples.
+
+    Memory: the maps and masks of tonight's samples (needed for the pixel metrics and the
+    line's colour scale) and the RsCon inputs of the pool; images are streamed.
 
     Args:
         info: the run's identity and settings.
@@ -105,6 +176,9 @@ def report_line(
         config: RsCon windows, flag rule, modality.
         runtime: cache location.
         extra: run facts for ``run.json`` (counts, timings, bank batches).
+        against_bank: new parts scored against a reference bank (``score_new``): the flag
+            and pixel thresholds come from the bank's part of the pool (its RsCon scores and
+            map maxima) instead of tonight's samples, and no metrics are computed.
 
     Returns:
         Names, flags, metrics and written files.
@@ -118,45 +192,21 @@ def report_line(
     before = scores[:current].numpy()
     after = rescored_pool[:current].numpy()
     maps = np.stack([cache.read_array(key, "map") for key in reduced[:current]])
-    decision = flag_samples(after, config.flag_mad_k)
-    pixel_cut = pixel_threshold(before, config.flag_mad_k)
-    predicted = predicted_masks(maps, pixel_cut)
-    prepared = [cache.read(s.keys.prepared) for s in tonight]
-    masks = [
-        arrays["mask"].astype(bool) if "mask" in arrays else None for arrays, _ in prepared
-    ]
+    if against_bank:
+        bank = flag_samples(rescored_pool[current:].numpy(), config.flag_mad_k)
+        decision = bank._replace(flags=after > bank.threshold)
+        pixel_cut = pixel_threshold(scores[current:].numpy(), config.flag_mad_k)
+    else:
+        decision = flag_samples(after, config.flag_mad_k)
+        pixel_cut = pixel_threshold(before, config.flag_mad_k)
+    masks = [_prepared_array(cache, s.keys.prepared, "mask") for s in tonight]
+    masks = [None if m is None else m.astype(bool) for m in masks]
     labels = [s.label for s in tonight]
-    metrics = line_metrics(labels, before, after, masks, maps)
+    metrics = None if against_bank else line_metrics(labels, before, after, masks, maps)
     stems = unique_stems([s.name for s in tonight])
-    low, high = float(maps.min()), float(maps.max())
-    scale = (high - low) or 1.0
-    outputs: dict[str, str] = {}
-    for index, stem in enumerate(stems):
-        store.write_npy(f"maps/{stem}.npy", maps[index].astype(np.float32))
-        image = prepared[index][0].get("image")
-        heat = (maps[index] - low) / scale
-        picture = overlay(None if image is None else torch.from_numpy(image), heat)
-        store.write_png(f"overlays/{stem}.png", picture)
-    outputs["maps"] = store.location("maps")
-    outputs["overlays"] = store.location("overlays")
-    order = np.argsort(-after, kind="stable")
-    rows: list[list[object]] = [
-        ["rank", "name", "score", "score_rescored", "flagged", "label", "defect_type", "map_file"]
-    ]
-    for rank, index in enumerate(order, start=1):
-        sample = tonight[index]
-        rows.append(
-            [
-                rank,
-                sample.name,
-                f"{float(before[index]):.6g}",
-                f"{float(after[index]):.6g}",
-                int(decision.flags[index]),
-                "" if sample.label is None else sample.label,
-                sample.defect_type or "",
-                f"maps/{stems[index]}.npy",
-            ]
-        )
+    _write_sample_files(store, cache, tonight, stems, maps)
+    outputs = {"maps": store.location("maps"), "overlays": store.location("overlays")}
+    rows = _ranked_rows(tonight, stems, before, after, decision.flags)
     warning = RANDOM_WEIGHTS_WARNING if info.random_weights else ""
     outputs["scores"] = store.write_csv("scores.csv", rows, comment=warning)
     if set_aside:
@@ -171,6 +221,29 @@ def report_line(
         outputs["metrics"] = store.write_json("metrics.json", payload)
         f1_cut = f1_optimal_threshold(np.asarray(labels, dtype=np.int64), after)
         f1_cut = None if math.isnan(f1_cut) else float(f1_cut)
+    samples = [
+        ReportSample(
+            name=sample.name,
+            score=float(before[i]),
+            score_rescored=float(after[i]),
+            flagged=bool(decision.flags[i]),
+            label=sample.label,
+            defect_type=sample.defect_type,
+            image=None,
+            anomaly_map=maps[i],
+            predicted_mask=predicted_masks(maps[i], pixel_cut),
+            gt_mask=masks[i],
+            depth=None,
+        )
+        for i, sample in enumerate(tonight)
+    ]
+    for i in rank_samples(samples)[:REPORT_THUMBNAILS]:  # pictures for the shown ones only
+        key = tonight[i].keys.prepared
+        samples[i] = replace(
+            samples[i],
+            image=_rgb(_prepared_array(cache, key, "image")),
+            depth=_depth(_prepared_array(cache, key, "xyz")),
+        )
     report = ReportData(
         line=info.line,
         run_id=info.run_id,
@@ -179,32 +252,19 @@ def report_line(
         modality=config.modality,
         backbones=info.backbones,
         random_weights=info.random_weights,
-        samples=[
-            ReportSample(
-                name=sample.name,
-                score=float(before[i]),
-                score_rescored=float(after[i]),
-                flagged=bool(decision.flags[i]),
-                label=sample.label,
-                defect_type=sample.defect_type,
-                image=_rgb(prepared[i][0].get("image")),
-                anomaly_map=maps[i],
-                predicted_mask=predicted[i],
-                gt_mask=masks[i],
-                depth=_depth(prepared[i][0].get("xyz")),
-            )
-            for i, sample in enumerate(tonight)
-        ],
+        samples=samples,
         flag_threshold=decision.threshold,
         pixel_threshold=pixel_cut,
-        flag_rule=FLAG_RULE.format(k=config.flag_mad_k),
+        flag_rule=(FLAG_RULE_BANK if against_bank else FLAG_RULE).format(k=config.flag_mad_k),
         metrics=metrics,
         f1_threshold=f1_cut,
         set_aside=[(a.name, a.path, a.problem) for a in set_aside],
         timings={k: float(v) for k, v in dict(extra.get("timings", {})).items()},
         config={**config.as_dict(), **info.settings},
     )
-    outputs["report"] = store.write_text("report.html", render_report(report))
+    outputs["report"] = store.write_text(
+        "report.html", render_report(report, max_samples=REPORT_THUMBNAILS)
+    )
     summary = {
         "warning": warning or None,
         "random_weights": info.random_weights,
@@ -229,7 +289,7 @@ def report_line(
     ranked = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
     publish_artifacts(summary, ranked, warning or None)
     return LineResult(
-        scored=[tonight[i].name for i in order],
+        scored=[row[1] for row in rows[1:]],
         flagged=summary["flagged"],
         metrics=metrics,
         outputs=outputs,

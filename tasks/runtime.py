@@ -8,20 +8,25 @@ dask-cuda every worker sees exactly one GPU, so ``cuda`` is that worker's GPU.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from dataclasses import dataclass
 
 import torch
+from prefect import task
 
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.point_mae import PointFeatureExtractor
-from tasks.backbones import BackboneSpec, build_2d, build_3d, resolve_device
+from tasks.backbones import BackboneSpec, backbone_identities, build_2d, build_3d, resolve_device
 from tasks.cache import FeatureCache
+from tasks.keys import Identities
+from tasks.stage import TASK_OPTIONS
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple, object] = {}
 _LOCAL = threading.local()
+_OPEN_CACHES: list[FeatureCache] = []
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,16 @@ def feature_cache(url: str) -> FeatureCache:
     cache = caches.get(url)
     if cache is None:
         cache = caches[url] = FeatureCache(url)
+        with _LOCK:
+            _OPEN_CACHES.append(cache)
     return cache
+
+
+@atexit.register
+def _close_caches() -> None:
+    """Close the S3 sessions of every cache handle when the process ends."""
+    for cache in _OPEN_CACHES:
+        cache.close()
 
 
 def _model(key: tuple, build) -> object:
@@ -75,3 +89,11 @@ def extractor_3d(
     """This process's 3D backbone for a spec, built once and kept."""
     key = ("3d", spec.weights_3d, config.point_batchnorm, str(device))
     return _model(key, lambda: build_3d(spec, config).to(device))
+
+
+@task(name="identify-backbones", **TASK_OPTIONS)
+def identify_backbones(spec: BackboneSpec, config: MuscConfig, runtime: Runtime) -> Identities:
+    """Backbone identities for cache keys; a pretrained 2D model is kept for extraction."""
+    return backbone_identities(
+        spec, config, load_2d=lambda: extractor_2d(spec, config, runtime.torch_device)
+    )

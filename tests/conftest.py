@@ -94,3 +94,14 @@ def s3_url(moto_endpoint, monkeypatch, tmp_path):
 def s3_env(s3_url):
     """The S3 environment of ``s3_url`` and the bucket's root URL for this test."""
     return s3_url.rsplit("/", 1)[0]
+
+
+# --------------------------------------------------------------------------- Prefect
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on 127.0.0.1 for the whole session (embedded SQLite)."""
+    from infra.prefect_api import prefect_api
+
+    os.environ.pop("PREFECT_API_URL", None)
+    with prefect_api(tmp_path_factory.mktemp("prefect-home"), timeout=90) as url:
+        yield url

@@ -1,7 +1,6 @@
 """Flow tests: one local Prefect server for the session, small synthetic lines, helpers."""
 
 import csv
-import os
 
 import numpy as np
 import pytest
@@ -41,16 +40,6 @@ def small_config(**changes) -> MuscConfig:
     )
     values.update(changes)
     return MuscConfig(**values)
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A Prefect server on 127.0.0.1 for the whole session (embedded SQLite)."""
-    from infra.prefect_api import prefect_api
-
-    os.environ.pop("PREFECT_API_URL", None)
-    with prefect_api(tmp_path_factory.mktemp("prefect-home"), timeout=90) as url:
-        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 
@@ -106,3 +107,32 @@ def test_with_retries_gives_up_and_skips_permanent_errors():
     with pytest.raises(OSError):
         with_retries(down, attempts=3, base_delay=0.001)
     assert len(calls) == 3
+
+
+@pytest.mark.s3
+def test_s3_credentials_from_a_prefect_secret_block(prefect_server, s3_url, monkeypatch):
+    import json
+    import uuid
+
+    from prefect.blocks.system import Secret
+
+    from infra.storage import s3_storage_options
+
+    key, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    name = f"musc-s3-{uuid.uuid4().hex[:8]}"
+    value = {"aws_access_key_id": key, "aws_secret_access_key": secret, "endpoint_url": endpoint}
+    Secret(value=json.dumps(value)).save(name)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MUSC_S3_SECRET_BLOCK", name)
+    options = s3_storage_options()
+    assert options["key"] == key and options["endpoint_url"] == endpoint
+    fs, root = open_filesystem(s3_url)
+    fs.pipe_file(f"{root}/block.txt", b"ok")
+    assert fs.cat_file(f"{root}/block.txt") == b"ok"
+    assert secret not in redact(f"failed with {secret}")
+    Secret(value=json.dumps({"aws_access_key_id": key})).save(name, overwrite=True)
+    with pytest.raises(ValueError, match="must hold") as error:
+        s3_storage_options()
+    assert key not in str(error.value)

@@ -1,0 +1,140 @@
+"""The score-new flow: new parts against a line's bank of cached entries, and its command."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from flows.score_line import score_line
+from flows.score_new import part_records, score_new
+from tasks.bank import bank_reductions
+from tasks.batches import list_batches, read_batch_record
+from tasks.synth import generate_line
+from tests.flows.conftest import SMALL, read_scores
+from tests.flows.test_score_line import ForwardCounter
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+CLI_SMALL = ["--cluster", "threads", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def batch(line, tmp_path_factory, prefect_server):
+    """The 8-sample line scored as batch b1 in blocks of 3: (storage, summary)."""
+    store = str(tmp_path_factory.mktemp("bank") / "store")
+    summary = score_line(
+        data=str(line), storage=store, cluster="threads", batch="b1", shard_size=3, **SMALL
+    )
+    return store, summary
+
+
+def _as_folder(line, name, root):
+    """A one-sample folder in MVTec 3D-AD layout holding the line's sample ``name``."""
+    defect, stem = name.split("/")
+    for kind, suffix in (("rgb", "png"), ("xyz", "tiff"), ("gt", "png")):
+        source = line / "part" / "test" / defect / kind / f"{stem}.{suffix}"
+        target = root / "part" / "test" / defect / kind
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    return root
+
+
+@pytest.mark.slow
+def test_sample_against_rest_of_its_batch_equals_the_batch_run(
+    batch, line, tmp_path, monkeypatch
+):
+    store, summary = batch
+    rows = read_scores(summary["outputs"]["scores"])
+    top = max(rows, key=lambda n: float(rows[n]["score_rescored"]))
+    normal = next(n for n in sorted(rows) if n.startswith("good/") and n != top)
+    counter = ForwardCounter(monkeypatch)
+    for number, name in enumerate((top, normal), start=1):
+        folder = _as_folder(line, name, tmp_path / f"new{number}")
+        result = score_new(
+            line="part", inputs=[str(folder)], data_format="mvtec3d", storage=store,
+            out=str(tmp_path / f"out{number}"),
+        )
+        # the part's inputs are those of a bank sample: its features are found in the cache
+        assert counter.counts == {"2d": 0, "3d": 0}
+        assert result["scored"] == 1 and result["pool"] == 8 and result["bank"] == ["b1"]
+        assert result["random_weights"]
+        assert result["counts"]["reduced"]["computed"] == 1
+        assert result["counts"]["pairs"]["computed"] + result["counts"]["pairs"]["cached"] == 3
+        (row,) = read_scores(result["outputs"]["scores"]).values()
+        expected = rows[name]
+        assert row["name"] == name
+        # Same pair distances (bit for bit) but the references in another order: CAE's rank
+        # remapping breaks ties by position, which moves a few map values by ~0.1 % of the
+        # map's range (the same tolerance as a batch laid out in other shards).
+        reference = np.load(f"{summary['out']}/{expected['map_file']}")
+        span = float(reference.max() - reference.min())
+        np.testing.assert_allclose(
+            np.load(f"{result['out']}/{row['map_file']}"), reference, atol=0.005 * span
+        )
+        assert float(row["score"]) == pytest.approx(float(expected["score"]), abs=1e-3)
+        assert float(row["score_rescored"]) == pytest.approx(
+            float(expected["score_rescored"]), abs=1e-3
+        )
+    assert list_batches(store, "part") == ["b1"], "new parts are not recorded as a batch"
+
+
+def test_reductions_of_an_old_record_are_derived_again(batch):
+    store, _ = batch
+    record = read_batch_record(store, "part", "b1")
+    recorded = bank_reductions(store, record)
+    assert len(recorded) == 8
+    old = {**record, "samples": [
+        {k: v for k, v in s.items() if k != "reduced"} for s in record["samples"]
+    ]}
+    assert bank_reductions(store, old) == recorded
+
+
+@pytest.mark.slow
+def test_cli_scores_new_part_files_against_the_latest_batch(
+    batch, tmp_path, capsys, monkeypatch
+):
+    store, _ = batch
+    new = tmp_path / "new"
+    generate_line(new, category="part", num_samples=2, image_size=64, defect_rate=0.5, seed=21)
+    images = sorted((new / "part" / "test").glob("*/rgb/*.png"))
+    clouds = [p.parent.parent / "xyz" / f"{p.stem}.tiff" for p in images]
+    names = [f"{p.parent.parent.name}-{p.stem}" for p in images]
+    for image, cloud, name in zip(images, clouds, names, strict=True):
+        shutil.copy(image, tmp_path / f"{name}.png")
+        shutil.copy(cloud, tmp_path / f"{name}.tiff")
+    out = tmp_path / "out"
+    counter = ForwardCounter(monkeypatch)
+    status = main(
+        ["score-new", "part", *[str(tmp_path / f"{n}.png") for n in names], "--xyz",
+         *[str(tmp_path / f"{n}.tiff") for n in names], "--storage", store, "--out", str(out),
+         "--record-as", "extra-1", *CLI_SMALL]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert counter.counts == {"2d": 2, "3d": 2}, "only the new parts go through the backbones"
+    assert "random backbone weights" in printed and "against bank b1" in printed
+    rows = read_scores(out / "scores.csv")
+    assert sorted(rows) == sorted(names)
+    for row in rows.values():
+        assert np.load(out / row["map_file"]).shape == (64, 64)
+    for name in ("report.html", "run.json"):
+        assert (out / name).exists()
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["warning"] and run["bank"] == ["b1"] and run["pool"] == 10
+    assert "reference bank" in (out / "report.html").read_text()
+    record = read_batch_record(store, "part", "extra-1")
+    assert record["scored_against_bank"] and len(record["samples"]) == 2
+
+
+def test_part_files_are_named_by_stem_or_by_path_where_stems_repeat():
+    records = part_records(
+        ["/l/good/rgb/000.png", "/l/crack/rgb/000.png", "/l/crack/rgb/001.png"],
+        ["/l/good/xyz/000.tiff", "/l/crack/xyz/000.tiff", "/l/crack/xyz/001.tiff"],
+        "part",
+    )
+    assert [r.name for r in records] == ["good/rgb/000", "crack/rgb/000", "001"]
+    assert records[1].xyz_path == "/l/crack/xyz/000.tiff" and records[0].category == "part"
+    with pytest.raises(ValueError, match="one per image"):
+        part_records(["/l/a.png", "/l/b.png"], ["/l/a.tiff"], "part")
