@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from prefect.exceptions import TerminationSignal
 from tqdm import tqdm
 
 from flows.paper_eval import evaluate_benchmark
@@ -33,6 +34,8 @@ from tasks.synth import generate_line
 
 EXIT_NOT_SCORED = 2
 EXIT_SET_ASIDE = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class StageProgress:
@@ -502,6 +505,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"musc: error: {error}", file=sys.stderr)
         return EXIT_NOT_SCORED
+    except (KeyboardInterrupt, TerminationSignal) as stop:
+        # The local Prefect server and the Dask cluster are already shut down by their context
+        # managers; leave now instead of waiting for tasks still running in worker threads.
+        print(
+            "musc: stopped; everything cached so far is kept and a re-run resumes from it",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED)
     return 1
 
 

@@ -9,14 +9,16 @@ it at the end. With ``PREFECT_API_URL`` set (a deployment, a shared server) noth
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,6 +94,39 @@ def stop_server(process: subprocess.Popen, grace: float = 10.0) -> None:
         process.wait()
 
 
+def _stop_on_sigterm(process: subprocess.Popen) -> Callable[[], None]:
+    """Stop the server when this process is terminated (it runs in its own session).
+
+    Prefect's flow engine turns SIGTERM into a crash of the running flow and then calls the
+    handler that was installed before it, which is this one: it stops the server and leaves at
+    once, without waiting for tasks still running in worker threads (every cache entry is
+    atomic, so a re-run resumes from what was stored). Also registered with :mod:`atexit`.
+    Returns a function that undoes both.
+    """
+
+    def on_exit() -> None:
+        stop_server(process, grace=5.0)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        on_exit()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    atexit.register(on_exit)
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: atexit only
+        previous = None
+
+    def restore() -> None:
+        atexit.unregister(on_exit)
+        if previous is not None and signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
 def _flush_logs() -> None:
     """Send the run logs still queued for the API before the server goes away."""
     from prefect.logging.handlers import APILogHandler
@@ -133,10 +168,12 @@ def prefect_api(home: str | Path | None = None, timeout: float = 90.0) -> Iterat
     process, url = start_server(home or Path.home() / ".prefect", timeout)
     log.info("started a local Prefect server at %s", url)
     os.environ["PREFECT_API_URL"] = url
+    restore = _stop_on_sigterm(process)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
         _flush_logs()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        restore()
         stop_server(process)

@@ -313,3 +313,44 @@ def test_two_runs_sharing_one_cache_at_once_both_complete_with_equal_results(
     chaos_record(kind="fault", what="two runs of one line on one cache at the same time",
                  injected=1, runs=2, completed=2, samples=16, lost=lost,
                  computed_twice=sum(computed) - stages)
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_sigterm_stops_the_command_and_its_own_prefect_server(line, tmp_path):
+    """Unattended jobs are stopped with SIGTERM: the command ends promptly with status 143 and
+    the Prefect server it started for itself does not outlive it."""
+    import psutil
+
+    store, home = tmp_path / "store", tmp_path / "home"
+    env = {k: v for k, v in _cli_env("unused").items() if k != "PREFECT_API_URL"}
+    env["HOME"] = str(home)  # the command's own server keeps its database in ~/.prefect
+    with open(tmp_path / "cli.log", "wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "score", str(line), "--out", str(tmp_path / "o"),
+             "--storage", str(store), *cli_args("b1", FAULT["shard_size"])],
+            cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: process.poll() is not None
+            or kind_counts(complete_entries(store / "cache")).get("prepared", 0) >= 1,
+            timeout=300, what="a first cache entry",
+        )
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert status == 143, (tmp_path / "cli.log").read_text()
+
+    def own_server(candidate: psutil.Process) -> bool:
+        try:
+            cmdline = " ".join(candidate.cmdline())
+            return "prefect" in cmdline and "server" in cmdline and (
+                candidate.environ().get("PREFECT_HOME", "").startswith(str(home))
+            )
+        except psutil.Error:
+            return False
+
+    wait_for(lambda: not any(own_server(p) for p in psutil.process_iter()), timeout=30,
+             what="the command's Prefect server to stop")
