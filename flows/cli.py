@@ -13,8 +13,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from prefect.exceptions import TerminationSignal
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from tasks.datasets import FORMATS, list_categories
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
 from tasks.synth import generate_line
 
+T = TypeVar("T")
 EXIT_NOT_SCORED = 2
 EXIT_SET_ASIDE = 3
 EXIT_INTERRUPTED = 130
@@ -79,6 +81,20 @@ def quiet_console() -> None:
         if isinstance(handler, PrefectConsoleHandler):
             handler.setLevel(logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def with_flow_progress(args: argparse.Namespace, run: Callable[[], T]) -> T:
+    """Run flows with progress bars (unless ``--quiet`` or not a terminal) and one Prefect API.
+
+    The API is ``PREFECT_API_URL`` when set, else a local server started for the command.
+    """
+    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
+    add_reporter(reporter)
+    try:
+        with prefect_api():
+            return run()
+    finally:
+        remove_reporter(reporter)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -325,18 +341,15 @@ def print_line(summary: dict) -> None:
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
-    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
-    add_reporter(reporter)
-    try:
-        with prefect_api():
-            lines = [
-                _score_category(
-                    args, data, fmt, c, f"{out.rstrip('/')}/{safe_file_stem(c)}", batch
-                )
-                for c in categories
-            ]
-    finally:
-        remove_reporter(reporter)
+    lines = with_flow_progress(
+        args,
+        lambda: [
+            _score_category(
+                args, data, fmt, c, f"{out.rstrip('/')}/{safe_file_stem(c)}", batch
+            )
+            for c in categories
+        ]
+    )
     random_weights = any(s.get("random_weights") for s in lines)
     if random_weights:
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
@@ -366,25 +379,22 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
 
 
 def _run_rescore(args: argparse.Namespace) -> int:
-    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
-    add_reporter(reporter)
-    try:
-        with prefect_api():
-            summary = rescore(
-                line=args.line,
-                batch=args.batch,
-                storage=args.storage,
-                out=args.out,
-                interval_ratio=args.interval_ratio,
-                rescoring_windows=args.rescoring_windows,
-                reference_budget=args.reference_budget,
-                reference_nights=args.reference_nights,
-                reference_samples=args.reference_samples,
-                cluster=args.cluster,
-                workers=args.workers,
-            )
-    finally:
-        remove_reporter(reporter)
+    summary = with_flow_progress(
+        args,
+        lambda: rescore(
+            line=args.line,
+            batch=args.batch,
+            storage=args.storage,
+            out=args.out,
+            interval_ratio=args.interval_ratio,
+            rescoring_windows=args.rescoring_windows,
+            reference_budget=args.reference_budget,
+            reference_nights=args.reference_nights,
+            reference_samples=args.reference_samples,
+            cluster=args.cluster,
+            workers=args.workers,
+        )
+    )
     if summary.get("random_weights"):
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
     print_line(summary)
@@ -392,32 +402,29 @@ def _run_rescore(args: argparse.Namespace) -> int:
 
 
 def _run_score_new(args: argparse.Namespace) -> int:
-    reporter = StageProgress(enabled=not args.quiet)
-    add_reporter(reporter)
-    try:
-        with prefect_api():
-            summary = score_new(
-                line=args.line,
-                inputs=args.inputs,
-                xyz=args.xyz,
-                data_format=args.format,
-                category=args.category,
-                storage=args.storage,
-                bank=args.bank,
-                bank_nights=args.bank_nights,
-                out=args.out,
-                reference_budget=args.reference_budget,
-                flag_mad_k=args.flag_k,
-                weights_2d=args.weights_2d,
-                weights_3d=args.weights_3d,
-                shard_size=args.shard_size,
-                cluster=args.cluster,
-                workers=args.workers,
-                device=args.device,
-                record_as=args.record_as,
-            )
-    finally:
-        remove_reporter(reporter)
+    summary = with_flow_progress(
+        args,
+        lambda: score_new(
+            line=args.line,
+            inputs=args.inputs,
+            xyz=args.xyz,
+            data_format=args.format,
+            category=args.category,
+            storage=args.storage,
+            bank=args.bank,
+            bank_nights=args.bank_nights,
+            out=args.out,
+            reference_budget=args.reference_budget,
+            flag_mad_k=args.flag_k,
+            weights_2d=args.weights_2d,
+            weights_3d=args.weights_3d,
+            shard_size=args.shard_size,
+            cluster=args.cluster,
+            workers=args.workers,
+            device=args.device,
+            record_as=args.record_as,
+        )
+    )
     if summary.get("random_weights"):
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
     print(
@@ -444,17 +451,14 @@ def _run_eval(args: argparse.Namespace) -> int:
             f"scored in {summary['seconds']:.1f} s ({len(summary['set_aside'])} set aside)"
         )
 
-    reporter = StageProgress(enabled=not args.quiet)
-    add_reporter(reporter)
-    try:
-        with prefect_api():
-            result = evaluate_benchmark(
-                args.data, args.format, args.out, args.storage, options,
-                subsets=args.subsets, seeds=range(args.seeds), categories=args.category,
-                eval_id=eval_id, progress=done,
-            )
-    finally:
-        remove_reporter(reporter)
+    result = with_flow_progress(
+        args,
+        lambda: evaluate_benchmark(
+            args.data, args.format, args.out, args.storage, options,
+            subsets=args.subsets, seeds=range(args.seeds), categories=args.category,
+            eval_id=eval_id, progress=done,
+        )
+    )
     if result.table["warning"]:
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
     print(result.markdown)
