@@ -412,6 +412,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/kernels.json"))
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per kernel")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--samples", type=int, default=40, help="N for pair_distances")
     parser.add_argument("--block", type=int, default=MuscConfig().pair_block)
     parser.add_argument("--peak-sizes", type=int, nargs="+", default=[2048, 4096])
@@ -467,6 +470,8 @@ def run_sections(args: argparse.Namespace, config: MuscConfig) -> tuple[dict, di
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the selected benchmarks, print the table and write the JSON."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = MuscConfig()
     results: dict[str, Any] = {
