@@ -66,8 +66,8 @@ class Grouping(NamedTuple):
     curvature: torch.Tensor
 
 
-def _first_argmax(values: torch.Tensor, blocks: torch.Tensor) -> int:
-    """Index of the first maximum of ``values`` (P,), given as (P / B, B) ``blocks`` (CPU).
+def _first_argmax(blocks: torch.Tensor) -> int:
+    """Index of the first maximum of a (P,) vector viewed as (P / B, B) ``blocks`` (CPU).
 
     ``argmax`` over a long vector is a scalar loop on the CPU; the maxima of the blocks are a
     vectorized reduction, so the first maximal block and then its first maximum are found in
@@ -119,7 +119,7 @@ def farthest_point_sample(points: torch.Tensor, num: int) -> torch.Tensor:
         torch.sub(coords[2], centre[2], out=diff)
         dist.addcmul_(diff, diff)
         torch.minimum(nearest, dist, out=nearest)
-        current = _first_argmax(nearest, blocks) if on_cpu else nearest.argmax()
+        current = _first_argmax(blocks) if on_cpu else nearest.argmax()
         picked.append(current)
     if on_cpu:
         return torch.tensor(picked, dtype=torch.long)
@@ -241,6 +241,7 @@ class _ColumnGrid(NamedTuple):
         coords: (3, P + 1) coordinates of the points sorted by key (ascending point index within
             a column), then a sentinel column of +inf.
         order: (P + 1,) long, point index of each sorted position, then P for the sentinel.
+        scale: magnitude of the point coordinates and extent (bounds the rounding of columns).
     """
 
     axes: torch.Tensor
@@ -251,6 +252,7 @@ class _ColumnGrid(NamedTuple):
     prefix: torch.Tensor
     coords: torch.Tensor
     order: torch.Tensor
+    scale: float
 
 
 def _column_of(grid_origin: torch.Tensor, cell: float, planar: torch.Tensor) -> torch.Tensor:
@@ -274,7 +276,8 @@ def _build_grid(points: torch.Tensor, cell: float, pad: int) -> _ColumnGrid:
     sentinel = points.new_full((3, 1), float("inf"))
     coords = torch.cat([points.t()[:, order], sentinel], dim=1)
     order = torch.cat([order, order.new_full((1,), points.shape[0])])
-    return _ColumnGrid(axes, origin, cell, pad, rows, prefix, coords, order)
+    scale = float(points.abs().max() + extent.max())
+    return _ColumnGrid(axes, origin, cell, pad, rows, prefix, coords, order, scale)
 
 
 def _square_runs(
@@ -353,7 +356,7 @@ def _grid_search(
         ids = grid.order.expand(shape).gather(1, position)
         values[part], index[part] = _smallest_k(dist, k, ids)
     # Positions are rounded to columns in floating point: keep a relative safety gap.
-    slack = 8 * torch.finfo(queries.dtype).eps * (queries.abs().max() + grid.cell * (grid.rows + 1))
+    slack = 8 * torch.finfo(queries.dtype).eps * (queries.abs().max() + grid.scale)
     reach = (margin - slack).clamp_min(0.0)
     exact = torch.isfinite(values[:, -1]) & (values[:, -1] < reach * reach)
     return values, index, exact
