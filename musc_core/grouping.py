@@ -106,18 +106,15 @@ def farthest_point_sample(points: torch.Tensor, num: int) -> torch.Tensor:
     nearest[count:] = float("-inf")
     blocks = nearest.view(-1, _FPS_BLOCK)
     dist = torch.empty_like(nearest)
-    diff = torch.empty_like(nearest)
+    diff = torch.empty_like(coords)
+    dx, dy, dz = diff
     # On the CPU a Python index is cheaper than a 0-d tensor; on an accelerator the 0-d tensor
     # avoids a host synchronization per pick.
     current: int | torch.Tensor = 0
     picked: list[int | torch.Tensor] = [current]
     for _ in range(1, num):
-        centre = coords[:, current]
-        torch.sub(coords[0], centre[0], out=dist).square_()
-        torch.sub(coords[1], centre[1], out=diff)
-        dist.addcmul_(diff, diff)
-        torch.sub(coords[2], centre[2], out=diff)
-        dist.addcmul_(diff, diff)
+        torch.sub(coords, coords[:, current, None], out=diff)
+        torch.mul(dx, dx, out=dist).addcmul_(dy, dy).addcmul_(dz, dz)
         torch.minimum(nearest, dist, out=nearest)
         current = _first_argmax(blocks) if on_cpu else nearest.argmax()
         picked.append(current)
