@@ -20,6 +20,8 @@ import torch
 from musc_core.config import interval_count
 
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+# Elements per block of rows when norming the rounded features (a 4 MB float32 temporary).
+_NORM_BLOCK_ELEMENTS = 1 << 20
 
 
 class PairMinima(NamedTuple):
@@ -124,7 +126,7 @@ def _prepare(features: torch.Tensor, dtype: torch.dtype, side: str) -> _Prepared
     vectors = features.new_empty((count * length, width + (-width) % 16), dtype=dtype)
     rounded = vectors[:, :channels]
     rounded.copy_(features.reshape(count * length, channels))
-    norms = torch.linalg.vector_norm(rounded, dim=-1, dtype=torch.float32).square_()
+    norms = _squared_norms(rounded)
     ones = torch.ones_like(norms)
     if dtype == torch.float32:
         parts = [norms, ones]
@@ -138,6 +140,35 @@ def _prepare(features: torch.Tensor, dtype: torch.dtype, side: str) -> _Prepared
     vectors[:, channels:width] = torch.stack(parts, dim=-1)
     vectors[:, width:] = 0
     return _Prepared(vectors, count, length)
+
+
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """(R,) float32 squared norms of (R, C) rows, in blocks of rows.
+
+    Blocks keep the float32 temporary of a bfloat16 input small (cache-resident, no fresh
+    pages to fault in).
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    step = max(1, _NORM_BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        torch.linalg.vector_norm(block, dim=-1, dtype=torch.float32, out=out[start : start + step])
+    return out.square_()
+
+
+def _mirror(left: _Prepared, channels: int) -> _Prepared:
+    """The right-operand (``"b"``) vectors of the same samples as left-operand ones.
+
+    Equal to ``_prepare(features, dtype, "b")``: the rounded vectors times −2 (exact) and the
+    halves of the augmented columns swapped, without rounding or norming the samples again.
+    """
+    vectors = torch.empty_like(left.vectors)
+    torch.mul(left.vectors[:, :channels], -2, out=vectors[:, :channels])
+    extra = left.vectors[:, channels:]
+    used = 2 if left.vectors.dtype == torch.float32 else 4
+    vectors[:, channels : channels + used] = extra[:, :used].roll(used // 2, dims=1)
+    vectors[:, channels + used :] = 0
+    return _Prepared(vectors, left.count, left.length)
 
 
 def _strip(device: torch.device, block: int) -> int:
@@ -278,7 +309,8 @@ def pair_distances(features: torch.Tensor, block: int, dtype: torch.dtype) -> to
         raise ValueError(f"block must be positive, got {block}")
     n, length, _ = features.shape
     out = torch.full((n, length, n), math.inf, dtype=torch.float32, device=features.device)
-    left, right = _prepare(features, dtype, "a"), _prepare(features, dtype, "b")
+    left = _prepare(features, dtype, "a")
+    right = _mirror(left, features.shape[-1])
     strip = _strip(features.device, block)
     buffer = _buffer(left, strip, length, block)
     for s0, s1 in _chunks(0, n, strip):

@@ -221,3 +221,16 @@ def test_cpu_strips_equal_the_accelerator_block_layout(monkeypatch, dtype):
     for got, want in zip(strips[:2] + list(strips[2]), blocks[:2] + list(blocks[2]), strict=True):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mirrored_right_operand_equals_a_fresh_one(monkeypatch, dtype):
+    torch.manual_seed(9)
+    features = torch.randn(3, 5, 13) * 4
+    monkeypatch.setattr(mutual_scoring, "_NORM_BLOCK_ELEMENTS", 20)  # norms in blocks of rows
+    left = mutual_scoring._prepare(features, dtype, "a")
+    fresh = mutual_scoring._prepare(features, dtype, "b")
+    mirrored = mutual_scoring._mirror(left, 13)
+    assert torch.equal(mirrored.vectors, fresh.vectors)
+    monkeypatch.undo()
+    assert torch.equal(mutual_scoring._prepare(features, dtype, "a").vectors, left.vectors)
