@@ -13,6 +13,7 @@ count beyond floating-point rounding.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,17 @@ import torch
 # The KNN chunk is smaller because its distance rows are re-read several times (cache reuse).
 _CHUNK_BYTES = 64 << 20
 _KNN_CHUNK_BYTES = 16 << 20
+# Farthest point sampling finds each pick's argmax by blocks of this many points.
+_FPS_BLOCK = 256
+# knn searches a grid of columns instead of every point from this many query×point pairs on;
+# the column side is this quantile of the k-th neighbour distance of _GRID_SAMPLE sampled
+# queries (at least the extent / _GRID_MAX_SIDE), and the squares of (2r + 1)² columns for r in
+# _GRID_RADII are tried before brute force.
+_GRID_MIN_PAIRS = 1 << 22
+_GRID_SAMPLE = 16
+_GRID_QUANTILE = 0.5
+_GRID_RADII = (1, 2, 3)
+_GRID_MAX_SIDE = 2048
 
 
 class Neighbours(NamedTuple):
@@ -54,6 +66,17 @@ class Grouping(NamedTuple):
     curvature: torch.Tensor
 
 
+def _first_argmax(blocks: torch.Tensor) -> int:
+    """Index of the first maximum of a (P,) vector viewed as (P / B, B) ``blocks`` (CPU).
+
+    ``argmax`` over a long vector is a scalar loop on the CPU; the maxima of the blocks are a
+    vectorized reduction, so the first maximal block and then its first maximum are found in
+    about a third of the time, with the same result (ties resolve to the lowest index).
+    """
+    block = int(blocks.amax(dim=1).argmax())
+    return block * blocks.shape[1] + int(blocks[block].argmax())
+
+
 def farthest_point_sample(points: torch.Tensor, num: int) -> torch.Tensor:
     """Farthest point sampling, starting from point 0.
 
@@ -74,27 +97,30 @@ def farthest_point_sample(points: torch.Tensor, num: int) -> torch.Tensor:
     count = points.shape[0]
     if not 1 <= num <= count:
         raise ValueError(f"farthest point sampling of {num} points from {count}")
-    coords = points.t().contiguous()  # (3, P): one contiguous row per coordinate
-    nearest = torch.full((count,), float("inf"), dtype=points.dtype, device=points.device)
-    picked = torch.zeros(num, dtype=torch.long, device=points.device)
+    on_cpu = points.device.type == "cpu"
+    # Padded to whole blocks for the two-level argmax; padding is never picked (-inf).
+    width = -(-count // _FPS_BLOCK) * _FPS_BLOCK
+    coords = points.new_zeros((3, width))
+    coords[:, :count] = points.t()  # one contiguous row per coordinate
+    nearest = torch.full((width,), float("inf"), dtype=points.dtype, device=points.device)
+    nearest[count:] = float("-inf")
+    blocks = nearest.view(-1, _FPS_BLOCK)
     dist = torch.empty_like(nearest)
-    diff = torch.empty_like(nearest)
+    diff = torch.empty_like(coords)
+    dx, dy, dz = diff
     # On the CPU a Python index is cheaper than a 0-d tensor; on an accelerator the 0-d tensor
     # avoids a host synchronization per pick.
     current: int | torch.Tensor = 0
-    for step in range(1, num):
-        centre = coords[:, current]
-        torch.sub(coords[0], centre[0], out=dist).square_()
-        torch.sub(coords[1], centre[1], out=diff)
-        dist.addcmul_(diff, diff)
-        torch.sub(coords[2], centre[2], out=diff)
-        dist.addcmul_(diff, diff)
+    picked: list[int | torch.Tensor] = [current]
+    for _ in range(1, num):
+        torch.sub(coords, coords[:, current, None], out=diff)
+        torch.mul(dx, dx, out=dist).addcmul_(dy, dy).addcmul_(dz, dz)
         torch.minimum(nearest, dist, out=nearest)
-        current = nearest.argmax()
-        if points.device.type == "cpu":
-            current = int(current)
-        picked[step] = current
-    return picked
+        current = _first_argmax(blocks) if on_cpu else nearest.argmax()
+        picked.append(current)
+    if on_cpu:
+        return torch.tensor(picked, dtype=torch.long)
+    return torch.stack([torch.as_tensor(p, device=points.device) for p in picked]).long()
 
 
 def _squared_distances(queries: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -115,32 +141,290 @@ def _order_by_value_then_index(values: torch.Tensor, index: torch.Tensor) -> tup
     return values, torch.gather(index, 1, by_value)
 
 
-def _smallest_k(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest entries of each row, ordered by (value, column), ties included exactly."""
-    values, index = torch.topk(dist, k, dim=1, largest=False, sorted=True)
-    kth = values[:, -1:]
-    # Rows where topk had to choose among entries equal to the k-th value: redo them so that
-    # the lowest columns are kept.
-    tied = (dist == kth).sum(1) > (values == kth).sum(1)
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        sub, sub_kth = dist[rows], kth[rows]
-        below = sub < sub_kth
-        need = k - below.sum(1, keepdim=True)
-        equal = sub == sub_kth
+def _resolve_boundary_ties(
+    dist: torch.Tensor, ids: torch.Tensor | None, kth: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of rows whose k-th value is tied with entries left out.
+
+    Keeps every entry below the k-th value and, among the entries equal to it, those with the
+    lowest ids (columns when ``ids`` is None).
+
+    Args:
+        dist: (R, W) values.
+        ids: (R, W) long ids of the entries, or None for the column index.
+        kth: (R, 1) k-th smallest value of each row.
+        k: entries kept per row.
+
+    Returns:
+        (R, k) values and ids, unordered.
+    """
+    below = dist < kth
+    equal = dist == kth
+    need = k - below.sum(dim=1, keepdim=True)
+    if ids is None:
         keep = below | (equal & (torch.cumsum(equal, dim=1) <= need))
-        columns = keep.nonzero()[:, 1].view(rows.shape[0], k)
-        index[rows] = columns
-        values[rows] = torch.gather(sub, 1, columns)
-    values, index = _order_by_value_then_index(values, index)
+    else:
+        sentinel = torch.iinfo(ids.dtype).max
+        tied_ids = torch.sort(ids.masked_fill(~equal, sentinel), dim=1).values
+        keep = below | (equal & (ids <= torch.gather(tied_ids, 1, need - 1)))
+    columns = keep.nonzero()[:, 1].view(dist.shape[0], k)
+    chosen = columns if ids is None else torch.gather(ids, 1, columns)
+    return torch.gather(dist, 1, columns), chosen
+
+
+def _order_ties_by_index(values: torch.Tensor, index: torch.Tensor) -> tuple:
+    """Rows already ascending by value: put runs of equal values in ascending index order.
+
+    Only rows holding equal neighbours are sorted again (in place), so the common case costs
+    one comparison pass.
+    """
+    if values.shape[1] > 1:
+        repeated = (values[:, 1:] == values[:, :-1]).any(dim=1)
+        if bool(repeated.any()):
+            rows = repeated.nonzero().squeeze(1)
+            values[rows], index[rows] = _order_by_value_then_index(values[rows], index[rows])
     return values, index
+
+
+def _smallest_k(
+    dist: torch.Tensor, k: int, ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of each row, ordered by (value, id), ties included exactly.
+
+    A row needs tie-breaking only when its (k+1)-th smallest value equals its k-th, which one
+    ``topk`` of k + 1 shows; those rows are redone so that the lowest ids are kept.
+
+    Args:
+        dist: (Q, W) values, W ≥ k.
+        k: entries per row.
+        ids: (Q, W) long ids of the entries (e.g. point indices of candidates); None for the
+            column index.
+
+    Returns:
+        (Q, k) values and ids, ascending by value then id.
+    """
+    width = dist.shape[1]
+    values, index = torch.topk(dist, min(k + 1, width), dim=1, largest=False, sorted=True)
+    if ids is not None:
+        index = torch.gather(ids, 1, index)
+    if width > k:
+        # Rows with fewer than k finite entries (padded candidates) are not resolved.
+        tied = (values[:, k] == values[:, k - 1]) & torch.isfinite(values[:, k - 1])
+        values, index = values[:, :k].contiguous(), index[:, :k].contiguous()
+        if bool(tied.any()):
+            rows = tied.nonzero().squeeze(1)
+            row_ids = None if ids is None else ids[rows]
+            kth = values[rows, k - 1 :]
+            chosen = _resolve_boundary_ties(dist[rows], row_ids, kth, k)
+            values[rows], index[rows] = _order_by_value_then_index(*chosen)
+    return _order_ties_by_index(values, index)
+
+
+class _ColumnGrid(NamedTuple):
+    """Points bucketed in square columns over their two widest axes (``knn`` pruning).
+
+    A column is a square cell of the plane of axes ``axes`` (the third coordinate is ignored),
+    so a square of columns holds every point whose projection falls in it. Column coordinates
+    are shifted by ``pad`` so that every square of radius ≤ ``pad`` around an in-range column
+    stays inside the table.
+
+    Attributes:
+        axes: (2,) long, the two coordinate axes of the plane.
+        origin: (2,) position of the corner of column (pad, pad).
+        cell: side of a column.
+        pad: columns of padding on every side.
+        rows: columns along the second axis (padding included); key = c0 · rows + c1.
+        prefix: (keys + 1,) long, number of points in columns of lower key.
+        coords: (3, P + 1) coordinates of the points sorted by key (ascending point index within
+            a column), then a sentinel column of +inf.
+        order: (P + 1,) long, point index of each sorted position, then P for the sentinel.
+        scale: magnitude of the point coordinates and extent (bounds the rounding of columns).
+    """
+
+    axes: torch.Tensor
+    origin: torch.Tensor
+    cell: float
+    pad: int
+    rows: int
+    prefix: torch.Tensor
+    coords: torch.Tensor
+    order: torch.Tensor
+    scale: float
+
+
+def _column_of(grid_origin: torch.Tensor, cell: float, planar: torch.Tensor) -> torch.Tensor:
+    """(…, 2) long column coordinates (unshifted) of (…, 2) planar positions."""
+    return torch.floor((planar - grid_origin) / cell).long()
+
+
+def _build_grid(points: torch.Tensor, cell: float, pad: int) -> _ColumnGrid:
+    """Bucket (P, 3) points in square columns of side ``cell`` over their two widest axes."""
+    extent = points.amax(dim=0) - points.amin(dim=0)
+    axes = torch.sort(torch.topk(extent, 2).indices).values
+    planar = points[:, axes]
+    origin = planar.amin(dim=0)
+    columns = _column_of(origin, cell, planar) + pad
+    shape = columns.amax(dim=0) + 1 + pad
+    rows = int(shape[1])
+    key = columns[:, 0] * rows + columns[:, 1]
+    key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=int(shape[0]) * rows)
+    prefix = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    sentinel = points.new_full((3, 1), float("inf"))
+    coords = torch.cat([points.t()[:, order], sentinel], dim=1)
+    order = torch.cat([order, order.new_full((1,), points.shape[0])])
+    scale = float(points.abs().max() + extent.max())
+    return _ColumnGrid(axes, origin, cell, pad, rows, prefix, coords, order, scale)
+
+
+def _square_runs(
+    grid: _ColumnGrid, queries: torch.Tensor, radius: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The runs of sorted positions holding the points of each query's square of columns.
+
+    The square is the (2·radius + 1)² columns centred on the query's column; with the key
+    order, each of its 2·radius + 1 lines of columns is one contiguous run.
+
+    Returns:
+        (Q, 2·radius + 1) start and length of each run, and (Q,) the planar distance from each
+        query to the edges of its square (no point outside the square is nearer in 3D).
+        Queries outside the table get a square clamped inside it and a negative distance.
+    """
+    planar = queries[:, grid.axes]
+    limit = torch.tensor(
+        [(grid.prefix.numel() - 1) // grid.rows - 1 - radius, grid.rows - 1 - radius],
+        device=queries.device,
+    )
+    own = torch.minimum(
+        (_column_of(grid.origin, grid.cell, planar) + grid.pad).clamp_min(radius), limit
+    )
+    line = torch.arange(-radius, radius + 1, device=queries.device)
+    first = (own[:, 0:1] + line) * grid.rows + own[:, 1:2] - radius  # (Q, 2r + 1) keys
+    start = grid.prefix[first]
+    length = grid.prefix[first + 2 * radius + 1] - start
+    low = grid.origin + (own - grid.pad - radius) * grid.cell
+    high = low + (2 * radius + 1) * grid.cell
+    margin = torch.minimum(planar - low, high - planar).amin(dim=1)
+    return start, length, margin
+
+
+def _run_positions(start: torch.Tensor, length: torch.Tensor, sentinel: int) -> torch.Tensor:
+    """Concatenate each row's runs: (Q, T) sorted positions, padded with ``sentinel``."""
+    end = length.cumsum(dim=1)
+    total = end[:, -1:]
+    width = int(total.max()) if total.numel() else 0
+    slot = torch.arange(width, device=start.device).expand(start.shape[0], width).contiguous()
+    run = torch.searchsorted(end, slot, right=True)  # the last run index + 1 past the total
+    starts = torch.cat([start, start.new_full(total.shape, sentinel)], dim=1)
+    before = torch.cat([end - length, total], dim=1)
+    position = torch.gather(starts, 1, run).add_(slot).sub_(torch.gather(before, 1, run))
+    return position.clamp_max_(sentinel)
+
+
+def _grid_search(
+    queries: torch.Tensor, k: int, grid: _ColumnGrid, radius: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k nearest points among those in each query's square of columns.
+
+    Returns:
+        (Q, k) squared distances and point indices ordered by (distance, index), and (Q,) bool:
+        True where the result is exact (the k-th distance is below the square's margin, so no
+        point outside the square can be among the k nearest, ties included).
+    """
+    count = queries.shape[0]
+    values = queries.new_full((count, k), float("inf"))
+    index = torch.zeros((count, k), dtype=torch.long, device=queries.device)
+    start, length, margin = _square_runs(grid, queries, radius)
+    sentinel = grid.order.numel() - 1
+    # Positions, distances, a temporary and the selection: about 40 bytes per candidate.
+    rows = max(1, _KNN_CHUNK_BYTES // (40 * max(1, int(length.sum(dim=1).max()))))
+    for first in range(0, count, rows):
+        part = slice(first, first + rows)
+        position = _run_positions(start[part], length[part], sentinel)
+        if position.shape[1] < k:
+            continue
+        shape = (position.shape[0], grid.coords.shape[1])
+        dist = torch.sub(queries[part, 0:1], grid.coords[0].expand(shape).gather(1, position))
+        dist.square_()
+        for axis in (1, 2):
+            coordinate = grid.coords[axis].expand(shape).gather(1, position)
+            torch.sub(queries[part, axis : axis + 1], coordinate, out=coordinate)
+            dist.addcmul_(coordinate, coordinate)
+        ids = grid.order.expand(shape).gather(1, position)
+        values[part], index[part] = _smallest_k(dist, k, ids)
+    # Positions are rounded to columns in floating point: keep a relative safety gap.
+    slack = 8 * torch.finfo(queries.dtype).eps * (queries.abs().max() + grid.scale)
+    reach = (margin - slack).clamp_min(0.0)
+    exact = torch.isfinite(values[:, -1]) & (values[:, -1] < reach * reach)
+    return values, index, exact
+
+
+def _cell_size(queries: torch.Tensor, coords: torch.Tensor, k: int) -> float:
+    """Column side for ``knn``: a quantile of the k-th distance of a few sampled queries."""
+    count = queries.shape[0]
+    sample = torch.linspace(0, count - 1, min(count, _GRID_SAMPLE), device=queries.device)
+    kth = torch.kthvalue(_squared_distances(queries[sample.long()], coords), k, dim=1).values
+    return float(torch.quantile(kth.sqrt(), _GRID_QUANTILE))
+
+
+def _knn_brute(queries: torch.Tensor, points: torch.Tensor, k: int) -> Neighbours:
+    """``knn`` by every query×point distance, in chunks of queries."""
+    count = points.shape[0]
+    coords = points.t().contiguous()
+    # Distance matrix, a same-sized temporary and the comparison masks per query row.
+    rows = max(1, _KNN_CHUNK_BYTES // (count * (2 * points.element_size() + 4)))
+    index_parts, dist_parts = [], []
+    for start in range(0, queries.shape[0], rows):
+        dist = _squared_distances(queries[start : start + rows], coords)
+        values, index = _smallest_k(dist, k)
+        index_parts.append(index)
+        dist_parts.append(values)
+    if not index_parts:
+        empty = points.new_zeros((0, k))
+        return Neighbours(empty.long(), empty)
+    return Neighbours(torch.cat(index_parts), torch.cat(dist_parts))
+
+
+def _knn_grid(queries: torch.Tensor, points: torch.Tensor, k: int) -> Neighbours:
+    """``knn`` with candidates pruned by a grid of columns; exact, falls back to brute force.
+
+    The column side is a quantile of the k-th neighbour distance of a few sampled queries
+    (at least 1/_GRID_MAX_SIDE of the points' extent). Each query first searches the 3×3
+    columns around its own, then (if its k-th distance reaches past that square) the 5×5
+    columns, and so on for ``_GRID_RADII``; queries still not settled are searched by brute
+    force. A result is accepted only when no point outside the searched square can be as near
+    as the k-th neighbour, so the neighbours are exactly those of ``_knn_brute``.
+    """
+    cell = _cell_size(queries, points.t().contiguous(), k)
+    extent = float((points.amax(dim=0) - points.amin(dim=0)).max())
+    cell = max(cell, extent / _GRID_MAX_SIDE)
+    if not math.isfinite(cell) or cell <= 0:
+        return _knn_brute(queries, points, k)
+    grid = _build_grid(points, cell, max(_GRID_RADII))
+    values = queries.new_empty((queries.shape[0], k))
+    index = torch.empty((queries.shape[0], k), dtype=torch.long, device=queries.device)
+    todo = torch.arange(queries.shape[0], device=queries.device)
+    for radius in _GRID_RADII:
+        if todo.numel() == 0:
+            break
+        found, where, exact = _grid_search(queries[todo], k, grid, radius)
+        values[todo[exact]], index[todo[exact]] = found[exact], where[exact]
+        todo = todo[~exact]
+    if todo.numel():
+        rest = _knn_brute(queries[todo], points, k)
+        values[todo], index[todo] = rest.sq_dist, rest.index
+    return Neighbours(index, values)
 
 
 def knn(queries: torch.Tensor, points: torch.Tensor, k: int) -> Neighbours:
     """The k nearest points of each query, by exact squared Euclidean distance.
 
     Distances are formed as sums of squared coordinate differences (no ``|a|² + |b|² - 2ab``
-    cancellation), in chunks of queries so that one chunk's distance matrix stays under 16 MB.
+    cancellation). Small problems compare every query with every point, in chunks of queries
+    so that one chunk's distance matrix stays under 16 MB. Large ones (at least
+    ``_GRID_MIN_PAIRS`` query×point pairs) first bucket the points in a grid of cubic cells
+    and search only the cells around each query, accepting a result only when it provably
+    equals the brute-force one (see ``_knn_grid``); either way the answer is the same.
 
     Args:
         queries: (Q, 3) coordinates.
@@ -155,19 +439,9 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int) -> Neighbours:
     count = points.shape[0]
     if not 1 <= k <= count:
         raise ValueError(f"{k} nearest neighbours among {count} points")
-    coords = points.t().contiguous()
-    # Distance matrix, a same-sized temporary and the comparison masks per query row.
-    rows = max(1, _KNN_CHUNK_BYTES // (count * (2 * points.element_size() + 4)))
-    index_parts, dist_parts = [], []
-    for start in range(0, queries.shape[0], rows):
-        dist = _squared_distances(queries[start : start + rows], coords)
-        values, index = _smallest_k(dist, k)
-        index_parts.append(index)
-        dist_parts.append(values)
-    if not index_parts:
-        empty = points.new_zeros((0, k))
-        return Neighbours(empty.long(), empty)
-    return Neighbours(torch.cat(index_parts), torch.cat(dist_parts))
+    if queries.shape[0] * count < _GRID_MIN_PAIRS:
+        return _knn_brute(queries, points, k)
+    return _knn_grid(queries, points, k)
 
 
 def centre_curvature(

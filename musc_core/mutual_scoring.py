@@ -2,9 +2,11 @@
 
 The hot loop is the L×L distance block between two samples. It is one GEMM
 (``||a||² + ||b||² − 2ab``): the row minima give ``d(i, ·, j)`` and the column minima
-``d(j, ·, i)``, so every unordered pair of samples is computed once. Blocks of ``block``
-samples per side are multiplied together, so the working memory is about
-``(block * L)**2`` floats whatever N is; nothing of size (N, L, N, L) is ever formed.
+``d(j, ·, i)``, so every unordered pair of samples is computed once. A strip of samples (one
+on the CPU, ``block`` on an accelerator) is multiplied with ``block`` samples at a time, so the
+working memory is at most about ``(block * L)**2`` floats whatever N is; nothing of size
+(N, L, N, L) is ever formed. On the CPU the GEMM writes into one reused buffer, and the minima
+are taken on the integer view of the float bits (exact, see ``_order_keys``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from musc_core.config import interval_count
 
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+# Elements per block of rows when norming the rounded features (a 4 MB float32 temporary).
+_NORM_BLOCK_ELEMENTS = 1 << 20
 
 
 class PairMinima(NamedTuple):
@@ -122,7 +126,7 @@ def _prepare(features: torch.Tensor, dtype: torch.dtype, side: str) -> _Prepared
     vectors = features.new_empty((count * length, width + (-width) % 16), dtype=dtype)
     rounded = vectors[:, :channels]
     rounded.copy_(features.reshape(count * length, channels))
-    norms = torch.linalg.vector_norm(rounded, dim=-1, dtype=torch.float32).square_()
+    norms = _squared_norms(rounded)
     ones = torch.ones_like(norms)
     if dtype == torch.float32:
         parts = [norms, ones]
@@ -138,35 +142,129 @@ def _prepare(features: torch.Tensor, dtype: torch.dtype, side: str) -> _Prepared
     return _Prepared(vectors, count, length)
 
 
-def _squared_distances(a: _Prepared, b: _Prepared) -> torch.Tensor:
-    """(Ba·L, Bb·L2) squared distances, float32 or (CPU bf16) bfloat16."""
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """(R,) float32 squared norms of (R, C) rows, in blocks of rows.
+
+    Blocks keep the float32 temporary of a bfloat16 input small (cache-resident, no fresh
+    pages to fault in).
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    step = max(1, _NORM_BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        torch.linalg.vector_norm(block, dim=-1, dtype=torch.float32, out=out[start : start + step])
+    return out.square_()
+
+
+def _mirror(left: _Prepared, channels: int) -> _Prepared:
+    """The right-operand (``"b"``) vectors of the same samples as left-operand ones.
+
+    Equal to ``_prepare(features, dtype, "b")``: the rounded vectors times −2 (exact) and the
+    halves of the augmented columns swapped, without rounding or norming the samples again.
+    """
+    vectors = torch.empty_like(left.vectors)
+    torch.mul(left.vectors[:, :channels], -2, out=vectors[:, :channels])
+    extra = left.vectors[:, channels:]
+    used = 2 if left.vectors.dtype == torch.float32 else 4
+    vectors[:, channels : channels + used] = extra[:, :used].roll(used // 2, dims=1)
+    vectors[:, channels + used :] = 0
+    return _Prepared(vectors, left.count, left.length)
+
+
+def _strip(device: torch.device, block: int) -> int:
+    """Left-operand samples per GEMM.
+
+    On the CPU one sample at a time: its L × (block·L2) distance tile stays in the last-level
+    cache for the two minimum passes that follow the GEMM, and the GEMM is still large enough to
+    run at the machine's matmul peak. On an accelerator ``block`` samples (fewer, larger
+    kernels).
+    """
+    return 1 if device.type == "cpu" else block
+
+
+def _chunks(start: int, stop: int, block: int) -> list[tuple[int, int]]:
+    """Split [start, stop) into ceil(len / block) ranges of near-equal length (≤ block)."""
+    total = stop - start
+    if total <= 0:
+        return []
+    count = -(-total // block)
+    bounds = [start + (total * part) // count for part in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _squared_distances(a: _Prepared, b: _Prepared, buffer: torch.Tensor | None) -> torch.Tensor:
+    """(Ba·L, Bb·L2) squared distances, float32 or (CPU bf16) bfloat16.
+
+    Args:
+        a: left samples.
+        b: right samples.
+        buffer: flat GEMM-dtype storage of at least Ba·L·Bb·L2 elements to write the result
+            into (reused across calls: no fresh pages to fault in), or None.
+    """
     if a.vectors.is_cuda and a.vectors.dtype == torch.bfloat16:
         try:  # bf16 inputs, fp32 accumulation and fp32 output in one cuBLAS call
             return torch.mm(a.vectors, b.vectors.T, out_dtype=torch.float32)
         except (TypeError, RuntimeError):
             pass
     # float32, or bf16 inputs with fp32 accumulation and a bf16 result
-    return torch.matmul(a.vectors, b.vectors.T)
+    if buffer is None:
+        return torch.mm(a.vectors, b.vectors.T)
+    rows, cols = a.vectors.shape[0], b.vectors.shape[0]
+    return torch.mm(a.vectors, b.vectors.T, out=buffer[: rows * cols].view(rows, cols))
 
 
-def _minima(a: _Prepared, b: _Prepared, both: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row (and optionally column) minima of the distance block, as float32 distances."""
-    blocks = _squared_distances(a, b).view(a.count, a.length, b.count, b.length)
-    rows = blocks.amin(dim=-1).float().clamp_min_(0.0).sqrt_()  # (Ba, L, Bb)
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """The bits of float32/bfloat16 values as signed integers of the same width (a view).
+
+    For non-negative floats (+0 to +inf) the integer order is the float order, and every
+    negative float (−0 included) is a negative integer. Minima taken on the integers and then
+    clamped at 0 therefore equal the clamped float minima exactly; integer minima are plain
+    vector instructions, while bfloat16 minima are converted element by element on the CPU.
+    """
+    return values.view(torch.int16 if values.element_size() == 2 else torch.int32)
+
+
+def _distances(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 distances from minima of squared distances given as ``_order_keys``."""
+    return keys.view(dtype).float().clamp_min_(0.0).sqrt_()
+
+
+def _minima(
+    a: _Prepared, b: _Prepared, both: bool, buffer: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row (and optionally column) minima of the distance block, as float32 distances.
+
+    Returns:
+        (Ba, L, Bb) row minima and, with ``both``, (Bb, L2, Ba) column minima.
+    """
+    block = _squared_distances(a, b, buffer)
+    keys = _order_keys(block)
+    rows = keys.view(a.count, a.length, b.count, b.length).amin(dim=-1)
+    rows = _distances(rows, block.dtype)  # (Ba, L, Bb)
     if not both:
         return rows, None
-    cols = blocks.amin(dim=1).float().clamp_min_(0.0).sqrt_().permute(1, 2, 0)  # (Bb, L2, Ba)
+    cols = keys.view(a.count, a.length, b.count * b.length).amin(dim=1)
+    cols = _distances(cols, block.dtype).view(a.count, b.count, b.length).permute(1, 2, 0)
     return rows, cols
+
+
+def _buffer(left: _Prepared, strip: int, length: int, block: int) -> torch.Tensor | None:
+    """GEMM output storage for strips of ``strip`` samples against ``block`` samples (CPU)."""
+    if left.vectors.is_cuda:
+        return None
+    size = strip * left.length * block * length
+    return left.vectors.new_empty(size)
 
 
 def pair_minima_block(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> PairMinima:
     """Nearest-patch distances in both directions between two blocks of samples (Eq. 7).
 
-    One GEMM of (Ba·L)×C by C×(Bb·L2) gives every squared distance
-    ``||a||² + ||b||² − 2ab`` (the norms ride in two to four extra GEMM columns); minima are
-    taken on both sides, clamped at 0, and only the minima are square-rooted. In bfloat16 the
-    inputs are rounded once, the norms are computed from the rounded vectors and the products
-    are accumulated in float32.
+    Every squared distance ``||a||² + ||b||² − 2ab`` comes out of a GEMM (the norms ride in
+    two to four extra GEMM columns); minima are taken on both sides, clamped at 0, and only
+    the minima are square-rooted. In bfloat16 the inputs are rounded once, the norms are
+    computed from the rounded vectors and the products are accumulated in float32. On the CPU
+    the samples of ``a`` are multiplied with all of ``b`` one at a time (see ``_strip``), so
+    the working memory is L·Bb·L2 GEMM outputs.
 
     Args:
         a: (Ba, L, C) features.
@@ -176,8 +274,16 @@ def pair_minima_block(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> P
     Returns:
         Both directions' minima, float32, on the inputs' device.
     """
-    rows, cols = _minima(_prepare(a, dtype, "a"), _prepare(b, dtype, "b"), both=True)
-    return PairMinima(rows, cols)
+    left, right = _prepare(a, dtype, "a"), _prepare(b, dtype, "b")
+    strip = _strip(a.device, left.count)
+    buffer = _buffer(left, strip, right.length, right.count)
+    a_to_b = torch.empty((left.count, left.length, right.count), device=a.device)
+    b_to_a = torch.empty((right.count, right.length, left.count), device=a.device)
+    for s0, s1 in _chunks(0, left.count, strip):
+        rows, cols = _minima(_slice(left, s0, s1), right, True, buffer)
+        a_to_b[s0:s1] = rows
+        b_to_a[:, :, s0:s1] = cols
+    return PairMinima(a_to_b, b_to_a)
 
 
 def _slice(p: _Prepared, start: int, stop: int) -> _Prepared:
@@ -187,12 +293,13 @@ def _slice(p: _Prepared, start: int, stop: int) -> _Prepared:
 def pair_distances(features: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
     """Nearest-patch distances between all ordered pairs of samples of a batch (Eq. 7).
 
-    Every unordered pair is computed once: blocks of ``block`` samples are multiplied with the
-    blocks after them, and inside a diagonal block each sample with the samples after it.
+    Every unordered pair is computed once: a strip of samples (one on the CPU, ``block`` on an
+    accelerator; see ``_strip``) is multiplied with the samples after it, ``block`` at a
+    time, and inside a strip each sample with the samples after it.
 
     Args:
         features: (N, L, C) features of one layer.
-        block: samples per side of one GEMM block; memory ≈ ``(block * L)**2`` floats.
+        block: samples per side of one GEMM block; memory ≈ ``(block * L)**2`` floats at most.
         dtype: GEMM dtype, ``torch.float32`` or ``torch.bfloat16``.
 
     Returns:
@@ -202,16 +309,17 @@ def pair_distances(features: torch.Tensor, block: int, dtype: torch.dtype) -> to
         raise ValueError(f"block must be positive, got {block}")
     n, length, _ = features.shape
     out = torch.full((n, length, n), math.inf, dtype=torch.float32, device=features.device)
-    left, right = _prepare(features, dtype, "a"), _prepare(features, dtype, "b")
-    for s0 in range(0, n, block):
-        s1 = min(n, s0 + block)
-        for i in range(s0, s1 - 1):  # diagonal block: sample i against the ones after it
-            rows, cols = _minima(_slice(left, i, i + 1), _slice(right, i + 1, s1), True)
+    left = _prepare(features, dtype, "a")
+    right = _mirror(left, features.shape[-1])
+    strip = _strip(features.device, block)
+    buffer = _buffer(left, strip, length, block)
+    for s0, s1 in _chunks(0, n, strip):
+        for i in range(s0, s1 - 1):  # inside the strip: sample i against the ones after it
+            rows, cols = _minima(_slice(left, i, i + 1), _slice(right, i + 1, s1), True, buffer)
             out[i, :, i + 1 : s1] = rows[0]
             out[i + 1 : s1, :, i] = cols[..., 0]
-        for t0 in range(s1, n, block):
-            t1 = min(n, t0 + block)
-            rows, cols = _minima(_slice(left, s0, s1), _slice(right, t0, t1), True)
+        for t0, t1 in _chunks(s1, n, block):
+            rows, cols = _minima(_slice(left, s0, s1), _slice(right, t0, t1), True, buffer)
             out[s0:s1, :, t0:t1] = rows
             out[t0:t1, :, s0:s1] = cols
     return out
@@ -239,12 +347,12 @@ def reference_distances(
     nr = references.shape[0]
     out = torch.empty((nq, length, nr), dtype=torch.float32, device=queries.device)
     q_all, r_all = _prepare(queries, dtype, "a"), _prepare(references, dtype, "b")
-    for s0 in range(0, nq, block):
-        s1 = min(nq, s0 + block)
+    strip = _strip(queries.device, block)
+    buffer = _buffer(q_all, strip, r_all.length, block)
+    for s0, s1 in _chunks(0, nq, strip):
         q = _slice(q_all, s0, s1)
-        for t0 in range(0, nr, block):
-            t1 = min(nr, t0 + block)
-            out[s0:s1, :, t0:t1] = _minima(q, _slice(r_all, t0, t1), both=False)[0]
+        for t0, t1 in _chunks(0, nr, block):
+            out[s0:s1, :, t0:t1] = _minima(q, _slice(r_all, t0, t1), False, buffer)[0]
     return out
 
 

@@ -27,6 +27,9 @@ from musc_core.rescoring import rscon, salient_features
 
 Progress = Callable[[str, int, int], None]
 
+# Samples per Point-MAE forward pass (PointFeatureExtractor.extract_many).
+POINT_BATCH = 4
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -188,15 +191,20 @@ def features_3d(
     Returns:
         SNAMD features, one (N, G, C) tensor per layer.
     """
-    per_sample: list[list[torch.Tensor]] = []
-    for index, sample in enumerate(point_samples):
-        per_sample.append(extractor.extract(sample.points, sample.grouping, config.layers_3d))
-        _report(progress, "3D features", index + 1, len(point_samples))
+    batches: list[list[torch.Tensor]] = []
+    for start in range(0, len(point_samples), POINT_BATCH):
+        batch = point_samples[start : start + POINT_BATCH]
+        batches.append(
+            extractor.extract_many(
+                [s.points for s in batch], [s.grouping for s in batch], config.layers_3d
+            )
+        )
+        _report(progress, "3D features", start + len(batch), len(point_samples))
     centres = torch.stack([s.grouping.centres for s in point_samples])
     curvature = torch.stack([s.grouping.curvature for s in point_samples])
     layers = []
     for layer in range(len(config.layers_3d)):
-        tokens = torch.stack([feats[layer] for feats in per_sample])
+        tokens = torch.cat([feats[layer] for feats in batches])
         layers.append(
             snamd_3d(
                 tokens,

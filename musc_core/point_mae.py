@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,56 @@ HEADS = 6
 MLP_RATIO = 4
 _PREFIXES = ("module.", "MAE_encoder.", "base_model.")
 _MODEL_PARTS = ("encoder.", "pos_embed.", "blocks.", "norm.")
+# Points per chunk of the mini-PointNet: its (chunk, 512) float32 rows take 8 MB.
+_ENCODER_CHUNK_POINTS = 4096
+
+
+class _Affine(NamedTuple):
+    """Per-channel ``x · scale + shift`` (a BatchNorm folded with what precedes it)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class _Moments:
+    """Per-channel mean and biased variance of rows added chunk by chunk (Chan et al.).
+
+    Each chunk contributes its own mean and centred sum of squares, merged exactly; this is as
+    accurate as a two-pass computation and reads each chunk while it is still in cache.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add (n, C) rows."""
+        n = rows.shape[0]
+        mean = rows.mean(dim=0)
+        m2 = (rows - mean).square_().sum(dim=0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+    def variance(self) -> torch.Tensor:
+        """Biased variance (divisor = number of rows)."""
+        if self.m2 is None:
+            raise ValueError("no rows were added")
+        return self.m2 / self.count
+
+
+def _normalization(
+    norm: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, offset: torch.Tensor
+) -> _Affine:
+    """BatchNorm with the given statistics applied to ``x + offset``, as ``x · scale + shift``."""
+    scale = torch.rsqrt(var + norm.eps) * norm.weight
+    return _Affine(scale, norm.bias + (offset - mean) * scale)
 
 
 class Encoder(nn.Module):
@@ -39,8 +90,19 @@ class Encoder(nn.Module):
     ``first_conv`` (Conv1d 3→128, BatchNorm, ReLU, Conv1d 128→256) runs on every point; the
     per-group max is concatenated to every point's features (global first, 512 channels);
     ``second_conv`` (Conv1d 512→512, BatchNorm, ReLU, Conv1d 512→384) runs on every point and
-    the per-group max is the token. The 1-wide convolutions are evaluated as matrix products on
-    channels-last tensors, and the global half of the first 512→512 product once per group.
+    the per-group max is the token.
+
+    Evaluation (same function, fewer passes over memory): the 1-wide convolutions are matrix
+    products on channels-last rows, the global half of the 512→512 product runs once per
+    group, and every bias before a BatchNorm is folded into that BatchNorm's shift (a
+    per-channel constant only moves the mean; the bias of the last product is added after the
+    max-pool). The first BatchNorm's statistics follow exactly from the mean and covariance of
+    the input coordinates (the first product is linear in them), so it becomes a scaled first
+    product. The rows are processed in chunks of groups that stay in cache; with per-sample
+    statistics, the 512-channel activations of one sample are kept in a buffer (shared by the
+    samples of a batch) until their statistics are complete. The encoder always computes in
+    float32, also under autocast: its per-sample statistics of small relative coordinates are
+    too sensitive for bfloat16.
     """
 
     def __init__(self, channels: int = WIDTH) -> None:
@@ -56,51 +118,111 @@ class Encoder(nn.Module):
             nn.Conv1d(512, channels, 1),
         )
 
-    @staticmethod
-    def _batchnorm_relu(x: torch.Tensor, norm: nn.BatchNorm1d, mode: str) -> torch.Tensor:
-        """BatchNorm over (B, G, K, C) then ReLU, in place.
+    def _first_affine(self, points: torch.Tensor, mode: str) -> _Affine:
+        """BatchNorm 1 folded with the first product: ``relu(p @ W1ᵀ · scale + shift)``.
 
-        ``"sample"``: each sample's mean and biased variance over its G·K points (what a
-        train-mode BatchNorm computes for a batch of one sample); ``"running"``: the module's
-        running statistics. Always computed in float32, so that under bfloat16 autocast only
-        the matrix products run in bfloat16.
+        With per-sample statistics, y = W1 p + b1 has mean W1 μ + b1 and per-channel variance
+        w_c Σ w_cᵀ, with μ and Σ the mean and (biased) covariance of the sample's coordinates,
+        computed in float64.
         """
-        x = x.float()  # statistics in float32 also under bfloat16 autocast (no copy in fp32)
-        if mode == "sample":
-            # Two passes (mean, then the mean square of the centred values): as accurate as
-            # var_mean and about twice as fast on the CPU for these channels-last tensors.
-            x.sub_(x.mean(dim=(1, 2), keepdim=True))
-            var = x.square().mean(dim=(1, 2), keepdim=True)
-            return x.mul_(torch.rsqrt(var + norm.eps) * norm.weight).add_(norm.bias).relu_()
-        scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
-        shift = norm.bias - norm.running_mean * scale
-        return x.mul_(scale).add_(shift).relu_()
+        conv, norm = self.first_conv[0], self.first_conv[1]
+        weight = conv.weight[:, :, 0]
+        if mode == "running":
+            return _normalization(norm, norm.running_mean, norm.running_var, conv.bias)
+        coords = points.reshape(-1, 3).double()
+        mu = coords.mean(dim=0)
+        centred = coords - mu
+        cov = centred.T @ centred / coords.shape[0]
+        w64 = weight.double()
+        mean = (w64 @ mu).float()
+        var = ((w64 @ cov) * w64).sum(dim=1).float()
+        return _normalization(norm, mean, var, torch.zeros_like(mean))
+
+    def _local(self, points: torch.Tensor, first: _Affine, bn2_input: torch.Tensor) -> None:
+        """Write the second BatchNorm's input (without its constant offset) for a chunk.
+
+        Args:
+            points: (g, K, 3) coordinates of a chunk of groups.
+            first: the folded first BatchNorm.
+            bn2_input: (g·K, 512) output rows.
+        """
+        g, k, _ = points.shape
+        conv1, conv2 = self.first_conv[0], self.first_conv[3]
+        conv3 = self.second_conv[0]
+        half = conv2.out_channels
+        weight1 = conv1.weight[:, :, 0] * first.scale[:, None]
+        hidden = torch.addmm(first.shift, points.reshape(-1, 3), weight1.T).relu_()
+        local = torch.mm(hidden, conv2.weight[:, :, 0].T)  # (g·K, 256), bias folded later
+        pooled = local.view(g, k, half).amax(dim=1)
+        weight3 = conv3.weight[:, :, 0]
+        torch.mm(local, weight3[:, half:].T, out=bn2_input)
+        bn2_input.view(g, k, -1).add_(torch.mm(pooled, weight3[:, :half].T).unsqueeze(1))
+
+    def _second_offset(self) -> torch.Tensor:
+        """(512,) constant the folded biases add to the second BatchNorm's input."""
+        conv2, conv3 = self.first_conv[3], self.second_conv[0]
+        weight3 = conv3.weight[:, :, 0]
+        # local and its group max both carry conv2's bias; conv3 sees it on both halves.
+        return weight3 @ torch.cat([conv2.bias, conv2.bias]) + conv3.bias
+
+    def _tokens(self, rows: torch.Tensor, second: _Affine, groups: int) -> torch.Tensor:
+        """Second BatchNorm, ReLU, last product and max-pool of a chunk: (g, C), no bias."""
+        conv4 = self.second_conv[3]
+        hidden = torch.addcmul(second.shift, rows, second.scale, out=rows).relu_()
+        out = torch.mm(hidden, conv4.weight[:, :, 0].T)
+        return out.view(groups, -1, out.shape[-1]).amax(dim=1)
+
+    def _encode(self, points: torch.Tensor, mode: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Tokens of one sample's (G, K, 3) groups: (G, C)."""
+        g, k, _ = points.shape
+        width = self.second_conv[0].out_channels
+        step = max(1, _ENCODER_CHUNK_POINTS // k)
+        first = self._first_affine(points, mode)
+        offset = self._second_offset()
+        tokens = points.new_empty((g, self.channels))
+        if mode == "running":
+            norm = self.second_conv[1]
+            second = _normalization(norm, norm.running_mean, norm.running_var, offset)
+            rows = points.new_empty((min(step, g) * k, width))
+            for start in range(0, g, step):
+                chunk = points[start : start + step]
+                part = rows[: chunk.shape[0] * k]
+                self._local(chunk, first, part)
+                tokens[start : start + step] = self._tokens(part, second, chunk.shape[0])
+            return tokens + self.second_conv[3].bias
+        if buffer is None:
+            raise ValueError("per-sample statistics need a (G·K, 512) buffer")
+        moments = _Moments()
+        for start in range(0, g, step):
+            chunk = points[start : start + step]
+            part = buffer[start * k : (start + chunk.shape[0]) * k]
+            self._local(chunk, first, part)
+            moments.add(part)
+        # With the sample's own statistics the constant offset cancels out.
+        mean = moments.mean
+        second = _normalization(self.second_conv[1], mean, moments.variance(), mean.new_zeros(()))
+        for start in range(0, g, step):
+            size = min(step, g - start)
+            part = buffer[start * k : (start + size) * k]
+            tokens[start : start + size] = self._tokens(part, second, size)
+        return tokens + self.second_conv[3].bias
 
     def forward(self, groups: torch.Tensor, batchnorm: str = "sample") -> torch.Tensor:
         """Tokens of point groups.
 
         Args:
             groups: (B, G, K, 3) point coordinates relative to their group centre.
-            batchnorm: ``"sample"`` or ``"running"``.
+            batchnorm: ``"sample"`` (each sample's own statistics) or ``"running"``.
 
         Returns:
-            (B, G, C) group tokens.
+            (B, G, C) group tokens, float32.
         """
-        conv1, norm1, _, conv2 = self.first_conv
-        conv3, norm2, _, conv4 = self.second_conv
-        half = conv2.out_channels
-        x = F.linear(groups, conv1.weight.squeeze(-1), conv1.bias)  # (B, G, K, 128)
-        x = self._batchnorm_relu(x, norm1, batchnorm)
-        local = F.linear(x, conv2.weight.squeeze(-1), conv2.bias)  # (B, G, K, 256)
-        pooled = local.amax(dim=2)  # (B, G, 256)
-        weight3 = conv3.weight.squeeze(-1)
-        # second_conv[0] on cat([global, local]): the global half is constant within a group.
-        x = F.linear(local, weight3[:, half:]).float()
-        x += F.linear(pooled, weight3[:, :half], conv3.bias).float().unsqueeze(2)
-        del local
-        x = self._batchnorm_relu(x, norm2, batchnorm)
-        x = F.linear(x, conv4.weight.squeeze(-1), conv4.bias)  # (B, G, K, C)
-        return x.amax(dim=2)
+        batch, g, k, _ = groups.shape
+        with torch.autocast(groups.device.type, enabled=False):
+            groups = groups.float()
+            width = self.second_conv[0].out_channels
+            buffer = groups.new_empty((g * k, width)) if batchnorm == "sample" else None
+            return torch.stack([self._encode(groups[i], batchnorm, buffer) for i in range(batch)])
 
 
 class Attention(nn.Module):
@@ -360,15 +482,44 @@ class PointFeatureExtractor:
             One (G, C) float32 tensor per layer, on the model's device (inputs elsewhere are
             moved there).
         """
+        return [t[0] for t in self.extract_many([points], [grouping], layers)]
+
+    @torch.inference_mode()
+    def extract_many(
+        self, points: Sequence[torch.Tensor], groupings: Sequence[Grouping], layers: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Group tokens of several samples in one forward pass.
+
+        The same as :meth:`extract` per sample (BatchNorm statistics stay per sample), but the
+        encoder's working buffer is shared by the samples and the transformer multiplies the
+        tokens of all samples together: on the CPU a batch of a few samples is faster per
+        sample than one at a time.
+
+        Args:
+            points: B tensors (P_b, 3), the samples' foreground points (P_b may differ).
+            groupings: their groups, all with the same G and K.
+            layers: 1-based block numbers, e.g. (4, 8, 12).
+
+        Returns:
+            One (B, G, C) float32 tensor per layer, on the model's device.
+        """
+        if len(points) != len(groupings) or not points:
+            raise ValueError(f"{len(points)} point sets for {len(groupings)} groupings")
         device = self.device
-        points = points.to(device=device, dtype=torch.float32)
-        members = grouping.members.to(device)
-        centres = grouping.centres.to(device=device, dtype=torch.float32)
-        neighbourhood = points[members] - centres.unsqueeze(1)  # (G, K, 3)
+        neighbourhoods, centres = [], []
+        for sample_points, grouping in zip(points, groupings, strict=True):
+            sample_points = sample_points.to(device=device, dtype=torch.float32)
+            sample_centres = grouping.centres.to(device=device, dtype=torch.float32)
+            members = grouping.members.to(device)
+            neighbourhoods.append(sample_points[members] - sample_centres.unsqueeze(1))
+            centres.append(sample_centres)
+        shapes = {tuple(n.shape) for n in neighbourhoods}
+        if len(shapes) != 1:
+            raise ValueError(f"samples must share G and K to be batched, got {sorted(shapes)}")
         tokens = self.model.forward_intermediates(
-            neighbourhood.unsqueeze(0), centres.unsqueeze(0), layers
+            torch.stack(neighbourhoods), torch.stack(centres), layers
         )
-        return [t[0].float() for t in tokens]
+        return [t.float() for t in tokens]
 
     def to(self, device: torch.device | str) -> PointFeatureExtractor:
         """Move the model to a device; returns self."""

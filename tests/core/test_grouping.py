@@ -262,3 +262,73 @@ def test_group_points_needs_enough_points():
         group_points(torch.rand(200, 3), 64, 128, 80, 0.01)
     with pytest.raises(ValueError, match="needs at least 1024 foreground points, got 1000"):
         group_points(torch.rand(1000, 3), 1024, 128, 80, 0.01)
+
+
+def _surface(n, seed):
+    """A bumpy height field with a step: a scan-like surface (the grid search's usual input)."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * 2 - 1
+    z = 0.2 * torch.sin(3 * xy[:, 0]) * torch.cos(2 * xy[:, 1]) + 0.1 * (xy[:, 0] > 0.3)
+    return torch.cat([xy, z[:, None] + 0.002 * torch.randn(n, 1, generator=gen)], dim=1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_knn_grid_search_equals_brute_force(monkeypatch, k):
+    monkeypatch.setattr(grouping, "_GRID_MIN_PAIRS", 0)  # always search the grid
+    points = _surface(3000, seed=10 + k)
+    queries = torch.cat([points[::37], _surface(50, seed=99) * 1.3])  # some outside the cloud
+    got = knn(queries, points, k)
+    want = grouping._knn_brute(queries, points, k)
+    assert torch.equal(got.index, want.index)
+    assert torch.equal(got.sq_dist, want.sq_dist)
+    for q in range(0, queries.shape[0], 17):
+        assert got.index[q].tolist() == literal_knn(queries[q].tolist(), points.tolist(), k)
+
+
+@pytest.mark.parametrize("radii", [(1,), (1, 2, 3)])
+def test_knn_grid_search_falls_back_exactly_for_sparse_regions(monkeypatch, radii):
+    # A dense sheet and a few far points: the far queries never settle inside a small square.
+    monkeypatch.setattr(grouping, "_GRID_MIN_PAIRS", 0)
+    monkeypatch.setattr(grouping, "_GRID_RADII", radii)
+    points = torch.cat([_surface(2000, seed=3), torch.tensor([[3.0, 3.0, 1.0], [-3.0, 2.5, 0.0]])])
+    queries = torch.cat([points[::50], points[-2:]])
+    got = knn(queries, points, 25)
+    want = grouping._knn_brute(queries, points, 25)
+    assert torch.equal(got.index, want.index) and torch.equal(got.sq_dist, want.sq_dist)
+
+
+def test_knn_grid_search_breaks_exact_ties_by_index(monkeypatch):
+    # Integer grid in a volume, shuffled, with duplicates: many equal distances at the k-th place.
+    monkeypatch.setattr(grouping, "_GRID_MIN_PAIRS", 0)
+    g = torch.arange(9, dtype=torch.float32)
+    points = torch.cartesian_prod(g, g, g[:4])
+    points = torch.cat([points, points[::7]])  # exact duplicates with higher indices
+    points = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(1))]
+    queries = torch.cat([points[:40], points[:10] + 0.5])
+    for k in (1, 6, 19, 33):
+        got = knn(queries, points, k)
+        want = grouping._knn_brute(queries, points, k)
+        assert torch.equal(got.index, want.index), k
+        for q in range(0, queries.shape[0], 7):
+            assert got.index[q].tolist() == literal_knn(queries[q].tolist(), points.tolist(), k)
+
+
+def test_smallest_k_orders_equal_values_by_id():
+    dist = torch.tensor([[3.0, 1.0, 1.0, 2.0, 1.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    ids = torch.tensor([[9, 8, 2, 7, 5, 4], [0, 1, 2, 3, 4, 5]])
+    values, index = grouping._smallest_k(dist, 3, ids)
+    assert index.tolist() == [[4, 2, 5], [5, 4, 3]]
+    assert values.tolist() == [[0.0, 1.0, 1.0], [0.0, 1.0, 2.0]]
+    values, index = grouping._smallest_k(dist, 3)  # ids = columns
+    assert index.tolist() == [[5, 1, 2], [5, 4, 3]]
+
+
+def test_fps_ties_pick_the_lowest_index_across_blocks(monkeypatch):
+    # Integer grid: equal farthest distances everywhere; blocks of 16 points split the ties.
+    monkeypatch.setattr(grouping, "_FPS_BLOCK", 16)
+    g = torch.arange(5, dtype=torch.float64)
+    points = torch.cartesian_prod(g, g, g[:3])
+    points = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(2))]
+    got = farthest_point_sample(points, 30)
+    assert got.tolist() == literal_fps(points.tolist(), 30)
+    assert farthest_point_sample(points[:7], 7).tolist() == literal_fps(points[:7].tolist(), 7)

@@ -173,3 +173,64 @@ def test_interval_average_k_follows_interval_count():
         k = max(1, math.floor(0.3 * r + 1e-9))
         want = d.sort(dim=-1).values[..., :k].mean(-1)
         torch.testing.assert_close(interval_average(d, 0.3), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_integer_minima_equal_clamped_float_minima(dtype):
+    torch.manual_seed(7)
+    values = torch.randn(6, 50).to(dtype) * torch.logspace(-30, 3, 50).to(dtype)
+    values[0, :10] = -0.0
+    values[1] = values[1].abs()
+    values[2, 5] = math.inf
+    values[3] = -values[3].abs()  # all negative: rounding residue of near-duplicates
+    keys = mutual_scoring._order_keys(values)
+    got = mutual_scoring._distances(keys.amin(dim=1), dtype)
+    want = values.float().amin(dim=1).clamp_min(0.0).sqrt()
+    assert torch.equal(got, want)
+
+
+def test_chunks_cover_the_range_with_near_equal_parts():
+    assert mutual_scoring._chunks(3, 3, 4) == []
+    assert mutual_scoring._chunks(0, 9, 8) == [(0, 4), (4, 9)]
+    assert mutual_scoring._chunks(2, 10, 4) == [(2, 6), (6, 10)]
+    for start, stop, block in [(0, 40, 8), (5, 39, 7), (1, 2, 3)]:
+        parts = mutual_scoring._chunks(start, stop, block)
+        assert parts[0][0] == start and parts[-1][1] == stop
+        assert all(a1 == b0 for (_, a1), (b0, _) in zip(parts, parts[1:], strict=False))
+        sizes = [b - a for a, b in parts]
+        assert max(sizes) <= block and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_strips_equal_the_accelerator_block_layout(monkeypatch, dtype):
+    """One sample per GEMM (CPU) and blocks of samples per GEMM (accelerators) agree."""
+    torch.manual_seed(8)
+    features = F.normalize(torch.randn(7, 9, 12), dim=-1)
+    queries, refs = features[:3], features[3:]
+    strips = [
+        pair_distances(features, 3, dtype),
+        reference_distances(queries, refs, 2, dtype),
+        pair_minima_block(queries, refs, dtype),
+    ]
+    monkeypatch.setattr(mutual_scoring, "_strip", lambda device, block: block)
+    blocks = [
+        pair_distances(features, 3, dtype),
+        reference_distances(queries, refs, 2, dtype),
+        pair_minima_block(queries, refs, dtype),
+    ]
+    for got, want in zip(strips[:2] + list(strips[2]), blocks[:2] + list(blocks[2]), strict=True):
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mirrored_right_operand_equals_a_fresh_one(monkeypatch, dtype):
+    torch.manual_seed(9)
+    features = torch.randn(3, 5, 13) * 4
+    monkeypatch.setattr(mutual_scoring, "_NORM_BLOCK_ELEMENTS", 20)  # norms in blocks of rows
+    left = mutual_scoring._prepare(features, dtype, "a")
+    fresh = mutual_scoring._prepare(features, dtype, "b")
+    mirrored = mutual_scoring._mirror(left, 13)
+    assert torch.equal(mirrored.vectors, fresh.vectors)
+    monkeypatch.undo()
+    assert torch.equal(mutual_scoring._prepare(features, dtype, "a").vectors, left.vectors)

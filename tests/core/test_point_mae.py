@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from musc_core import point_mae
 from musc_core.grouping import Grouping
 from musc_core.point_mae import (
     PointFeatureExtractor,
@@ -228,3 +229,47 @@ def test_extract_gathers_relative_neighbourhoods(model):
     assert [tuple(t.shape) for t in got] == [(12, 384), (12, 384)]
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e[0])
+
+
+@pytest.mark.parametrize("batchnorm", ["sample", "running"])
+def test_extract_many_equals_extract_per_sample(model, batchnorm):
+    m = copy.deepcopy(model)
+    m.batchnorm = batchnorm
+    extractor = PointFeatureExtractor(m)
+    gen = torch.Generator().manual_seed(4)
+    points, groupings = [], []
+    for count, scale in ((150, 1.0), (230, 3.0), (180, 0.2)):
+        p = torch.randn(count, 3, generator=gen) * scale
+        members = torch.stack([torch.randperm(count, generator=gen)[:8] for _ in range(12)])
+        centre_index = members[:, 0]
+        points.append(p)
+        groupings.append(Grouping(centre_index, p[centre_index], members, torch.zeros(12)))
+    batched = extractor.extract_many(points, groupings, (2, 12))
+    assert [tuple(t.shape) for t in batched] == [(3, 12, 384)] * 2
+    for b in range(3):
+        alone = extractor.extract(points[b], groupings[b], (2, 12))
+        for got, want in zip(batched, alone, strict=True):
+            torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        extractor.extract_many(points[:2], groupings, (2,))
+
+
+@pytest.mark.parametrize("batchnorm", ["sample", "running"])
+def test_encoder_chunks_do_not_change_the_tokens(model, monkeypatch, batchnorm):
+    neighbourhood, _ = _inputs(batch=2, groups=16, k=8)
+    m = copy.deepcopy(model)
+    with torch.inference_mode():
+        whole = m.encoder(neighbourhood, batchnorm)
+        monkeypatch.setattr(point_mae, "_ENCODER_CHUNK_POINTS", 24)  # 3 groups per chunk
+        chunked = m.encoder(neighbourhood, batchnorm)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_stays_float32_under_bfloat16_autocast(model):
+    neighbourhood, _ = _inputs(batch=2)
+    with torch.inference_mode():
+        exact = model.encoder(neighbourhood, "sample")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = model.encoder(neighbourhood, "sample")
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, exact, rtol=0, atol=0)

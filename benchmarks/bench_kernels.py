@@ -1,0 +1,495 @@
+"""Kernel benchmarks of musc_core against this machine's measured matmul peak.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_kernels --out benchmarks/out/kernels.json
+
+Every model uses random weights: the figures are timings only, never accuracy. Each timing is
+repeated (``--repeat``) after one warm-up run; the table shows the median and the best run, the
+JSON keeps every run. Targets are judged on the median. On a machine shared with other jobs the
+best run is the better estimate of what the kernel can do, the median of what a job sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from musc_core import grouping as grouping_module
+from musc_core.aggregation import snamd_2d, snamd_3d
+from musc_core.anomaly_maps import map_3d
+from musc_core.config import MuscConfig
+from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.mutual_scoring import (
+    _cpu_has_fast_bf16,
+    pair_distances,
+    pair_minima_block,
+)
+from musc_core.pipeline import PointSample, prepare_points, vit_autocast
+from musc_core.point_mae import PointFeatureExtractor, load_point_mae
+
+RANDOM_NOTE = "random weights: timing only"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SECTIONS = ("pairs", "grouping", "map3d", "snamd", "vit", "pointmae")
+TARGETS = {
+    "pair_ratio": 0.70,
+    "grouping_s": 0.10,
+    "map_3d_s": 0.05,
+    "snamd_2d_s": 0.05,
+    "vit_ratio": 0.70,
+    "point_mae_ratio": 0.70,
+}
+
+
+def measure(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> dict[str, Any]:
+    """Wall seconds of ``fn()``: median, best and every run after ``warmup`` warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(runs), "best_s": min(runs), "runs_s": runs}
+
+
+def rate(flops: float, timing: dict[str, Any], peak: float | None) -> dict[str, Any]:
+    """GFLOP/s at the median and best run, and the median's ratio to a peak in GFLOP/s."""
+    out = {
+        "gflop": flops / 1e9,
+        "gflops_median": flops / timing["median_s"] / 1e9,
+        "gflops_best": flops / timing["best_s"] / 1e9,
+    }
+    if peak:
+        out["ratio_median"] = out["gflops_median"] / peak
+        out["ratio_best"] = out["gflops_best"] / peak
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """Torch version, threads, CPU capability and model name."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": model,
+        "fast_bf16": _cpu_has_fast_bf16(),
+        "load_average_start": os.getloadavg(),
+        "note": RANDOM_NOTE,
+    }
+
+
+def bench_peak(sizes: Sequence[int], repeat: int) -> dict[str, Any]:
+    """torch.mm of square matrices per dtype and size; the peak is the best run's GFLOP/s."""
+    out: dict[str, Any] = {}
+    for name, dtype in DTYPES.items():
+        entries = {}
+        for size in sizes:
+            a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+            timing = measure(lambda a=a, b=b: torch.mm(a, b), repeat)
+            entries[str(size)] = {"size": size, **timing, **rate(2.0 * size**3, timing, None)}
+        best = max(entries.values(), key=lambda e: e["gflops_best"])
+        out[name] = {**best, "by_size": entries, "peak_gflops": best["gflops_best"]}
+    return out
+
+
+def merge_peaks(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """The better of two peak measurements per dtype (noise from other jobs only slows)."""
+    return {name: max(first[name], second[name], key=lambda e: e["peak_gflops"]) for name in first}
+
+
+def unit_features(n: int, length: int, channels: int, seed: int) -> torch.Tensor:
+    """(n, L, C) unit-norm random features, like SNAMD outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, length, channels, generator=gen), dim=-1)
+
+
+def bench_pairs(
+    n: int, block: int, repeat: int, peaks: dict[str, float], shapes: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
+    """pair_distances over N samples and pair_minima_block of block×block samples.
+
+    FLOPs count each unordered pair once: ``N(N−1)/2 · 2·L²·C``.
+    """
+    out: dict[str, Any] = {}
+    for shape_name, (length, channels) in shapes.items():
+        features = unit_features(n, length, channels, seed=length)
+        per_pair = 2.0 * length * length * channels
+        for name, dtype in DTYPES.items():
+            timing = measure(lambda f=features, d=dtype: pair_distances(f, block, d), repeat)
+            out[f"pair_distances/{shape_name}/{name}"] = {
+                "n": n,
+                "block": block,
+                "length": length,
+                "channels": channels,
+                **timing,
+                **rate(n * (n - 1) / 2 * per_pair, timing, peaks[name]),
+            }
+            a, b = features[:block], features[block : 2 * block]
+            timing = measure(lambda a=a, b=b, d=dtype: pair_minima_block(a, b, d), repeat)
+            out[f"pair_minima_block/{shape_name}/{name}"] = {
+                "block": block,
+                "length": length,
+                "channels": channels,
+                **timing,
+                **rate(block * block * per_pair, timing, peaks[name]),
+            }
+    return out
+
+
+def synthetic_xyz(size: int, seed: int) -> torch.Tensor:
+    """An organized (S, S, 3) scan of a ring-shaped part with a step, a bump and sensor noise.
+
+    About 60 % of the pixels hold a point (≈ 31k at 224 px): a torus-like ring whose outer
+    third is raised by a step, a small bump (a defect), and 0.5 ‰ of Gaussian depth noise, so
+    that a realistic share of group centres lies on curved or broken surfaces (IPG).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1.0, 1.0, size)
+    v, u = torch.meshgrid(axis, axis, indexing="ij")
+    radius = torch.sqrt(u**2 + v**2)
+    inside = (radius > 0.3) & (radius < 0.95)
+    tube = (radius - 0.625) / 0.325
+    z = 0.25 * torch.sqrt((1.0 - tube**2).clamp_min(0.0)) + 0.05 * (radius > 0.8)
+    z = z + 0.04 * torch.exp(-((u - 0.4) ** 2 + (v - 0.3) ** 2) / 0.003)
+    z = z + 5e-4 * torch.randn(size, size, generator=gen) + 1.0
+    xyz = torch.stack([u, v, z], dim=-1)
+    return torch.where(inside[..., None], xyz, torch.zeros(()))
+
+
+def bench_grouping(config: MuscConfig, repeat: int) -> tuple[dict[str, Any], PointSample]:
+    """prepare_points (foreground, normalization, FPS, KNN, curvature, IPG) of one sample."""
+    xyz = synthetic_xyz(config.image_size, seed=0)
+    sample = prepare_points(xyz, config)
+    points = sample.points
+    timing = measure(lambda: prepare_points(xyz, config), repeat)
+    g = config.num_groups
+    k = config.group_size
+    fps = measure(lambda: grouping_module.farthest_point_sample(points, g), repeat)
+    centre_index = sample.grouping.centre_index
+    search = measure(lambda: grouping_module.knn(points[centre_index], points, 2 * k), repeat)
+    space = grouping_module.knn(points[centre_index], points, 2 * k).index
+    space = grouping_module._centre_first(space, centre_index)
+    curvature = grouping_module.centre_curvature(points, centre_index, space, k)
+    ipg = measure(
+        lambda: grouping_module.iterative_point_grouping(
+            points, space, curvature, k, config.ipg_step, config.curvature_threshold
+        ),
+        repeat,
+    )
+    return {
+        "grouping": {
+            "points": int(points.shape[0]),
+            "groups": g,
+            "group_size": k,
+            "ipg_step": config.ipg_step,
+            "ipg_fraction": float((curvature >= config.curvature_threshold).float().mean()),
+            **timing,
+            "target_s": TARGETS["grouping_s"],
+            "parts_median_s": {
+                "fps": fps["median_s"],
+                "knn_2k": search["median_s"],
+                "ipg": ipg["median_s"],
+            },
+        }
+    }, sample
+
+
+def bench_map3d(sample: PointSample, config: MuscConfig, repeat: int) -> dict[str, Any]:
+    """3D→pixel map (IDW from the 3 nearest centres + blur) of one sample."""
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(config.num_groups, generator=gen)
+    grouping = sample.grouping
+
+    def run() -> torch.Tensor:
+        return map_3d(
+            scores,
+            grouping.centres,
+            sample.points,
+            sample.pixel_index,
+            config.image_size,
+            config.map_blur_sigma,
+        )
+
+    timing = measure(run, repeat)
+    return {
+        "map_3d": {"points": int(sample.points.shape[0]), **timing, "target_s": TARGETS["map_3d_s"]}
+    }
+
+
+def bench_snamd(sample: PointSample, config: MuscConfig, n: int, repeat: int) -> dict[str, Any]:
+    """2D SNAMD (784×768, all layers) and 3D SNAMD (1024×384, all layers) per sample."""
+    layers = len(config.layers_2d)
+    tokens_2d = torch.randn(n, 784, 768, generator=torch.Generator().manual_seed(2))
+    timing_2d = measure(
+        lambda: [snamd_2d(tokens_2d, 28, config.aggregation_degrees) for _ in range(layers)],
+        repeat,
+    )
+    g = config.num_groups
+    tokens_3d = torch.randn(n, g, 384, generator=torch.Generator().manual_seed(3))
+    centres = sample.grouping.centres.expand(n, -1, -1).contiguous()
+    curvature = sample.grouping.curvature.expand(n, -1).contiguous()
+    timing_3d = measure(
+        lambda: [
+            snamd_3d(
+                tokens_3d,
+                centres,
+                curvature,
+                config.aggregation_degrees,
+                config.curvature_threshold,
+            )
+            for _ in range(layers)
+        ],
+        repeat,
+    )
+    per = {"median_s": 1.0 / n, "best_s": 1.0 / n}
+    return {
+        "snamd_2d": {
+            "n": n,
+            "layers": layers,
+            "shape": [784, 768],
+            **timing_2d,
+            "per_sample_median_s": timing_2d["median_s"] * per["median_s"],
+            "per_sample_best_s": timing_2d["best_s"] * per["best_s"],
+            "target_s": TARGETS["snamd_2d_s"],
+        },
+        "snamd_3d": {
+            "n": n,
+            "layers": layers,
+            "shape": [g, 384],
+            **timing_3d,
+            "per_sample_median_s": timing_3d["median_s"] * per["median_s"],
+            "per_sample_best_s": timing_3d["best_s"] * per["best_s"],
+        },
+    }
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call, counted by torch's FlopCounterMode (matmuls, convs, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_vit(config: MuscConfig, batch: int, repeat: int, peaks: dict[str, float]) -> dict:
+    """ViT-B/8 forward_intermediates of a batch, bf16 autocast (pipeline's) and float32."""
+    extractor = ViTFeatureExtractor.create("vit_base_patch8_224.dino", "random", 224)
+    images = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    flops = count_flops(lambda: extractor.extract(images[:1], config.layers_2d)) * batch
+    out = {}
+    for name in DTYPES:
+        run_config = MuscConfig(vit_dtype=name)
+
+        def run(c: MuscConfig = run_config) -> list[torch.Tensor]:
+            with vit_autocast(c, images.device):
+                return extractor.extract(images, c.layers_2d, batch_size=batch)
+
+        timing = measure(run, repeat)
+        out[f"vit/{name}"] = {
+            "model": "vit_base_patch8_224.dino",
+            "weights": RANDOM_NOTE,
+            "batch": batch,
+            **timing,
+            **rate(flops, timing, peaks[name]),
+            "images_per_s_median": batch / timing["median_s"],
+            "target_ratio": TARGETS["vit_ratio"],
+        }
+    return out
+
+
+def bench_point_mae(
+    samples: Sequence[PointSample], config: MuscConfig, repeat: int, peaks: dict[str, float]
+) -> dict[str, Any]:
+    """Point-MAE encoder + 12 blocks, float32: one sample per call and a batch per call."""
+    extractor = PointFeatureExtractor(load_point_mae(None, True, "sample"), weights="random")
+    first = samples[0]
+
+    def single() -> list[torch.Tensor]:
+        return extractor.extract(first.points, first.grouping, config.layers_3d)
+
+    def batch() -> list[torch.Tensor]:
+        return extractor.extract_many(
+            [s.points for s in samples], [s.grouping for s in samples], config.layers_3d
+        )
+
+    runs = [("extract", single, 1)]
+    if hasattr(extractor, "extract_many"):  # absent before the batched API (older revisions)
+        runs.append(("extract_many", batch, len(samples)))
+    out = {}
+    for name, fn, count in runs:
+        flops = count_flops(fn)
+        timing = measure(fn, repeat)
+        out[f"point_mae/{name}/float32"] = {
+            "weights": RANDOM_NOTE,
+            "samples_per_call": count,
+            **timing,
+            **rate(flops, timing, peaks["float32"]),
+            "per_sample_median_s": timing["median_s"] / count,
+            "per_sample_best_s": timing["best_s"] / count,
+            "target_ratio": TARGETS["point_mae_ratio"],
+        }
+    return out
+
+
+def refresh_ratios(kernels: dict[str, Any], peaks: dict[str, float]) -> None:
+    """Recompute every entry's ratio to the peak of its dtype (the key's last part)."""
+    for name, entry in kernels.items():
+        if "ratio_median" in entry:
+            dtype = name.rsplit("/", 1)[-1]
+            entry["peak_gflops"] = peaks[dtype]
+            entry["ratio_median"] = entry["gflops_median"] / peaks[dtype]
+            entry["ratio_best"] = entry["gflops_best"] / peaks[dtype]
+
+
+def _row(name: str, entry: dict[str, Any]) -> str:
+    median, best = entry.get("median_s"), entry.get("best_s")
+    if "per_sample_median_s" in entry:
+        median, best = entry["per_sample_median_s"], entry["per_sample_best_s"]
+    parts = [f"{name:<38}", f"{median:10.4f}", f"{best:10.4f}"]
+    if "gflops_median" in entry:
+        parts.append(f"{entry['gflops_median']:9.1f} {entry['gflops_best']:9.1f}")
+    else:
+        parts.append(" " * 19)
+    if "ratio_median" in entry:
+        parts.append(f"{100 * entry['ratio_median']:6.1f}% {100 * entry['ratio_best']:6.1f}%")
+    else:
+        parts.append(" " * 15)
+    extra = []
+    if "images_per_s_median" in entry:
+        extra.append(f"{entry['images_per_s_median']:.2f} img/s")
+    if "target_s" in entry:
+        extra.append(
+            f"target <= {entry['target_s']} s: {'OK' if median <= entry['target_s'] else 'MISS'}"
+        )
+    for key in ("target_ratio",):
+        if key in entry:
+            ok = entry["ratio_median"] >= entry[key]
+            extra.append(f"target >= {100 * entry[key]:.0f}%: {'OK' if ok else 'MISS'}")
+    if name.startswith("pair") and "ratio_median" in entry:
+        ok = entry["ratio_median"] >= TARGETS["pair_ratio"]
+        extra.append(f"target >= 70%: {'OK' if ok else 'MISS'}")
+    return " ".join(parts) + "  " + "; ".join(extra)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """Readable summary: seconds (per sample where it applies), GFLOP/s, ratio to peak."""
+    print(f"musc kernel benchmarks — {RANDOM_NOTE}")
+    info = results["machine"]
+    print(
+        f"torch {info['torch']}, {info['threads']} threads, {info['cpu_model']}, "
+        f"capability {info['cpu_capability']}, fast bf16: {info['fast_bf16']}, load average "
+        f"{info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end"
+    )
+    header = f"{'kernel':<38} {'median s':>10} {'best s':>10} {'GF/s med':>9} {'GF/s best':>9}"
+    print(header + f" {'%peak med':>7} {'best':>7}")
+    for name, entry in results["kernels"].items():
+        print(_row(name, entry))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command line: output path, repeats, sample count and which sections to run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/kernels.json"))
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per kernel")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--samples", type=int, default=40, help="N for pair_distances")
+    parser.add_argument("--block", type=int, default=MuscConfig().pair_block)
+    parser.add_argument("--peak-sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--vit-batch", type=int, default=8)
+    parser.add_argument("--snamd-samples", type=int, default=8)
+    parser.add_argument("--point-batch", type=int, default=4, help="samples per extract_many")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    return parser.parse_args(argv)
+
+
+def run_sections(args: argparse.Namespace, config: MuscConfig) -> tuple[dict, dict]:
+    """Every selected section, with a short peak check after each one.
+
+    Returns:
+        The kernel entries and the best peak measurement seen over the whole run.
+    """
+    peak = bench_peak(args.peak_sizes, args.repeat)
+
+    def peaks() -> dict[str, float]:
+        return {name: peak[name]["peak_gflops"] for name in DTYPES}
+
+    def recheck() -> None:
+        nonlocal peak
+        peak = merge_peaks(peak, bench_peak(args.peak_sizes[:1], 3))
+
+    kernels: dict[str, Any] = {}
+    with torch.inference_mode():
+        if "pairs" in args.only:
+            shapes = {"2d_784x768": (784, 768), "3d_1024x384": (1024, 384)}
+            kernels.update(bench_pairs(args.samples, args.block, args.repeat, peaks(), shapes))
+            recheck()
+        grouped, sample = bench_grouping(config, args.repeat)
+        if "grouping" in args.only:
+            kernels.update(grouped)
+        if "map3d" in args.only:
+            kernels.update(bench_map3d(sample, config, args.repeat))
+        if "snamd" in args.only:
+            kernels.update(bench_snamd(sample, config, args.snamd_samples, args.repeat))
+            recheck()
+        if "vit" in args.only:
+            kernels.update(bench_vit(config, args.vit_batch, max(1, args.repeat // 2), peaks()))
+            recheck()
+        if "pointmae" in args.only:
+            samples = [sample] + [
+                prepare_points(synthetic_xyz(config.image_size, seed), config)
+                for seed in range(1, args.point_batch)
+            ]
+            kernels.update(bench_point_mae(samples, config, args.repeat, peaks()))
+    peak = merge_peaks(peak, bench_peak(args.peak_sizes, args.repeat))
+    return kernels, peak
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the selected benchmarks, print the table and write the JSON."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = MuscConfig()
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    kernels, peak = run_sections(args, config)
+    # Other jobs only ever slow a run down: every ratio refers to the best peak seen.
+    refresh_ratios(kernels, {name: peak[name]["peak_gflops"] for name in DTYPES})
+    results["peak"] = peak
+    results["kernels"] = {f"matmul_peak/{name}": peak[name] for name in DTYPES} | kernels
+    results["machine"]["load_average_end"] = os.getloadavg()
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
