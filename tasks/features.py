@@ -16,7 +16,7 @@ from prefect import task
 from musc_core.aggregation import snamd_2d, snamd_3d
 from musc_core.config import MuscConfig
 from musc_core.grouping import Grouping
-from musc_core.pipeline import prepare_points, vit_autocast
+from musc_core.pipeline import POINT_BATCH, prepare_points, vit_autocast
 from tasks.backbones import BackboneSpec
 from tasks.cache import FeatureCache
 from tasks.discover import DiscoveredSample
@@ -199,10 +199,17 @@ def extract_3d(
     if todo:
         device = runtime.torch_device
         extractor = extractor_3d(spec, config, device)
-        for i in todo:
-            points, _, grouping = read_grouping(cache, items[i][0], device)
-            tokens = extractor.extract(points, grouping, config.layers_3d)
-            cache.write(items[i][1], {"tokens": torch.stack(tokens).cpu().numpy()})
+        for start in range(0, len(todo), POINT_BATCH):
+            batch = todo[start : start + POINT_BATCH]
+            grouped = [read_grouping(cache, items[i][0], device) for i in batch]
+            tokens = extractor.extract_many(
+                [points for points, _, _ in grouped],
+                [grouping for _, _, grouping in grouped],
+                config.layers_3d,
+            )
+            stacked = torch.stack(tokens, dim=1).cpu().numpy()  # (B, Y, G, C)
+            for row, i in enumerate(batch):
+                cache.write(items[i][1], {"tokens": stacked[row]})
     return StageCount("tokens_3d", len(todo), len(items) - len(todo))
 
 

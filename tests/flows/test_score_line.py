@@ -29,7 +29,9 @@ class ForwardCounter:
     def __init__(self, monkeypatch):
         self.counts = {"2d": 0, "3d": 0}
         self._lock = threading.Lock()
-        vit_extract, point_extract = ViTFeatureExtractor.extract, PointFeatureExtractor.extract
+        vit_extract = ViTFeatureExtractor.extract
+        point_extract = PointFeatureExtractor.extract
+        point_many = PointFeatureExtractor.extract_many
 
         def count_vit(extractor, images, *args, **kwargs):
             with self._lock:
@@ -41,8 +43,14 @@ class ForwardCounter:
                 self.counts["3d"] += 1
             return point_extract(extractor, *args, **kwargs)
 
+        def count_many(extractor, points, *args, **kwargs):
+            with self._lock:
+                self.counts["3d"] += len(points)
+            return point_many(extractor, points, *args, **kwargs)
+
         monkeypatch.setattr(ViTFeatureExtractor, "extract", count_vit)
         monkeypatch.setattr(PointFeatureExtractor, "extract", count_points)
+        monkeypatch.setattr(PointFeatureExtractor, "extract_many", count_many)
 
 
 def _computed(summary, stage):
