@@ -11,7 +11,8 @@ Sections (``--sections``):
   seconds per sample and peak memory of the process tree. A fresh cache each time.
 - ``memory``: peak memory of the scoring stages (pair shards, reductions, report) for
   N = 100, 500, 1000 with features of the real ViT-B/8 shape (784 × 768), normal shard size,
-  and a reference budget (the work stays N·R; memory must not grow with N).
+  and a reference budget R = 150 (``--memory-budget``): the work is N·R pairs, so the wall
+  time must grow linearly in N and the memory must not grow with N.
 - ``budget``: time and detection quality versus the reference budget R on a generated line of
   N = 1000 (a small ViT at 128 px, 2D, so that R = all is affordable here).
 - ``workers``: throughput of the shardable stages (features, pair shards, reductions) with 2
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -105,6 +107,7 @@ def bench_e2e(work: Path, sizes: list[int], modalities: list[str]) -> list[dict]
             generate_line(data, category="part", num_samples=n, image_size=224, seed=n)
         for modality in modalities:
             store = work / f"store-e2e-{n}-{modality.replace('+', '')}"
+            shutil.rmtree(store, ignore_errors=True)
             start = time.perf_counter()
             with PeakMemory() as memory:
                 summary = score_line(
@@ -179,6 +182,7 @@ def bench_memory(work: Path, sizes: list[int], budget: int, shard_size: int) -> 
 
     results = []
     for n in sizes:
+        shutil.rmtree(work / f"store-mem-{n}", ignore_errors=True)
         cache_url = str(work / f"store-mem-{n}" / "cache")
         samples = _synthetic_pool(cache_url, n, config, seed=n)
         blocks = batch_blocks(samples, shard_size)
@@ -222,8 +226,9 @@ def bench_budget(work: Path, n: int, budgets: list[int | None]) -> list[dict]:
         generate_line(data, category="part", num_samples=n, image_size=128, defect_rate=0.3,
                       seed=7)
     results = []
-    store = work / "store-budget"
     for budget in budgets:
+        store = work / f"store-budget-{budget}"
+        shutil.rmtree(store, ignore_errors=True)
         start = time.perf_counter()
         summary = score_line(
             data=str(data), data_format="mvtec3d", modality="2d",
@@ -264,6 +269,7 @@ def bench_workers(work: Path, n: int) -> list[dict]:
         generate_line(data, category="part", num_samples=n, image_size=224, seed=5)
     results = []
     for workers in (1, 2):
+        shutil.rmtree(work / f"store-workers-{workers}", ignore_errors=True)
         runner = DaskTaskRunner(
             cluster_class="distributed.LocalCluster",
             cluster_kwargs={
@@ -301,7 +307,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[40, 150])
     parser.add_argument("--modalities", nargs="+", default=["2d", "3d", "2d+3d"])
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[100, 500, 1000])
-    parser.add_argument("--memory-budget", type=int, default=50)
+    parser.add_argument("--memory-budget", type=int, default=150)
     parser.add_argument("--budget-n", type=int, default=1000)
     parser.add_argument("--budgets", nargs="+", default=["all", "150", "50"])
     parser.add_argument("--workers-n", type=int, default=16)

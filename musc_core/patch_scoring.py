@@ -69,10 +69,5 @@ def sample_patch_scores(
             f"2D has {distances_2d.shape[0]} layers, 3D {distances_3d.shape[0]}: they are fused "
             "layer by layer"
         )
-    enhanced = [
-        cross_modal_enhance(d2, d3, projection)
-        for d2, d3 in zip(distances_2d, distances_3d, strict=True)
-    ]
-    e2 = torch.stack([pair[0] for pair in enhanced])
-    e3 = torch.stack([pair[1] for pair in enhanced])
+    e2, e3 = cross_modal_enhance(distances_2d, distances_3d, projection)
     return PatchScores(_interval_mean(e2, ratio), _interval_mean(e3, ratio))

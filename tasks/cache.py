@@ -257,6 +257,7 @@ class FeatureCache:
         meta: dict | None = None,
         *,
         overwrite: bool = False,
+        chunk_rows: int | None = None,
     ) -> bool:
         """Write an entry: all arrays into a fresh prefix, then the completion record.
 
@@ -266,6 +267,9 @@ class FeatureCache:
                 ``_`` or ``.``). Stored with their exact dtype and shape.
             meta: JSON-serializable metadata stored in the record.
             overwrite: replace an existing complete entry (otherwise writing is a no-op).
+            chunk_rows: rows of axis 0 per chunk for every array; None sizes chunks by
+                ``chunk_bytes``. One row per chunk suits arrays read row by row (a partial
+                read touches, decodes and hashes only the chunks it needs).
 
         Returns:
             True if this call committed the entry, False if a complete entry already existed.
@@ -289,7 +293,7 @@ class FeatureCache:
         entries: dict[str, dict] = {}
         try:
             for name, array in prepared.items():
-                entries[name] = self._write_array(f"{data_path}/{name}", array)
+                entries[name] = self._write_array(f"{data_path}/{name}", array, chunk_rows)
             if not overwrite and self.has(key):  # another writer committed meanwhile
                 self._rm(data_path)
                 return False
@@ -311,13 +315,15 @@ class FeatureCache:
             self._rm(f"{self.entry_path(key)}/{old['data']}")
         return True
 
-    def _write_array(self, path: str, array: np.ndarray) -> dict:
+    def _write_array(self, path: str, array: np.ndarray, chunk_rows: int | None) -> dict:
         if array.ndim == 0:
             chunks: tuple[int, ...] = ()
             rows = 1
         else:
-            row_bytes = max(1, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)))
-            rows = int(max(1, min(max(array.shape[0], 1), self.chunk_bytes // row_bytes)))
+            if chunk_rows is None:
+                row_bytes = max(1, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)))
+                chunk_rows = self.chunk_bytes // row_bytes
+            rows = int(max(1, min(max(array.shape[0], 1), chunk_rows)))
             chunks = (rows, *(max(1, s) for s in array.shape[1:]))
 
         def write() -> None:
@@ -423,8 +429,10 @@ class FeatureCache:
         """
         return self._with_record(key, lambda record: self._read_part(key, record, name, selection))
 
-    def _read_part(self, key: str, record: dict, name: str, selection: Any) -> np.ndarray:
-        z, info = self._open(key, record, name)
+    def _read_part(
+        self, key: str, record: dict, name: str, selection: Any, opened: tuple | None = None
+    ) -> np.ndarray:
+        z, info = opened if opened is not None else self._open(key, record, name)
         sel = selection if isinstance(selection, tuple) else (selection,)
         first = sel[0] if sel else None
         if z.ndim == 0 or first is None or first is Ellipsis or not isinstance(first, (int, slice)):
@@ -453,7 +461,58 @@ class FeatureCache:
             return block[(first % n - lo, *rest)]
         return block[idx - lo][(slice(None), *rest)]
 
+    def open_entry(self, key: str) -> EntryReader:
+        """Open a complete entry for several partial reads (record and arrays opened once).
+
+        Raises:
+            KeyError: no complete entry under ``key``.
+        """
+        record = self._load_record(key)
+        if record is None:
+            raise KeyError(f"no complete cache entry {key}")
+        return EntryReader(self, key, record)
+
     def delete(self, key: str) -> None:
         """Remove an entry (record first, so it turns invalid before its data goes)."""
         self._rm(self._record_path(key))
         self._rm(self.entry_path(key))
+
+
+class EntryReader:
+    """One complete cache entry opened once for many partial reads.
+
+    Reading rows of the same entry again and again (a sample's distances from a pair shard)
+    through :meth:`FeatureCache.read_array` loads the completion record and opens the Zarr array
+    every time: two round trips on object storage per read. The reader keeps both; every read
+    still verifies the checksums of the chunks it touches.
+    """
+
+    def __init__(self, cache: FeatureCache, key: str, record: dict) -> None:
+        self.cache = cache
+        self.key = key
+        self._record = record
+        self._arrays: dict[str, tuple] = {}
+
+    def read_array(self, name: str, selection: Any = None) -> np.ndarray:
+        """Like :meth:`FeatureCache.read_array` on this entry.
+
+        Raises:
+            KeyError: no such array.
+            CacheCorruption: a touched chunk does not match its checksum (after re-opening the
+                entry once, in case an overwrite replaced it meanwhile).
+        """
+        try:
+            return self._read(name, selection)
+        except CacheCorruption:
+            fresh = self.cache._load_record(self.key)
+            if fresh is None or fresh["data"] == self._record["data"]:
+                raise
+            self._record, self._arrays = fresh, {}
+            return self._read(name, selection)
+
+    def _read(self, name: str, selection: Any) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = self.cache._open(self.key, self._record, name)
+        return self.cache._read_part(
+            self.key, self._record, name, selection, self._arrays[name]
+        )

@@ -140,7 +140,8 @@ def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runt
         ]
         features = torch.stack(layers, dim=1).cpu().numpy()
         for row, i in enumerate(todo):
-            cache.write(items[i][1], {"features": features[row]})
+            # One layer per chunk: the reduction reads the salient layer only.
+            cache.write(items[i][1], {"features": features[row]}, chunk_rows=1)
     return StageCount("snamd_2d", len(todo), len(items) - len(todo))
 
 
@@ -246,7 +247,7 @@ def aggregate_3d(
         ]
         features = torch.stack(layers, dim=1).cpu().numpy()
         for row, i in enumerate(todo):
-            cache.write(items[i][2], {"features": features[row]})
+            cache.write(items[i][2], {"features": features[row]}, chunk_rows=1)
     return StageCount("snamd_3d", len(todo), len(items) - len(todo))
 
 

@@ -120,6 +120,27 @@ def test_cae_matches_the_literal_loops(r):
     assert torch.isfinite(got2).all() and torch.isfinite(got3).all()
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_cae_over_stacked_layers_equals_each_layer_alone(ties):
+    torch.manual_seed(11)
+    centre_pixel = torch.cat([torch.randint(0, 64, (30,)), torch.randint(128, 256, (20,))])
+    proj = projection_lists(centre_pixel, 16, 4)
+    d2, d3 = torch.rand(4, 16, 9) + 0.5, torch.rand(4, 50, 9) * 0.1
+    if ties:  # many equal values: the stable tie order must hold layer by layer
+        d2, d3 = (d2 * 8).round() / 8, (d3 * 40).round() / 40
+    e2, e3 = cross_modal_enhance(d2, d3, proj)
+    assert e2.shape == d2.shape and e3.shape == d3.shape
+    for y in range(4):
+        s2, s3 = cross_modal_enhance(d2[y], d3[y], proj)
+        assert torch.equal(e2[y], s2) and torch.equal(e3[y], s3)
+        if not ties:  # (the float64 literal twin breaks float32 ties differently)
+            want2, want3 = literal_cae(d2[y], d3[y], proj.patch_of_group.tolist())
+            torch.testing.assert_close(e2[y].double(), want2, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(e3[y].double(), want3, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        cross_modal_enhance(d2, d3[:3], proj)
+
+
 def test_cae_batch_equals_per_sample_calls():
     torch.manual_seed(7)
     projections = [
@@ -131,6 +152,20 @@ def test_cae_batch_equals_per_sample_calls():
     for i, proj in enumerate(projections):
         s2, s3 = cross_modal_enhance(d2[i], d3[i], proj)
         assert torch.equal(b2[i], s2) and torch.equal(b3[i], s3)
+
+
+def test_rank_remap_orders_negatives_zeros_infinities_and_ties_like_the_literal_remap():
+    torch.manual_seed(3)
+    special = torch.tensor([-0.0, 0.0, -1.5, float("inf"), -float("inf"), 1e-30, -1e-30, 2.0])
+    tgt = torch.cat([special, (torch.randn(500) * 4).round() / 4, special])  # many exact ties
+    src = torch.randn(tgt.numel())
+    got = rank_remap(src, tgt)
+    # Python's float order: -0.0 == 0.0 (a tie, kept in position order), as torch's stable sort.
+    want = literal_remap(src.tolist(), tgt.tolist())
+    assert got.tolist() == want
+    want_torch = torch.empty_like(src)
+    want_torch[torch.sort(tgt, stable=True).indices] = torch.sort(src).values
+    assert torch.equal(got, want_torch)
 
 
 def test_cae_rejects_mismatched_projection():

@@ -228,11 +228,11 @@ def test_failed_write_leaves_no_entry(tmp_path, monkeypatch):
     real = c._write_array
     calls = []
 
-    def failing(path, array):
+    def failing(path, array, chunk_rows):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk gone")
-        return real(path, array)
+        return real(path, array, chunk_rows)
 
     monkeypatch.setattr(c, "_write_array", failing)
     with pytest.raises(OSError, match="disk gone"):
@@ -252,3 +252,47 @@ def test_read_survives_concurrent_overwrite(tmp_path, monkeypatch):
     out, meta = c.read(KEY)  # started on the stale record, finished on the new one
     assert meta == {"v": 1}
     np.testing.assert_array_equal(out["tokens"], _arrays(1)["tokens"])
+
+
+def test_chunk_rows_option_sets_one_row_per_chunk(cache):
+    arrays = _arrays()
+    cache.write(KEY, arrays, {}, chunk_rows=1)
+    record = cache._load_record(KEY)
+    assert record["arrays"]["tokens"]["chunk_rows"] == 1
+    assert len(_chunk_files(cache, KEY, "tokens")) == arrays["tokens"].shape[0]
+    out, _ = cache.read(KEY)
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(out[name], value)
+    np.testing.assert_array_equal(cache.read_array(KEY, "tokens", 7), arrays["tokens"][7])
+
+
+def test_entry_reader_reads_like_read_array_and_opens_once(cache, monkeypatch):
+    arrays = _arrays()
+    cache.write(KEY, arrays, {}, chunk_rows=1)
+    loads = []
+    real = cache._load_record
+    monkeypatch.setattr(cache, "_load_record", lambda key: loads.append(key) or real(key))
+    entry = cache.open_entry(KEY)
+    for sel in [3, -1, slice(2, 9), (5, slice(1, 3)), None]:
+        expected = arrays["tokens"] if sel is None else arrays["tokens"][sel]
+        np.testing.assert_array_equal(entry.read_array("tokens", sel), expected)
+    np.testing.assert_array_equal(entry.read_array("centres", 4), arrays["centres"][4])
+    assert len(loads) == 1  # the record was read once for all those reads
+    with pytest.raises(KeyError):
+        cache.open_entry(cache_key({"absent": 1}))
+    with pytest.raises(KeyError):
+        entry.read_array("nope")
+
+
+def test_entry_reader_detects_corruption_and_follows_an_overwrite(tmp_path):
+    c = FeatureCache(str(tmp_path / "cache"))
+    c.write(KEY, _arrays(0), {}, chunk_rows=1)
+    entry = c.open_entry(KEY)
+    c.write(KEY, _arrays(1), {}, overwrite=True, chunk_rows=1)  # removes the opened data
+    np.testing.assert_array_equal(entry.read_array("tokens", 2), _arrays(1)["tokens"][2])
+    (chunk,) = [p for p in _chunk_files(c, KEY, "tokens") if "/c/2/" in p]  # row 2's chunk
+    c.fs.pipe_file(chunk, b"garbage")
+    with pytest.raises(CacheCorruption):
+        c.open_entry(KEY).read_array("tokens", 2)
+    row = c.open_entry(KEY).read_array("tokens", 3)  # other rows stay readable
+    np.testing.assert_array_equal(row, _arrays(1)["tokens"][3])

@@ -7,7 +7,7 @@ from musc_core.config import MuscConfig
 from tasks.cache import FeatureCache
 from tasks.keys import Identities, prepared_key, sample_keys
 from tasks.plan import PoolSample, batch_blocks, plan_scoring
-from tasks.scoring import gather_distances
+from tasks.scoring import ShardReader, gather_distances
 
 CONFIG = MuscConfig(modality="2d")
 IDS = Identities("vit:test", None)
@@ -23,35 +23,40 @@ def _pool(n):
     return samples
 
 
-def _write_shards(cache, plan, full):
+def _write_shards(cache, plan, full, chunk_rows=None):
     """Shard entries laid out as score_pairs writes them, from a known (N, Y, L, N) tensor."""
     starts = np.cumsum([0] + [len(b) for b in plan.blocks])
     for shard in plan.shards:
         a = slice(starts[shard.a], starts[shard.a + 1])
         if shard.b is None:
             inside = full[a][:, :, :, a].copy()
-            cache.write(shard.key, {"d2": inside})
+            cache.write(shard.key, {"d2": inside}, chunk_rows=chunk_rows)
         else:
             b = slice(starts[shard.b], starts[shard.b + 1])
             cache.write(
                 shard.key,
                 {"d2_ab": full[a][:, :, :, b].copy(), "d2_ba": full[b][:, :, :, a].copy()},
+                chunk_rows=chunk_rows,
             )
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 1])
 @pytest.mark.parametrize(
     ("n", "size", "budget"), [(7, 3, None), (9, 2, 4), (6, 6, None), (10, 3, 5)]
 )
-def test_gathered_distances_are_the_references_columns_in_order(tmp_path, n, size, budget):
+def test_gathered_distances_are_the_references_columns_in_order(
+    tmp_path, n, size, budget, chunk_rows
+):
     blocks = batch_blocks(_pool(n), size)
     plan = plan_scoring(blocks, CONFIG, budget)
     full = np.random.default_rng(n).random((n, 2, 3, n)).astype(np.float32)  # (N, Y, L, N)
     cache = FeatureCache(str(tmp_path / "cache"))
-    _write_shards(cache, plan, full)
+    _write_shards(cache, plan, full, chunk_rows)
     items = [item for block in plan.reduce for item in block]
     assert len(items) == n
+    shards = ShardReader(cache)
     for index, (item, refs) in enumerate(zip(items, plan.references, strict=True)):
-        gathered = gather_distances(cache, item.sources, "2")
+        gathered = gather_distances(shards, item.sources, "2")
         assert gathered.shape == (2, 3, len(refs))
         np.testing.assert_array_equal(gathered.numpy(), full[index][:, :, refs])
         assert item.sample == plan.samples[index].keys
