@@ -14,9 +14,10 @@ Sections (``--sections``):
   and a reference budget R = 150 (``--memory-budget``): the work is N·R pairs, so the wall
   time must grow linearly in N and the memory must not grow with N.
 - ``budget``: time and detection quality versus the reference budget R on a generated line of
-  N = 1000 (a small ViT at 128 px, 2D, so that R = all is affordable here).
+  N = 1000 (a small ViT at 128 px, 2D, so that R = all is affordable here), R = all, 300, 150
+  and 50 (``--budgets``).
 - ``workers``: throughput of the shardable stages (features, pair shards, reductions) with 2
-  single-threaded Dask workers over 1.
+  single-threaded Dask workers over 1, on a 2d+3d line of N = 32 (``--workers-n``).
 
 Every figure comes from random weights: timings and memory only; the detection figures compare
 budgets with each other, never with the paper.
@@ -309,8 +310,8 @@ def main() -> None:
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[100, 500, 1000])
     parser.add_argument("--memory-budget", type=int, default=150)
     parser.add_argument("--budget-n", type=int, default=1000)
-    parser.add_argument("--budgets", nargs="+", default=["all", "150", "50"])
-    parser.add_argument("--workers-n", type=int, default=16)
+    parser.add_argument("--budgets", nargs="+", default=["all", "300", "150", "50"])
+    parser.add_argument("--workers-n", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.cli import quiet_console
