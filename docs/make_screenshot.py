@@ -18,10 +18,8 @@ then serves as a bank for ``musc score-new``); by default a temporary folder is 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,17 +30,6 @@ sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
 MAX_BYTES = 1_000_000
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,4000",
-)
 
 
 def score_synthetic_line(work: Path, num_samples: int) -> dict:
@@ -61,32 +48,19 @@ def score_synthetic_line(work: Path, num_samples: int) -> dict:
         )
 
 
-def full_page_png(page: Path, profile: Path) -> bytes:
+def report_png(page: Path, profile: Path) -> bytes:
     """A full-page PNG of a local HTML file rendered by headless Chromium."""
-    from selenium import webdriver
+    from infra.browser import chromium_paths, full_page_png, start_chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    browser, driver_path = chromium_paths()
+    if not (browser and driver_path):
+        raise SystemExit("chromium and chromedriver are needed: make test-deps")
+    driver = start_chromium(browser, driver_path, profile, height=4000)
     try:
         driver.get(page.as_uri())
-        width, height = driver.execute_script(
-            "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
-        )
-        shot = driver.execute_cdp_cmd(
-            "Page.captureScreenshot",
-            {
-                "format": "png",
-                "captureBeyondViewport": True,
-                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
-            },
-        )
+        return full_page_png(driver)
     finally:
         driver.quit()
-    return base64.b64decode(shot["data"])
 
 
 def shrink(png: bytes, limit: int = MAX_BYTES) -> bytes:
@@ -116,7 +90,7 @@ def main() -> int:
         summary = score_synthetic_line(work, args.num_samples)
         print(f"scored {summary['scored']} samples in {summary['seconds']:.1f} s "
               f"(random weights: {summary['random_weights']})")
-        png = shrink(full_page_png(Path(summary["outputs"]["report"]), Path(scratch) / "profile"))
+        png = shrink(report_png(Path(summary["outputs"]["report"]), Path(scratch) / "profile"))
     args.out.write_bytes(png)
     size = Image.open(io.BytesIO(png)).size
     print(f"{args.out}: {size[0]}x{size[1]} px, {len(png) / 1e6:.2f} MB")

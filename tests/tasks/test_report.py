@@ -4,7 +4,6 @@ import base64
 import math
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from infra.browser import chromium_paths, full_page_png, start_chromium
 from musc_core.decisions import flag_samples, pixel_threshold, predicted_masks
 from musc_core.metrics import f1_optimal_threshold, image_metrics
 from tasks.outputs import jet
@@ -327,21 +327,14 @@ def test_write_report_creates_parents(tmp_path):
 def _chromium_paths():
     """(chromium, chromedriver), installing the Debian packages when they are missing."""
 
-    def find():
-        browser = shutil.which("chromium") or shutil.which("chromium-browser")
-        driver = shutil.which("chromedriver") or (
-            "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
-        )
-        return browser, driver
-
-    browser, driver = find()
+    browser, driver = chromium_paths()
     if not (browser and driver):
         subprocess.run(
             ["bash", str(REPO / "infra" / "install_system_deps.sh"), "--with-browser"],
             capture_output=True,
             check=False,
         )
-        browser, driver = find()
+        browser, driver = chromium_paths()
     if not (browser and driver):
         pytest.skip(
             "Debian chromium/chromium-driver are not installed and could not be installed "
@@ -352,7 +345,7 @@ def _chromium_paths():
 
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (dev extra) missing")
+    pytest.importorskip("selenium.webdriver", reason="selenium (dev extra) missing")
     from selenium.common.exceptions import NoAlertPresentException
 
     browser, driver_path = _chromium_paths()
@@ -360,23 +353,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     data.set_aside.append((EVIL, "/data/part/test/good/rgb/" + EVIL, "empty file (0 bytes)"))
     page_path = Path(write_report(data, tmp_path / "report.html", max_samples=6))
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1280,900",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    driver = start_chromium(browser, driver_path, tmp_path / "profile", 900, console_log=True)
     try:
         driver.get(page_path.as_uri())
         assert driver.execute_script("return document.readyState") == "complete"
@@ -397,20 +374,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
             "return [b.textContent, getComputedStyle(b).backgroundColor];"
         )
         assert "not meaningful" in banner[0] and banner[1] == "rgb(201, 42, 42)"
-        width, height = driver.execute_script(
-            "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
-        )
-        shot = driver.execute_cdp_cmd(
-            "Page.captureScreenshot",
-            {
-                "format": "png",
-                "captureBeyondViewport": True,
-                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
-            },
-        )
+        png = full_page_png(driver)
     finally:
         driver.quit()
-    png = base64.b64decode(shot["data"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "report-screenshot.png").write_bytes(png)
     if os.environ.get("MUSC_UPDATE_SCREENSHOT") == "1":
