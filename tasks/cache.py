@@ -374,20 +374,6 @@ class FeatureCache:
                 f"entry {key}: array {name!r} cannot be decoded: {redact(str(exc))}", key
             ) from exc
 
-    def _with_record(self, key: str, fn: Callable[[dict], T]) -> T:
-        record = self._load_record(key)
-        if record is None:
-            raise KeyError(f"no complete cache entry {key}")
-        try:
-            return fn(record)
-        except CacheCorruption:
-            # An overwrite may have replaced the entry (and removed its old data) while we read
-            # it: retry once against the new record, otherwise it is a real corruption.
-            fresh = self._load_record(key)
-            if fresh is None or fresh["data"] == record["data"]:
-                raise
-            return fn(fresh)
-
     def read(self, key: str) -> tuple[dict[str, np.ndarray], dict]:
         """Read a whole entry and verify every array's checksum.
 
@@ -398,12 +384,14 @@ class FeatureCache:
             KeyError: no complete entry under ``key``.
             CacheCorruption: stored data does not match the completion record.
         """
-        return self._with_record(key, lambda record: self._read_all(key, record))
+        return self.open_entry(key).read()
 
-    def _read_all(self, key: str, record: dict) -> tuple[dict[str, np.ndarray], dict]:
+    def _read_all(
+        self, key: str, record: dict, opened: Callable[[str], tuple]
+    ) -> tuple[dict[str, np.ndarray], dict]:
         out: dict[str, np.ndarray] = {}
         for name in record["arrays"]:
-            z, info = self._open(key, record, name)
+            z, info = opened(name)
             value = self._get(key, name, z, ...)
             if _sha256(value) != info["sha256"]:
                 raise CacheCorruption(f"entry {key}: checksum mismatch in array {name!r}", key)
@@ -427,12 +415,10 @@ class FeatureCache:
             KeyError: no complete entry, or no such array.
             CacheCorruption: a touched chunk does not match its checksum.
         """
-        return self._with_record(key, lambda record: self._read_part(key, record, name, selection))
+        return self.open_entry(key).read_array(name, selection)
 
-    def _read_part(
-        self, key: str, record: dict, name: str, selection: Any, opened: tuple | None = None
-    ) -> np.ndarray:
-        z, info = opened if opened is not None else self._open(key, record, name)
+    def _read_part(self, key: str, name: str, opened: tuple, selection: Any) -> np.ndarray:
+        z, info = opened
         sel = selection if isinstance(selection, tuple) else (selection,)
         first = sel[0] if sel else None
         if z.ndim == 0 or first is None or first is Ellipsis or not isinstance(first, (int, slice)):
@@ -462,7 +448,7 @@ class FeatureCache:
         return block[idx - lo][(slice(None), *rest)]
 
     def open_entry(self, key: str) -> EntryReader:
-        """Open a complete entry for several partial reads (record and arrays opened once).
+        """Open a complete entry for several reads (record and arrays opened once).
 
         Raises:
             KeyError: no complete entry under ``key``.
@@ -479,12 +465,14 @@ class FeatureCache:
 
 
 class EntryReader:
-    """One complete cache entry opened once for many partial reads.
+    """One complete cache entry opened once for many reads.
 
     Reading rows of the same entry again and again (a sample's distances from a pair shard)
     through :meth:`FeatureCache.read_array` loads the completion record and opens the Zarr array
     every time: two round trips on object storage per read. The reader keeps both; every read
-    still verifies the checksums of the chunks it touches.
+    still verifies the checksums of what it reads. An overwrite may replace the entry (and
+    remove its old data) while it is open: a read that fails its checks re-opens the entry once
+    and, if a new record appeared, reads that; otherwise the corruption is real.
     """
 
     def __init__(self, cache: FeatureCache, key: str, record: dict) -> None:
@@ -493,26 +481,34 @@ class EntryReader:
         self._record = record
         self._arrays: dict[str, tuple] = {}
 
-    def read_array(self, name: str, selection: Any = None) -> np.ndarray:
-        """Like :meth:`FeatureCache.read_array` on this entry.
-
-        Raises:
-            KeyError: no such array.
-            CacheCorruption: a touched chunk does not match its checksum (after re-opening the
-                entry once, in case an overwrite replaced it meanwhile).
-        """
+    def _checked(self, read: Callable[[], T]) -> T:
         try:
-            return self._read(name, selection)
+            return read()
         except CacheCorruption:
             fresh = self.cache._load_record(self.key)
             if fresh is None or fresh["data"] == self._record["data"]:
                 raise
             self._record, self._arrays = fresh, {}
-            return self._read(name, selection)
+            return read()
 
-    def _read(self, name: str, selection: Any) -> np.ndarray:
+    def _opened(self, name: str) -> tuple:
         if name not in self._arrays:
             self._arrays[name] = self.cache._open(self.key, self._record, name)
-        return self.cache._read_part(
-            self.key, self._record, name, selection, self._arrays[name]
+        return self._arrays[name]
+
+    def read(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Like :meth:`FeatureCache.read` on this entry."""
+        return self._checked(
+            lambda: self.cache._read_all(self.key, self._record, self._opened)
+        )
+
+    def read_array(self, name: str, selection: Any = None) -> np.ndarray:
+        """Like :meth:`FeatureCache.read_array` on this entry.
+
+        Raises:
+            KeyError: no such array.
+            CacheCorruption: a touched chunk does not match its checksum.
+        """
+        return self._checked(
+            lambda: self.cache._read_part(self.key, name, self._opened(name), selection)
         )
