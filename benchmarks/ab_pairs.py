@@ -27,8 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from musc_core import mutual_scoring
+from musc_core.hardware import cpu_has_fast_bf16, cpu_kind
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# bf16 only where it is native (see musc_core.hardware): elsewhere it is ~300x slower.
+DTYPES = {"float32": torch.float32} | (
+    {"bfloat16": torch.bfloat16} if cpu_has_fast_bf16() else {}
+)
 SHAPES = {"2d_784x768": (784, 768), "3d_1024x384": (1024, 384)}
 
 
@@ -115,9 +119,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results = compare(versions, args.samples, args.block, args.repeat)
         after = matmul_peak(2048, 5)
     peaks = {name: max(before[name], after[name]) for name in DTYPES}
-    print(
-        f"pair_distances, N={args.samples}, block={args.block}, {torch.get_num_threads()} threads"
-    )
+    kind = cpu_kind()
+    print(f"pair_distances, N={args.samples}, block={args.block}, CPU kind: {kind.label()}")
     print(f"matmul peak (2048², best seen): {peaks}")
     for key, entry in results.items():
         dtype = key.rsplit("/", 1)[-1]
@@ -129,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"{e['gflops_best']:.0f} best"
             )
         print(f"{key:<24} " + " | ".join(cells))
-    output = {"peaks_gflops": peaks, "threads": torch.get_num_threads(), "results": results}
+    output = {
+        "peaks_gflops": peaks,
+        "threads": torch.get_num_threads(),
+        "cpu_kind": kind._asdict() | {"label": kind.label()},
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(output, indent=2))
     return output

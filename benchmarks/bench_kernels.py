@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -31,16 +30,17 @@ from musc_core.aggregation import snamd_2d, snamd_3d
 from musc_core.anomaly_maps import map_3d
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
-from musc_core.mutual_scoring import (
-    _cpu_has_fast_bf16,
-    pair_distances,
-    pair_minima_block,
-)
+from musc_core.hardware import cpu_has_fast_bf16, cpu_kind
+from musc_core.mutual_scoring import pair_distances, pair_minima_block
 from musc_core.pipeline import PointSample, prepare_points, vit_autocast
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
 
 RANDOM_NOTE = "random weights: timing only"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# bf16 only where it is native: on an AVX2-only CPU torch's bf16 GEMM runs at ~0.3 GFLOP/s
+# and the pipeline refuses it, so there is nothing to measure.
+DTYPES = {"float32": torch.float32} | (
+    {"bfloat16": torch.bfloat16} if cpu_has_fast_bf16() else {}
+)
 SECTIONS = ("pairs", "grouping", "map3d", "snamd", "vit", "pointmae")
 TARGETS = {
     "pair_ratio": 0.70,
@@ -78,23 +78,18 @@ def rate(flops: float, timing: dict[str, Any], peak: float | None) -> dict[str, 
 
 
 def machine_info() -> dict[str, Any]:
-    """Torch version, threads, CPU capability and model name."""
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """Torch version, threads and the CPU kind (model, ISA level, capability, fast bf16)."""
+    kind = cpu_kind()
     return {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": kind.threads,
         "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": model,
-        "fast_bf16": _cpu_has_fast_bf16(),
+        "cpu_capability": kind.capability,
+        "cpu_model": kind.model,
+        "cpu_isa": kind.isa,
+        "fast_bf16": kind.fast_bf16,
+        "cpu_kind": kind.label(),
+        "dtypes_measured": list(DTYPES),
         "load_average_start": os.getloadavg(),
         "note": RANDOM_NOTE,
     }
@@ -397,8 +392,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"musc kernel benchmarks — {RANDOM_NOTE}")
     info = results["machine"]
     print(
-        f"torch {info['torch']}, {info['threads']} threads, {info['cpu_model']}, "
-        f"capability {info['cpu_capability']}, fast bf16: {info['fast_bf16']}, load average "
+        f"torch {info['torch']}, CPU kind: {info['cpu_kind']}, load average "
         f"{info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end"
     )
     header = f"{'kernel':<38} {'median s':>10} {'best s':>10} {'GF/s med':>9} {'GF/s best':>9}"

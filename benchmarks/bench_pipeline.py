@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import threading
 import time
@@ -81,11 +80,18 @@ def _mib(value: int) -> float:
 
 
 def machine() -> dict[str, object]:
-    """What the figures were measured on."""
+    """What the figures were measured on, the CPU kind included."""
     import torch
 
+    from musc_core.hardware import cpu_kind
+
+    kind = cpu_kind()
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": kind.model,
+        "cpu_isa": kind.isa,
+        "cpu_capability": kind.capability,
+        "fast_bf16": kind.fast_bf16,
+        "cpu_kind": kind.label(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -320,7 +326,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {"machine": machine()}
-    print(f"musc pipeline benchmarks — {RANDOM_NOTE}\n{report['machine']}", flush=True)
+    print(f"musc pipeline benchmarks — {RANDOM_NOTE}", flush=True)
+    print(f"CPU kind: {report['machine']['cpu_kind']}\n{report['machine']}", flush=True)
     quiet_console()
     with prefect_api(work / "prefect-home"):
         if "e2e" in args.sections:

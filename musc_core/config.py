@@ -32,7 +32,9 @@ class MuscConfig:
         pair_block: samples per side of one pair-scoring block; bounds the memory of the
             distance kernel (``(pair_block * M)**2`` floats) independently of N.
         distance_dtype: GEMM dtype of the pair distances; ``"auto"`` picks bfloat16 where
-            the device has fast bf16 kernels (CUDA, CPUs with AVX512-BF16/AMX), else float32.
+            the device has fast bf16 kernels (CUDA, CPUs with AVX512-BF16/AMX), else float32;
+            an explicit ``"bfloat16"`` on a device without them is refused when the run
+            resolves it (:func:`musc_core.hardware.resolve_compute_dtype`).
         vit_dtype: compute dtype of the 2D backbone's forward pass (bfloat16 autocast with
             float32 outputs, or float32); ``"auto"`` as for ``distance_dtype``. Point-MAE
             always runs in float32: in bfloat16 its per-sample BatchNorm statistics of small

@@ -12,14 +12,13 @@ are taken on the integer view of the float bits (exact, see ``_order_keys``).
 from __future__ import annotations
 
 import math
-import platform
 from typing import NamedTuple
 
 import torch
 
 from musc_core.config import interval_count
+from musc_core.hardware import resolve_compute_dtype
 
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 # Elements per block of rows when norming the rounded features (a 4 MB float32 temporary).
 _NORM_BLOCK_ELEMENTS = 1 << 20
 
@@ -50,53 +49,19 @@ class _Prepared(NamedTuple):
     length: int
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        if not (
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        ):
-            return False
-    except (AttributeError, RuntimeError):
-        return False
-    if platform.machine().lower() in _X86:
-        # oneDNN also "supports" bf16 on plain AVX512 by emulation, which is no faster than
-        # fp32: require the native instructions.
-        try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return True
-
-
 def resolve_distance_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """GEMM dtype of the pair distances for a config value and a device.
 
     Args:
-        name: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16 on CUDA devices with bf16
-            support and on CPUs with native bf16 GEMMs — AVX512-BF16/AMX on x86, oneDNN bf16
-            elsewhere — otherwise float32). float16 is never used.
+        name: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (see
+            :func:`musc_core.hardware.resolve_compute_dtype`: bfloat16 only where the device
+            has native bf16; an explicit ``"bfloat16"`` elsewhere is refused).
         device: the device the features live on.
 
     Returns:
         ``torch.float32`` or ``torch.bfloat16``.
     """
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name != "auto":
-        raise ValueError(f"distance dtype must be auto, float32 or bfloat16, got {name!r}")
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            with torch.cuda.device(device):
-                fast = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older signature without including_emulation
-            fast = torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if fast else torch.float32
-    if device.type == "cpu" and _cpu_has_fast_bf16():
-        return torch.bfloat16
-    return torch.float32
+    return resolve_compute_dtype(name, device, "distance_dtype")
 
 
 def _prepare(features: torch.Tensor, dtype: torch.dtype, side: str) -> _Prepared:
@@ -194,6 +159,13 @@ def _chunks(start: int, stop: int, block: int) -> list[tuple[int, int]]:
 
 def _squared_distances(a: _Prepared, b: _Prepared, buffer: torch.Tensor | None) -> torch.Tensor:
     """(Ba·L, Bb·L2) squared distances, float32 or (CPU bf16) bfloat16.
+
+    In bfloat16 the products of the rounded operands are exact in float32 and are accumulated
+    in float32 on every device; on the CPU the result is then rounded once to bfloat16 (torch
+    has no bf16 GEMM with a float32 output there). That holds for oneDNN's kernels on
+    AVX512-BF16/AMX and for torch's fallback kernel on AVX2 (which is slow, so the pipeline only
+    uses bf16 where it is native; see :mod:`musc_core.hardware`). The rounding is relative to
+    the squared distance itself (≤ 2⁻⁹), never to the norms that cancel in it.
 
     Args:
         a: left samples.

@@ -19,6 +19,7 @@ from musc_core.config import MuscConfig
 from musc_core.cross_modal import Projection, projection_lists
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.grouping import Grouping, group_points
+from musc_core.hardware import resolve_compute_dtype
 from musc_core.mutual_scoring import interval_average, pair_distances, resolve_distance_dtype
 from musc_core.patch_scoring import sample_patch_scores
 from musc_core.point_mae import PointFeatureExtractor
@@ -141,7 +142,7 @@ def prepare_points(xyz: torch.Tensor, config: MuscConfig) -> PointSample:
 
 def vit_autocast(config: MuscConfig, device: torch.device) -> torch.autocast:
     """Autocast context of the ViT: bfloat16 where it is fast and asked for, else off."""
-    dtype = resolve_distance_dtype(config.vit_dtype, device)
+    dtype = resolve_compute_dtype(config.vit_dtype, device, "vit_dtype")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 

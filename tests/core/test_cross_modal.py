@@ -172,3 +172,19 @@ def test_cae_rejects_mismatched_projection():
     proj = Projection(torch.zeros(4, dtype=torch.long), torch.tensor([4, 0, 0]))
     with pytest.raises(ValueError):
         cross_modal_enhance(torch.rand(4, 2), torch.rand(4, 2), proj)
+
+
+def test_cae_is_discontinuous_at_near_ties():
+    """A known property the bf16 tolerance has to live with: rank remapping jumps at ties.
+
+    Moving one target value by 2e-4 past its neighbour swaps their ranks, and the output moves
+    by the gap between the neighbouring source values (0.7 here). CAE remaps four times, so
+    any perturbation of the pair scores — bf16 rounding or float32 kernels of another CPU —
+    can move a patch whose scores are nearly tied by far more than the perturbation itself.
+    """
+    src = torch.tensor([0.1, 0.2, 0.9])
+    before = rank_remap(src, torch.tensor([0.5, 0.5001, 0.0]))
+    after = rank_remap(src, torch.tensor([0.5002, 0.5001, 0.0]))
+    assert before.tolist() == pytest.approx([0.2, 0.9, 0.1])
+    assert after.tolist() == pytest.approx([0.9, 0.2, 0.1])
+

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from musc_core import mutual_scoring
+from musc_core import hardware, mutual_scoring
 from musc_core.mutual_scoring import (
     interval_average,
     pair_distances,
@@ -138,16 +138,53 @@ def test_bfloat16_stays_within_tolerance_of_float64(near):
 
 def test_resolve_distance_dtype(monkeypatch):
     assert resolve_distance_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_distance_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    assert resolve_distance_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
-    monkeypatch.setattr(mutual_scoring, "_cpu_has_fast_bf16", lambda: False)
+    if hardware.cpu_has_fast_bf16():
+        assert resolve_distance_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        assert resolve_distance_dtype("auto", "cpu") == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="distance_dtype=bfloat16 needs native bfloat16"):
+            resolve_distance_dtype("bfloat16", torch.device("cpu"))
+        assert resolve_distance_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
     assert resolve_distance_dtype("auto", "cpu") == torch.float32
-    monkeypatch.setattr(mutual_scoring, "_cpu_has_fast_bf16", lambda: True)
+    with pytest.raises(ValueError, match="Use distance_dtype=auto"):
+        resolve_distance_dtype("bfloat16", "cpu")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     assert resolve_distance_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_distance_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError):
         resolve_distance_dtype("float16", "cpu")
     with pytest.raises(ValueError):
         pair_distances(torch.randn(2, 3, 4), 1, torch.float16)
+
+
+def _bf16_accumulation(a, b):
+    """A GEMM that accumulates in bfloat16 (rounding after every product): what must not run."""
+    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.bfloat16)
+    for k in range(a.shape[1]):
+        acc = (acc.float() + a[:, k, None].float() * b[None, :, k].float()).bfloat16()
+    return acc
+
+
+def test_bfloat16_gemm_accumulates_in_float32_and_rounds_once():
+    """On this CPU's kernel, whichever it is (oneDNN on AVX512-BF16/AMX, torch's fallback on
+    AVX2): each augmented-GEMM output is the exact dot product of the rounded operands up to
+    float32 accumulation error (K·2⁻²⁴·Σ|a_k b_k|) and one bf16 rounding (2⁻⁹ relative)."""
+    torch.manual_seed(10)
+    base = F.normalize(torch.randn(1, 1, 384), dim=-1)
+    features = F.normalize(base + 0.005 * torch.randn(4, 24, 384), dim=-1)  # small distances
+    left = mutual_scoring._prepare(features[:2], torch.bfloat16, "a")
+    right = mutual_scoring._prepare(features[2:], torch.bfloat16, "b")
+    got = mutual_scoring._squared_distances(left, right, None).double()
+    a, b = left.vectors.double(), right.vectors.double()
+    exact = a @ b.T
+    accumulation = a.shape[1] * 2.0**-24 * (a.abs() @ b.abs().T)
+    bound = 2.0**-9 * (exact.abs() + accumulation) + accumulation
+    assert float(exact.median()) < 0.05  # cancellation-heavy: d² ≪ the norms (≈ 1 + 1)
+    assert bool(((got - exact).abs() <= bound).all())
+    # the bound separates the kernels: accumulating in bf16 breaks it
+    wrong = _bf16_accumulation(left.vectors, right.vectors).double()
+    assert not bool(((wrong - exact).abs() <= bound).all())
 
 
 def test_interval_average_by_hand():
