@@ -28,7 +28,7 @@ from flows.score_new import score_new
 from infra.prefect_api import prefect_api
 from musc_core.config import MODALITIES, MuscConfig
 from musc_core.metrics import summarize
-from tasks.backbones import DEFAULT_BACKBONE_2D
+from tasks.backbones import BACKBONES_3D, DEFAULT_BACKBONE_2D
 from tasks.datasets import FORMATS, list_categories
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
 from tasks.synth import generate_line
@@ -111,6 +111,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         "--weights-3d",
         default=None,
         help="Point-MAE checkpoint path, or 'random' (results not meaningful)",
+    )
+    parser.add_argument(
+        "--backbone-3d",
+        choices=BACKBONES_3D,
+        default="point-mae",
+        help="3D features: 'point-mae' (needs --weights-3d) or 'fpfh' (weight-free descriptors)",
     )
     parser.add_argument("--num-groups", type=int, default=defaults.num_groups)
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
@@ -267,7 +273,11 @@ def _line_options(args: argparse.Namespace) -> dict[str, object]:
         modality=args.modality,
         backbone_2d=args.backbone_2d,
         weights_2d=args.weights_2d,
-        weights_3d=args.weights_3d,
+        # The demo's random Point-MAE default does not apply to the weight-free FPFH.
+        weights_3d=None
+        if args.backbone_3d == "fpfh" and args.command == "demo"
+        else args.weights_3d,
+        backbone_3d=args.backbone_3d,
         cluster=args.cluster,
         workers=args.workers,
         shard_size=args.shard_size,
