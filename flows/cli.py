@@ -31,7 +31,7 @@ from musc_core.metrics import summarize
 from tasks.backbones import BACKBONES_3D, DEFAULT_BACKBONE_2D
 from tasks.datasets import FORMATS, list_categories
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
-from tasks.synth import generate_line
+from tasks.synth import NAMED_SHAPES, SHAPES, generate_line
 
 T = TypeVar("T")
 EXIT_NOT_SCORED = 2
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defect-rate", type=float, default=0.4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-support-plane", action="store_true")
+    synth.add_argument("--shape", choices=SHAPES + NAMED_SHAPES, default=None,
+                       help="object kind (default: drawn from the seed among "
+                       f"{', '.join(SHAPES)})")
 
     score_cmd = sub.add_parser("score", help="score a dataset's lines and write results")
     score_cmd.add_argument("data", help="dataset root")
@@ -492,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 defect_rate=args.defect_rate,
                 seed=args.seed,
                 support_plane=not args.no_support_plane,
+                shape=args.shape,
             )
             print(f"synthetic line written: {Path(args.out) / args.category} ({summary})")
             return 0
