@@ -76,6 +76,14 @@ def test_coincident_points_are_a_clear_error():
         point_descriptors(np.full((50, 3), np.nan), (4.0,), normal_radius=3.0)
 
 
+def test_scattered_points_without_a_surface_give_finite_features():
+    gen = torch.Generator().manual_seed(3)
+    points = normalize_unit_sphere(torch.rand(40, 3, generator=gen))
+    grouping = group_points(points, 8, 16, 8, 0.01)  # the fewest points a grouping accepts
+    for layer in FpfhFeatureExtractor().extract(points, grouping, (4, 8, 12)):
+        assert layer.shape == (8, FPFH_BINS) and bool(torch.isfinite(layer).all())
+
+
 def _loop_pool(descriptors, members, pooling):
     """One group at a time, one member at a time."""
     out = []

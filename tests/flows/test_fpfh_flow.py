@@ -1,9 +1,12 @@
 """The weight-free FPFH 3D backbone through the musc command and the score-line flow."""
 
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from flows.cli import main
 from flows.score_line import score_line
@@ -75,3 +78,11 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
     again = score_line(batch="b2", **params)
     assert again["counts"]["tokens_3d"] == {"computed": 0, "cached": 8}
     assert read_scores(again["outputs"]["scores"]).keys() == {n for _, n in order}
+
+
+def test_the_airgapped_deployment_asks_for_fpfh_with_score_line_parameters():
+    config = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())
+    (deployment,) = [d for d in config["deployments"] if d["name"] == "airgapped-line"]
+    parameters = deployment["parameters"]
+    assert parameters["backbone_3d"] == "fpfh" and "weights_3d" not in parameters
+    assert set(parameters) <= set(inspect.signature(score_line.fn).parameters)
