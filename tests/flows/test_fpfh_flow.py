@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from flows.cli import main
 from flows.score_line import score_line
+from flows.score_new import score_new
 from musc_core.fpfh import FpfhParams
 from musc_core.pipeline import score
 from tasks.backbones import BackboneSpec, build_backbones
@@ -78,6 +80,20 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
     again = score_line(batch="b2", **params)
     assert again["counts"]["tokens_3d"] == {"computed": 0, "cached": 8}
     assert read_scores(again["outputs"]["scores"]).keys() == {n for _, n in order}
+    # score-new takes the 3D backbone from the bank's record: a bank sample's FPFH entry is
+    # found under the same identity, nothing is extracted again.
+    name = next(n for _, n in order if n.startswith("good/"))
+    defect, stem = name.split("/")
+    for kind, suffix in (("rgb", "png"), ("xyz", "tiff"), ("gt", "png")):
+        target = tmp_path / "new" / "part" / "test" / defect / kind
+        target.mkdir(parents=True)
+        shutil.copy(line / "part" / "test" / defect / kind / f"{stem}.{suffix}", target)
+    new = score_new(line="part", inputs=[str(tmp_path / "new")], data_format="mvtec3d",
+                    storage=params["storage"], out=str(tmp_path / "new-out"))
+    assert new["scored"] == 1
+    assert new["counts"].get("tokens_3d", {"computed": 0})["computed"] == 0
+    run = json.loads((tmp_path / "new-out" / "run.json").read_text())
+    assert run["backbones"]["3d"] == IDENTITY
 
 
 def test_the_airgapped_deployment_asks_for_fpfh_with_score_line_parameters():
