@@ -12,7 +12,7 @@ DEMO_N ?= 16
 DEMO_SIZE ?= 224
 CHAOS_LOG ?= build/chaos-records.jsonl
 
-.PHONY: install system-deps test-deps demo test chaos bench lint screenshot clean
+.PHONY: install system-deps test-deps demo test chaos bench bench-fpfh lint screenshot clean
 
 ## install: system packages (when missing) + virtual environment in .venv with the project
 install: system-deps $(STAMP)
@@ -50,6 +50,10 @@ chaos: install
 bench: install
 	$(BIN)/python -m benchmarks.bench_kernels --out benchmarks/out/kernels.json
 	$(BIN)/python -m benchmarks.bench_pipeline --out benchmarks/out/pipeline.json
+
+## bench-fpfh: quality ablation of the weight-free FPFH 3D backbone (about 10 min on 2 cores)
+bench-fpfh: install
+	$(BIN)/python -m benchmarks.bench_fpfh --out benchmarks/out/fpfh.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -30,6 +30,7 @@ from musc_core.aggregation import snamd_2d, snamd_3d
 from musc_core.anomaly_maps import map_3d
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams, point_descriptors, pool_groups
 from musc_core.hardware import cpu_has_fast_bf16, cpu_kind
 from musc_core.mutual_scoring import pair_distances, pair_minima_block
 from musc_core.pipeline import PointSample, prepare_points, vit_autocast
@@ -41,7 +42,7 @@ RANDOM_NOTE = "random weights: timing only"
 DTYPES = {"float32": torch.float32} | (
     {"bfloat16": torch.bfloat16} if cpu_has_fast_bf16() else {}
 )
-SECTIONS = ("pairs", "grouping", "map3d", "snamd", "vit", "pointmae")
+SECTIONS = ("pairs", "grouping", "map3d", "snamd", "vit", "pointmae", "fpfh")
 TARGETS = {
     "pair_ratio": 0.70,
     "grouping_s": 0.10,
@@ -347,6 +348,64 @@ def bench_point_mae(
     return out
 
 
+def bench_fpfh(
+    samples: Sequence[PointSample],
+    config: MuscConfig,
+    repeat: int,
+    point_mae: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The weight-free FPFH backbone (default parameters): a sample per call and a batch.
+
+    Also its two parts on the first sample (Open3D normals + FPFH of every point; pooling),
+    and, when the Point-MAE section ran, how many times faster per sample than Point-MAE's
+    single-sample ``extract``.
+    """
+    extractor = FpfhFeatureExtractor()
+    params = FpfhParams()
+    first = samples[0]
+    coords = first.points.double().numpy()
+    descriptors = torch.from_numpy(point_descriptors(coords, params.radii, params.normal_radius)[0])
+    members = first.grouping.members
+
+    def single() -> list[torch.Tensor]:
+        return extractor.extract(first.points, first.grouping, config.layers_3d)
+
+    def batch() -> list[torch.Tensor]:
+        return extractor.extract_many(
+            [s.points for s in samples], [s.grouping for s in samples], config.layers_3d
+        )
+
+    def describe() -> list:
+        return point_descriptors(coords, params.radii, params.normal_radius)
+
+    def pool() -> list[torch.Tensor]:
+        size = members.shape[1]
+        return [
+            pool_groups(descriptors, members[:, : max(1, round(f * size))], params.pooling)
+            for f in params.fractions
+        ]
+
+    runs = [("extract", single, 1), ("extract_many", batch, len(samples))]
+    runs += [("open3d_normals_fpfh", describe, 1), ("pooling", pool, 1)]
+    reference = None if point_mae is None else point_mae["per_sample_median_s"]
+    out = {}
+    for name, fn, count in runs:
+        timing = measure(fn, repeat)
+        entry = {
+            "backbone": params.identity,
+            "points": int(first.points.shape[0]),
+            "samples_per_call": count,
+            **timing,
+            "per_sample_median_s": timing["median_s"] / count,
+            "per_sample_best_s": timing["best_s"] / count,
+        }
+        if reference is not None and name.startswith("extract"):
+            entry["point_mae_per_sample_median_s"] = reference
+            entry["faster_than_point_mae"] = reference / entry["per_sample_median_s"]
+        out[f"fpfh/{name}"] = entry
+    return out
+
+
 def refresh_ratios(kernels: dict[str, Any], peaks: dict[str, float]) -> None:
     """Recompute every entry's ratio to the peak of its dtype (the key's last part)."""
     for name, entry in kernels.items():
@@ -376,6 +435,11 @@ def _row(name: str, entry: dict[str, Any]) -> str:
     if "target_s" in entry:
         extra.append(
             f"target <= {entry['target_s']} s: {'OK' if median <= entry['target_s'] else 'MISS'}"
+        )
+    if "faster_than_point_mae" in entry:
+        ratio = entry["faster_than_point_mae"]
+        extra.append(
+            f"{ratio:.1f}x Point-MAE's speed; target > 1: {'OK' if ratio > 1 else 'MISS'}"
         )
     for key in ("target_ratio",):
         if key in entry:
@@ -451,12 +515,16 @@ def run_sections(args: argparse.Namespace, config: MuscConfig) -> tuple[dict, di
         if "vit" in args.only:
             kernels.update(bench_vit(config, args.vit_batch, max(1, args.repeat // 2), peaks()))
             recheck()
-        if "pointmae" in args.only:
+        if "pointmae" in args.only or "fpfh" in args.only:
             samples = [sample] + [
                 prepare_points(synthetic_xyz(config.image_size, seed), config)
                 for seed in range(1, args.point_batch)
             ]
+        if "pointmae" in args.only:
             kernels.update(bench_point_mae(samples, config, args.repeat, peaks()))
+        if "fpfh" in args.only:
+            reference = kernels.get("point_mae/extract/float32")
+            kernels.update(bench_fpfh(samples, config, args.repeat, reference))
     peak = merge_peaks(peak, bench_peak(args.peak_sizes, args.repeat))
     return kernels, peak
 

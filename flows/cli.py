@@ -28,10 +28,10 @@ from flows.score_new import score_new
 from infra.prefect_api import prefect_api
 from musc_core.config import MODALITIES, MuscConfig
 from musc_core.metrics import summarize
-from tasks.backbones import DEFAULT_BACKBONE_2D
+from tasks.backbones import BACKBONES_3D, DEFAULT_BACKBONE_2D
 from tasks.datasets import FORMATS, list_categories
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
-from tasks.synth import generate_line
+from tasks.synth import NAMED_SHAPES, SHAPES, generate_line
 
 T = TypeVar("T")
 EXIT_NOT_SCORED = 2
@@ -112,6 +112,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Point-MAE checkpoint path, or 'random' (results not meaningful)",
     )
+    parser.add_argument(
+        "--backbone-3d",
+        choices=BACKBONES_3D,
+        default="point-mae",
+        help="3D features: 'point-mae' (needs --weights-3d) or 'fpfh' (weight-free descriptors)",
+    )
     parser.add_argument("--num-groups", type=int, default=defaults.num_groups)
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
     parser.add_argument("--ipg-step", type=int, default=defaults.ipg_step)
@@ -173,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defect-rate", type=float, default=0.4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-support-plane", action="store_true")
+    synth.add_argument("--shape", choices=SHAPES + NAMED_SHAPES, default=None,
+                       help="object kind (default: drawn from the seed among "
+                       f"{', '.join(SHAPES)})")
 
     score_cmd = sub.add_parser("score", help="score a dataset's lines and write results")
     score_cmd.add_argument("data", help="dataset root")
@@ -267,7 +276,11 @@ def _line_options(args: argparse.Namespace) -> dict[str, object]:
         modality=args.modality,
         backbone_2d=args.backbone_2d,
         weights_2d=args.weights_2d,
-        weights_3d=args.weights_3d,
+        # The demo's random Point-MAE default does not apply to the weight-free FPFH.
+        weights_3d=None
+        if args.backbone_3d == "fpfh" and args.command == "demo"
+        else args.weights_3d,
+        backbone_3d=args.backbone_3d,
         cluster=args.cluster,
         workers=args.workers,
         shard_size=args.shard_size,
@@ -482,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 defect_rate=args.defect_rate,
                 seed=args.seed,
                 support_plane=not args.no_support_plane,
+                shape=args.shape,
             )
             print(f"synthetic line written: {Path(args.out) / args.category} ({summary})")
             return 0

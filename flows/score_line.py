@@ -139,6 +139,7 @@ def batch_record(
             "weights_2d": request.spec.weights_2d,
             "weights_3d": request.spec.weights_3d,
             "patch_size_2d": request.spec.patch_size_2d,
+            "name_3d": request.spec.name_3d,
         },
         "identities": {"2d": identities.backbone_2d, "3d": identities.backbone_3d},
         "samples": [
@@ -323,6 +324,7 @@ def score_line(
     backbone_2d: str = DEFAULT_BACKBONE_2D,
     weights_2d: str = "pretrained",
     weights_3d: str | None = None,
+    backbone_3d: str = "point-mae",
     storage: str = DEFAULT_STORAGE,
     out: str | None = None,
     batch: str | None = None,
@@ -359,6 +361,8 @@ def score_line(
         backbone_2d: timm ViT name.
         weights_2d: ``pretrained``, a checkpoint path, or ``random`` (not meaningful).
         weights_3d: Point-MAE checkpoint path, or ``random`` (not meaningful).
+        backbone_3d: ``point-mae`` or ``fpfh`` (weight-free FPFH descriptors; no
+            ``weights_3d``).
         storage: storage root (local path or ``s3://bucket/prefix``) of the cache, the batch
             records and (by default) the results.
         out: output prefix; default ``<storage>/results/<line>/<batch>``.
@@ -415,7 +419,7 @@ def score_line(
         line=line,
         batch=batch,
         config=config,
-        spec=BackboneSpec(backbone_2d, weights_2d, weights_3d, patch_size_2d),
+        spec=BackboneSpec(backbone_2d, weights_2d, weights_3d, patch_size_2d, backbone_3d),
         storage=storage,
         out=out or results_url(storage, line, batch),
         shard_size=shard_size,

@@ -360,6 +360,7 @@ def score_new(
         weights_2d or backbones["weights_2d"],
         weights_3d or backbones["weights_3d"],
         backbones.get("patch_size_2d"),
+        backbones.get("name_3d", "point-mae"),
     )
     run = check_batch_id(record_as) if record_as else f"new-{default_batch_id()}"
     request = NewPartsRequest(

@@ -18,6 +18,7 @@ from musc_core.anomaly_maps import map_2d, map_3d, sample_scores
 from musc_core.config import MuscConfig
 from musc_core.cross_modal import Projection, projection_lists
 from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.fpfh import FpfhFeatureExtractor
 from musc_core.grouping import Grouping, group_points
 from musc_core.hardware import resolve_compute_dtype
 from musc_core.mutual_scoring import interval_average, pair_distances, resolve_distance_dtype
@@ -27,6 +28,8 @@ from musc_core.preprocess_points import normalize_unit_sphere, organized_to_poin
 from musc_core.rescoring import rscon, salient_features
 
 Progress = Callable[[str, int, int], None]
+# A 3D backbone: the Point-MAE transformer or the weight-free FPFH descriptors.
+PointExtractor = PointFeatureExtractor | FpfhFeatureExtractor
 
 # Samples per Point-MAE forward pass (PointFeatureExtractor.extract_many).
 POINT_BATCH = 4
@@ -177,11 +180,11 @@ def features_2d(
 
 def features_3d(
     point_samples: Sequence[PointSample],
-    extractor: PointFeatureExtractor,
+    extractor: PointExtractor,
     config: MuscConfig,
     progress: Progress | None = None,
 ) -> ModalityFeatures:
-    """Point-transformer tokens of the configured layers, aggregated by 3D SNAMD.
+    """3D group features of the configured layers, aggregated by 3D SNAMD.
 
     Args:
         point_samples: grouped point clouds, one per sample.
@@ -304,7 +307,7 @@ def score(
     samples: Sequence[Sample],
     config: MuscConfig,
     extractor_2d: ViTFeatureExtractor | None = None,
-    extractor_3d: PointFeatureExtractor | None = None,
+    extractor_3d: PointExtractor | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> ScoreResult:
@@ -314,7 +317,8 @@ def score(
         samples: N ≥ 2 preprocessed samples; they need ``image`` for 2D and ``xyz`` for 3D.
         config: hyperparameters (``config.modality`` selects 2d, 3d or 2d+3d).
         extractor_2d: 2D backbone (required when the modality uses images).
-        extractor_3d: 3D backbone (required when the modality uses point clouds).
+        extractor_3d: 3D backbone, Point-MAE or FPFH (required when the modality uses point
+            clouds).
         device: where features and scoring run.
         progress: optional ``(stage, done, total)`` callback for long stages.
 

@@ -11,10 +11,14 @@ import torch
 from musc_core.checkpoints import RANDOM_SEED, file_digest
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams
+from musc_core.pipeline import PointExtractor
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
 from tasks.keys import Identities
 
 DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
+#: 3D backbones: the Point-MAE transformer (default) and weight-free FPFH descriptors.
+BACKBONES_3D = ("point-mae", "fpfh")
 
 
 @dataclass(frozen=True)
@@ -24,19 +28,33 @@ class BackboneSpec:
     Attributes:
         name_2d: timm ViT name.
         weights_2d: ``"pretrained"``, ``"random"`` or a checkpoint path.
-        weights_3d: Point-MAE checkpoint path, ``"random"``, or None when no 3D is scored.
+        weights_3d: Point-MAE checkpoint path, ``"random"``, or None when no 3D is scored
+            (always None for FPFH, which has no weights).
         patch_size_2d: patch-size override for random 2D weights (small test models).
+        name_3d: ``"point-mae"`` or ``"fpfh"`` (weight-free descriptors, see
+            :mod:`musc_core.fpfh`).
     """
 
     name_2d: str = DEFAULT_BACKBONE_2D
     weights_2d: str = "pretrained"
     weights_3d: str | None = None
     patch_size_2d: int | None = None
+    name_3d: str = "point-mae"
+
+    def __post_init__(self) -> None:
+        """Reject an unknown 3D backbone and weights given to FPFH, naming the fix."""
+        if self.name_3d not in BACKBONES_3D:
+            raise ValueError(f"3D backbone must be one of {BACKBONES_3D}, got {self.name_3d!r}")
+        if self.name_3d == "fpfh" and self.weights_3d is not None:
+            raise ValueError(
+                f"the fpfh 3D backbone has no weights, got weights_3d={self.weights_3d!r}: "
+                "drop --weights-3d, or use --backbone-3d point-mae"
+            )
 
     def random_weights(self, config: MuscConfig) -> bool:
-        """Whether a backbone the modality uses is randomly initialized."""
+        """Whether a backbone the modality uses is randomly initialized (never FPFH)."""
         return (config.uses_2d and self.weights_2d == "random") or (
-            config.uses_3d and self.weights_3d == "random"
+            config.uses_3d and self.name_3d == "point-mae" and self.weights_3d == "random"
         )
 
 
@@ -45,7 +63,7 @@ class Backbones:
     """The built extractors (None for an unused modality)."""
 
     extractor_2d: ViTFeatureExtractor | None
-    extractor_3d: PointFeatureExtractor | None
+    extractor_3d: PointExtractor | None
 
     @property
     def random_weights(self) -> bool:
@@ -93,8 +111,10 @@ def build_2d(spec: BackboneSpec, config: MuscConfig) -> ViTFeatureExtractor:
     return extractor
 
 
-def build_3d(spec: BackboneSpec, config: MuscConfig) -> PointFeatureExtractor:
-    """The Point-MAE extractor of a spec, on the CPU."""
+def build_3d(spec: BackboneSpec, config: MuscConfig) -> PointExtractor:
+    """The 3D extractor of a spec (Point-MAE or FPFH), on the CPU."""
+    if spec.name_3d == "fpfh":
+        return FpfhFeatureExtractor(FpfhParams())
     weights = _check_3d_weights(spec)
     random_init = weights == "random"
     model = load_point_mae(None if random_init else weights, random_init, config.point_batchnorm)
@@ -140,7 +160,9 @@ def backbone_identities(
             if not Path(spec.weights_2d).is_file():
                 raise FileNotFoundError(f"2D weights {spec.weights_2d!r}: no such file")
             name_2d = f"{spec.name_2d}:sha256-{file_digest(spec.weights_2d)[:16]}"
-    if config.uses_3d:
+    if config.uses_3d and spec.name_3d == "fpfh":
+        name_3d = FpfhParams().identity
+    elif config.uses_3d:
         weights = _check_3d_weights(spec)
         if weights == "random":
             name_3d = f"point_mae:random-seed{RANDOM_SEED}"

@@ -17,8 +17,14 @@ from prefect import task
 
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
-from musc_core.point_mae import PointFeatureExtractor
-from tasks.backbones import BackboneSpec, backbone_identities, build_2d, build_3d, resolve_device
+from tasks.backbones import (
+    BackboneSpec,
+    PointExtractor,
+    backbone_identities,
+    build_2d,
+    build_3d,
+    resolve_device,
+)
 from tasks.cache import FeatureCache
 from tasks.keys import Identities
 from tasks.stage import TASK_OPTIONS
@@ -83,11 +89,9 @@ def extractor_2d(
     return _model(key, lambda: build_2d(spec, config).to(device))
 
 
-def extractor_3d(
-    spec: BackboneSpec, config: MuscConfig, device: torch.device
-) -> PointFeatureExtractor:
+def extractor_3d(spec: BackboneSpec, config: MuscConfig, device: torch.device) -> PointExtractor:
     """This process's 3D backbone for a spec, built once and kept."""
-    key = ("3d", spec.weights_3d, config.point_batchnorm, str(device))
+    key = ("3d", spec.name_3d, spec.weights_3d, config.point_batchnorm, str(device))
     return _model(key, lambda: build_3d(spec, config).to(device))
 
 
