@@ -25,6 +25,7 @@ from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec
 from tasks.bank import record_blocks
 from tasks.batches import check_batch_id, load_bank, record_batch
 from tasks.cache import CacheCorruption
+from tasks.choices import DEFAULT_STORAGE
 from tasks.datasets import list_categories
 from tasks.discover import DiscoveredSample, discover_samples
 from tasks.features import drop_entry, prepare_samples
@@ -35,7 +36,6 @@ from tasks.prepare import SetAside
 from tasks.results import LineResult, RunInfo
 from tasks.runtime import Runtime, identify_backbones
 
-DEFAULT_STORAGE = "musc-store"
 #: Times a run drops a corrupted cache entry and runs again before giving up.
 CORRUPTION_RETRIES = 3
 

@@ -12,9 +12,8 @@ from musc_core.checkpoints import RANDOM_SEED, file_digest
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
+from tasks.choices import DEFAULT_BACKBONE_2D
 from tasks.keys import Identities
-
-DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,14 @@
+"""Names and choices shared by the tasks and the ``musc`` command, importable at no cost.
+
+The command line builds its parser (and answers ``--help``) from these without importing
+PyTorch, Prefect or Dask.
+"""
+
+from __future__ import annotations
+
+#: Dataset layouts :mod:`tasks.datasets` reads.
+FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
+#: timm ViT of the 2D modality by default (DINO ViT-B/8, the paper's).
+DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
+#: Storage root (feature cache, batch records) when none is given.
+DEFAULT_STORAGE = "musc-store"
