@@ -66,7 +66,11 @@ def config_from_args(args: argparse.Namespace) -> MuscConfig:
         return MuscConfig(**values)
     except ValueError as error:
         message = str(error)
-        named = [option for name, option in CONFIG_OPTIONS.items() if name in message]
+        named = [
+            option
+            for name, option in sorted(CONFIG_OPTIONS.items(), key=lambda x: message.find(x[0]))
+            if name in message
+        ]
         for name, option in CONFIG_OPTIONS.items():
             message = message.replace(name, option)
         option = named[0] if named else ""
@@ -90,6 +94,9 @@ def check_counts(args: argparse.Namespace) -> None:
         ("--subsets", getattr(args, "subsets", None), 1),
         ("--seeds", getattr(args, "seeds", None), 1),
         ("--num-samples", getattr(args, "num_samples", None), 2),
+        ("--image-size", getattr(args, "image_size", None), 1),
+        ("--num-groups", getattr(args, "num_groups", None), 1),
+        ("--group-size", getattr(args, "group_size", None), 2),
     ]
     for option, value, low in at_least:
         if value is not None and value < low:
@@ -232,8 +239,8 @@ def check_score(args: argparse.Namespace) -> MuscConfig:
     Raises:
         UsageError: the first problem found.
     """
-    config = config_from_args(args)
     check_counts(args)
+    config = config_from_args(args)
     check_cluster_option(args)
     if getattr(args, "data", None) is not None:
         category = args.category if isinstance(args.category, str) else None

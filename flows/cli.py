@@ -172,12 +172,22 @@ def quiet_console() -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes records to whatever ``sys.stderr`` is when they are emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # a message that cannot be shown must not fail the command
+            self.handleError(record)
+
+
 def musc_console() -> None:
     """Messages of the ``musc`` logger (shutdown problems, retries given up) on stderr."""
-    if not any(getattr(h, "musc_console", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("musc: %(levelname)s: %(message)s"))
-        handler.musc_console = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
