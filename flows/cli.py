@@ -10,6 +10,7 @@ a benchmark dataset (the paper's protocol).
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import os
 import signal
@@ -228,10 +229,11 @@ def run_in_thread(run: Callable[[], T], tick: Callable[[], None], poll: float = 
         BaseException: what ``run`` raised.
     """
     outcome: dict[str, object] = {}
+    context = contextvars.copy_context()  # Prefect's settings (API URL) live in context vars
 
     def target() -> None:
         try:
-            outcome["value"] = run()
+            outcome["value"] = context.run(run)
         except BaseException as error:  # handed to the waiting thread
             outcome["error"] = error
 

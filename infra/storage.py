@@ -318,17 +318,28 @@ def is_transient(exc: BaseException) -> bool:
 def tcp_reachable(url: str, timeout: float = 2.0) -> bool:
     """Whether a TCP connection to the host and port of ``url`` opens within ``timeout`` s.
 
-    A failed name lookup, a refused connection and a timeout all count as unreachable.
+    A failed name lookup, a refused connection and a timeout all count as unreachable. The
+    name lookup is bounded too (it runs in a daemon thread): a resolver that hangs counts as
+    a timeout.
     """
+    import threading
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                opened.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, name="storage probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
 
 
 def _unreachable(what: str, error: BaseException, seconds: float) -> StorageUnreachable:
