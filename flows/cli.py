@@ -519,11 +519,14 @@ def _score_categories(
     from infra.storage import redact
     from tasks.outputs import safe_file_stem
 
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"musc: {text}", file=sys.stderr, flush=True)
+
     lines: list[dict] = []
     for number, category in enumerate(categories, start=1):
         started = time.monotonic()
-        print(f"musc: line {category!r} ({number}/{len(categories)}) started", file=sys.stderr,
-              flush=True)
+        say(f"line {category!r} ({number}/{len(categories)}) started")
         try:
             summary = score_line(
                 data=data,
@@ -546,8 +549,8 @@ def _score_categories(
                           "failed": type(error).__name__})
             raise LineFailed(lines, error) from error
         lines.append(summary)
-        print(f"musc: line {category!r} ended: {summary['scored']} sample(s) scored in "
-              f"{time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+        say(f"line {category!r} ended: {summary['scored']} sample(s) scored in "
+            f"{time.monotonic() - started:.1f} s")
     return lines
 
 
@@ -797,9 +800,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _classify(error: BaseException) -> int:
     """Exit status of an error a command raised (see ``EXIT_HELP``)."""
-    from infra.storage import StorageUnreachable
+    from infra.storage import is_unreachable
 
-    if isinstance(error, StorageUnreachable):
+    if is_unreachable(error):
         return EXIT_INTERNAL
     if isinstance(error, (UsageError, ValueError, FileNotFoundError)):
         return EXIT_USAGE
@@ -829,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with signals_stop():
             check_args(args)
-            if not verbose:
+            if not verbose and args.command != "synth":
                 quiet_console()
             return COMMANDS[args.command](args)
     except Stopped as stop:
@@ -845,11 +848,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
     except Exception as error:
-        from infra.storage import redact
+        from infra.storage import StorageUnreachable, is_unreachable, redact
 
         if verbose:
             log.exception("the command failed")
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if is_unreachable(error) and not isinstance(error, StorageUnreachable):
+            first = (f"the storage cannot be reached ({type(error).__name__}: {first}); check "
+                     "that it is up and re-run: what was stored is reused")
         print(f"musc: error: {redact(first)}", file=sys.stderr, flush=True)
         return _classify(error)
 

@@ -439,3 +439,43 @@ def test_sigterm_under_load_stops_at_once_and_a_rerun_computes_only_missing_entr
                  outcome="exit 143, resumed", injected=1, runs=2, completed=1, samples=8,
                  lost=lost, reused=sum(stored.values()),
                  recomputed=sum(c["computed"] for c in work.values()))
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.chaos
+def test_s3_gone_for_good_mid_run_fails_in_bounded_time_with_one_line(
+    line, tmp_path, s3_env, moto_endpoint, monkeypatch, capsys, chaos_record
+):
+    """The endpoint stops listening at the first pair shard's write (connections refused from
+    then on): the run is not retried for minutes but fails within tens of seconds, with one
+    ``musc: error`` line saying the storage cannot be reached, and status 1."""
+    import time
+
+    from flows.cli import main
+
+    proxy = TcpProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    gone: list[float] = []
+    write = FeatureCache.write
+
+    def write_after_the_end(self, key, arrays, *args, **kwargs):
+        if not gone and any(name.startswith(("d2", "d3")) for name in arrays):
+            gone.append(time.monotonic())
+            proxy.close()
+        return write(self, key, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "write", write_after_the_end)
+    status = main(["score", str(line), "--out", str(tmp_path / "out"), "--storage",
+                   f"{s3_env}/store", *cli_args("b1", FAULT["shard_size"])])
+    failed_after = time.monotonic() - gone[0]
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("musc: error")]
+    assert gone, "the storage went away mid-run"
+    assert status == 1, err
+    assert len(errors) == 1 and "cannot be reached" in errors[0], err
+    assert "testing-secret" not in err
+    assert failed_after < 180, f"gave up after {failed_after:.0f} s (was 704 s)"  # generous
+    chaos_record(kind="fault", what="S3 endpoint gone for good mid-run (connections refused)",
+                 outcome=f"exit 1 after {failed_after:.0f} s, one line", injected=1, runs=1,
+                 completed=0, samples=8, lost=0)
