@@ -5,6 +5,11 @@ the Prefect API in ``PREFECT_API_URL`` or, when none is configured, a local serv
 the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow, ``score-new``
 the ``score-new`` flow, and ``eval`` one ``score-line`` run per category, seed and subset of
 a benchmark dataset (the paper's protocol).
+
+Every option is checked before anything starts (:mod:`flows.checks`). The flows run in a
+worker thread: the main thread keeps the signals (SIGTERM and Ctrl-C stop the command within a
+second) and the stage lines of non-terminals. Nothing heavy (PyTorch, Prefect, Dask, timm) is
+imported before a command runs, so ``--help`` answers at once. Exit statuses: ``EXIT_HELP``.
 """
 
 from __future__ import annotations
