@@ -807,9 +807,11 @@ def _classify(error: BaseException) -> int:
     """Exit status of an error a command raised (see ``EXIT_HELP``)."""
     from infra.storage import is_unreachable
 
+    if isinstance(error, UsageError):
+        return EXIT_USAGE
     if is_unreachable(error):
         return EXIT_INTERNAL
-    if isinstance(error, (UsageError, ValueError, FileNotFoundError)):
+    if isinstance(error, (ValueError, FileNotFoundError)):
         return EXIT_USAGE
     return EXIT_INTERNAL
 
@@ -858,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             log.exception("the command failed")
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if is_unreachable(error) and not isinstance(error, StorageUnreachable):
+        if is_unreachable(error) and not isinstance(error, (StorageUnreachable, UsageError)):
             first = (f"the storage cannot be reached ({type(error).__name__}: {first}); check "
                      "that it is up and re-run: what was stored is reused")
         print(f"musc: error: {redact(first)}", file=sys.stderr, flush=True)

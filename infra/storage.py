@@ -299,7 +299,10 @@ def is_unreachable(exc: BaseException) -> bool:
             return False
         if isinstance(seen, (StorageUnreachable, *types)):
             return True
-        seen = seen.__cause__ or seen.__context__
+        if seen.__cause__ is not None:
+            seen = seen.__cause__
+        else:
+            seen = None if seen.__suppress_context__ else seen.__context__
     return False
 
 
