@@ -35,7 +35,12 @@ from flows.checks import (
     check_score,
 )
 from musc_core.config import MODALITIES, MuscConfig
-from tasks.choices import DEFAULT_BACKBONE_2D, DEFAULT_STORAGE, FORMATS
+from tasks.choices import (
+    DEFAULT_BACKBONE_2D,
+    DEFAULT_STORAGE,
+    FORMATS,
+    RANDOM_WEIGHTS_WARNING,
+)
 
 T = TypeVar("T")
 #: Exit statuses (README, "Exit status").
@@ -599,8 +604,6 @@ def _random_weights_requested(args: argparse.Namespace, config: MuscConfig) -> b
 
 def _announce_random_weights() -> None:
     """The random-weights warning, first thing on stderr (it is repeated in the summary)."""
-    from tasks.outputs import RANDOM_WEIGHTS_WARNING
-
     print(f"musc: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
 
 
@@ -608,7 +611,7 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     from flows.score_line import default_batch_id
     from musc_core.metrics import summarize
     from tasks.datasets import list_categories
-    from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore
+    from tasks.outputs import ResultStore
 
     categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
@@ -652,7 +655,6 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
 
 def _run_rescore(args: argparse.Namespace) -> int:
     from flows.rescore import rescore
-    from tasks.outputs import RANDOM_WEIGHTS_WARNING
 
     summary = with_flow_progress(
         args,
@@ -678,7 +680,6 @@ def _run_rescore(args: argparse.Namespace) -> int:
 
 def _run_score_new(args: argparse.Namespace) -> int:
     from flows.score_new import score_new
-    from tasks.outputs import RANDOM_WEIGHTS_WARNING
 
     summary = with_flow_progress(
         args,
@@ -722,7 +723,6 @@ def _run_score_new(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from flows.paper_eval import evaluate_benchmark
     from flows.score_line import default_batch_id
-    from tasks.outputs import RANDOM_WEIGHTS_WARNING
 
     options = {**_line_options(args), "reference_nights": 0, "reference_samples": None}
     eval_id = args.batch or default_batch_id()

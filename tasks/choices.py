@@ -12,3 +12,8 @@ FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
 DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
 #: Storage root (feature cache, batch records) when none is given.
 DEFAULT_STORAGE = "musc-store"
+#: Shown wherever results computed with random weights appear.
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: random backbone weights were used: these scores, maps and metrics are NOT "
+    "meaningful anomaly detection results (they exercise the pipeline only)."
+)
