@@ -826,13 +826,42 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _leave(status: int) -> None:
+    """End the process now with ``status``, once output and queued Prefect logs are out.
+
+    The outcome is decided and printed; what the libraries do at interpreter exit (joining
+    executor threads, closing clusters left behind, sending logs to a server that is gone)
+    took over a minute on a loaded machine and may not delay the command or change its status.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "prefect" in sys.modules:
+        from infra.prefect_api import flush_logs
+
+        flush_logs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``musc`` command line; returns the exit status.
 
     Options are checked before anything starts (status 2 with one ``musc: error`` line);
     SIGTERM and SIGINT stop the command within a second (143, 130) with one line; an error
     of a run is one ``musc: error`` line (the traceback only with ``--verbose``).
+
+    Args:
+        argv: the arguments; None for the process's own (``sys.argv``): the process is then
+            the command, and it ends as soon as the outcome is printed (see :func:`_leave`).
     """
+    status = _main(argv)
+    if argv is None:
+        _leave(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     musc_console()

@@ -76,8 +76,9 @@ def close_quietly(close: Callable[[], None], what: str, timeout: float = CLOSE_T
         return False
     if errors:
         error = errors[0]
-        log.warning("%s shut down with an error (results are kept): %s: %s",
-                    what, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        log.warning("%s shut down with an error (results are kept): %s",
+                    what, f"{type(error).__name__}: {detail}" if detail else type(error).__name__)
         return False
     return True
 

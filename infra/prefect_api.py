@@ -139,7 +139,7 @@ def _stop_on_sigterm(process: subprocess.Popen) -> Callable[[], None]:
 DRAIN_TIMEOUT = 5.0
 
 
-def _flush_logs() -> None:
+def flush_logs() -> None:
     """Send the run logs and events still queued for the API before the server goes away.
 
     Bounded by :data:`DRAIN_TIMEOUT` each; what is not sent by then is dropped (the run's
@@ -192,7 +192,7 @@ def prefect_api(home: str | Path | None = None, timeout: float = 90.0) -> Iterat
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
-        _flush_logs()
+        flush_logs()
     except BaseException as error:
         stopped = not isinstance(error, Exception)
         raise
