@@ -5,54 +5,88 @@ the Prefect API in ``PREFECT_API_URL`` or, when none is configured, a local serv
 the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow, ``score-new``
 the ``score-new`` flow, and ``eval`` one ``score-line`` run per category, seed and subset of
 a benchmark dataset (the paper's protocol).
+
+Every option is checked before anything starts (:mod:`flows.checks`). The flows run in a
+worker thread: the main thread keeps the signals (SIGTERM and Ctrl-C stop the command within a
+second) and the stage lines of non-terminals. Nothing heavy (PyTorch, Prefect, Dask, timm) is
+imported before a command runs, so ``--help`` answers at once. Exit statuses: ``EXIT_HELP``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
-from prefect.exceptions import TerminationSignal
-from tqdm import tqdm
-
-from flows.paper_eval import evaluate_benchmark
-from flows.progress import add_reporter, remove_reporter
-from flows.rescore import rescore
-from flows.score_line import DEFAULT_STORAGE, LineNotScored, default_batch_id, score_line
-from flows.score_new import score_new
-from infra.prefect_api import prefect_api
+from flows.checks import (
+    UsageError,
+    check_cluster_option,
+    check_counts,
+    check_location,
+    check_score,
+)
 from musc_core.config import MODALITIES, MuscConfig
-from musc_core.metrics import summarize
-from tasks.backbones import BACKBONES_3D, DEFAULT_BACKBONE_2D
-from tasks.datasets import FORMATS, list_categories
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
-from tasks.synth import NAMED_SHAPES, SHAPES, generate_line
+from tasks.choices import (
+    BACKBONES_3D,
+    DEFAULT_BACKBONE_2D,
+    DEFAULT_STORAGE,
+    FORMATS,
+    RANDOM_WEIGHTS_WARNING,
+    SYNTH_NAMED_SHAPES,
+    SYNTH_SHAPES,
+)
 
 T = TypeVar("T")
-EXIT_NOT_SCORED = 2
+#: Exit statuses (README, "Exit status").
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
 EXIT_SET_ASIDE = 3
+EXIT_NOT_SCORED = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+#: Seconds between two heartbeat lines of a long stage in machine logs.
+HEARTBEAT_SECONDS = 60.0
+STOPPED_MESSAGE = "musc: stopped; everything cached so far is kept: re-run to resume"
+
+log = logging.getLogger("musc")
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT reached the command (raised in the main thread by its handler).
+
+    Attributes:
+        signum: the signal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
 
 
 class StageProgress:
     """Progress bars on stderr, one per stage, fed by the flow's ``(stage, done, total)``.
 
-    Off under ``--quiet`` and when stderr is not a terminal (CI logs, redirected output).
+    For a terminal; see :class:`StageLog` for logs read by machines.
     """
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bars: dict[str, tqdm] = {}
+    def __init__(self) -> None:
+        self._bars: dict[str, object] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         """Advance (or open) the bar of ``stage``; close it when the stage is done."""
-        if not self.enabled or total == 0:
+        from tqdm import tqdm
+
+        if total == 0:
             return
         bar = self._bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:
@@ -65,36 +99,187 @@ class StageProgress:
             bar.close()
             del self._bars[stage]
 
+    def tick(self) -> None:
+        """Nothing to do between reports (the bars show the elapsed time)."""
+
+
+class StageLog:
+    """Stage lines on stderr for logs read by machines (cron mail, CI, a redirected file).
+
+    One line when a stage starts and one when it ends, with task counts and elapsed seconds,
+    and a heartbeat line every ``heartbeat`` seconds while a stage runs, written as they
+    happen (stderr is flushed after each line).
+
+    Args:
+        heartbeat: seconds between heartbeat lines of a running stage.
+        stream: where to write (stderr when None).
+        clock: monotonic clock (seconds).
+    """
+
+    def __init__(
+        self,
+        heartbeat: float = HEARTBEAT_SECONDS,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.heartbeat = heartbeat
+        self.stream = stream
+        self.clock = clock
+        self._open: dict[str, tuple[float, int, int]] = {}
+        self._last_line = clock()
+
+    def _write(self, text: str) -> None:
+        # Written, not printed: the flows run with ``log_prints``, which would take a print.
+        stream = self.stream or sys.stderr
+        stream.write(f"musc: {text}\n")
+        stream.flush()
+        self._last_line = self.clock()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        """Write the start or end of ``stage``; remember its progress for the heartbeat."""
+        now = self.clock()
+        started = self._open.get(stage, (now, 0, 0))[0]
+        if stage not in self._open or done == 0:
+            started = now
+            self._write(f"{stage} started: {total} task(s)")
+        self._open[stage] = (started, done, total)
+        if done >= total:
+            del self._open[stage]
+            self._write(f"{stage} done: {done}/{total} task(s) in {now - started:.1f} s")
+
+    def tick(self) -> None:
+        """Write a heartbeat of the running stages when no line was written for a while."""
+        now = self.clock()
+        if not self._open or now - self._last_line < self.heartbeat:
+            return
+        for stage, (started, done, total) in self._open.items():
+            self._write(f"{stage} running: {done}/{total} task(s) done after {now - started:.0f} s")
+
+
+class _DropErrors(logging.Filter):
+    """Keep Prefect's console to warnings.
+
+    Errors reach the user as one ``musc: error`` line; the full records, tracebacks
+    included, are in the Prefect API.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
 
 def quiet_console() -> None:
-    """Keep the console to warnings, progress bars and the summary.
+    """Keep the console to warnings, progress and the summary.
 
     Run and task logs still reach the Prefect API (and its UI); only the console handler of
-    this process and of the Dask workers it starts (through their environment) is raised to
-    WARNING, and the Dask cluster's own INFO messages are dropped.
+    this process is raised to WARNING and that of the Dask workers it starts (through their
+    environment) to CRITICAL, errors are left to the command's own one-line message, and the
+    Dask cluster's own INFO messages are dropped.
     """
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
             handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropErrors())
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
-def with_flow_progress(args: argparse.Namespace, run: Callable[[], T]) -> T:
-    """Run flows with progress bars (unless ``--quiet`` or not a terminal) and one Prefect API.
+class _StderrHandler(logging.Handler):
+    """Writes records to whatever ``sys.stderr`` is when they are emitted."""
 
-    The API is ``PREFECT_API_URL`` when set, else a local server started for the command.
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # a message that cannot be shown must not fail the command
+            self.handleError(record)
+
+
+def musc_console() -> None:
+    """Messages of the ``musc`` logger (shutdown problems, retries given up) on stderr."""
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("musc: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@contextmanager
+def signals_stop() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Stopped` in the main thread, for the duration.
+
+    The flows run in a worker thread (:func:`run_in_thread`), so this handler, not Prefect's,
+    receives the signal: the command stops within a second however busy the machine is.
     """
-    reporter = StageProgress(enabled=not args.quiet and sys.stderr.isatty())
-    add_reporter(reporter)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_in_thread(run: Callable[[], T], tick: Callable[[], None], poll: float = 0.5) -> T:
+    """Run ``run`` in a daemon thread while this thread waits, calling ``tick`` meanwhile.
+
+    A signal handled in this thread (:func:`signals_stop`) interrupts the wait at once; the
+    worker thread is then abandoned (the process is about to leave).
+
+    Returns:
+        What ``run`` returned.
+
+    Raises:
+        BaseException: what ``run`` raised.
+    """
+    outcome: dict[str, object] = {}
+    context = contextvars.copy_context()  # Prefect's settings (API URL) live in context vars
+
+    def target() -> None:
+        try:
+            outcome["value"] = context.run(run)
+        except BaseException as error:  # handed to the waiting thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, name="musc-flows", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(poll)
+        tick()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def with_flow_progress(args: argparse.Namespace, run: Callable[[], T]) -> T:
+    """Run flows with progress and one Prefect API, in a worker thread.
+
+    Progress: bars on a terminal, stage lines (:class:`StageLog`) otherwise, nothing under
+    ``--quiet``. The API is ``PREFECT_API_URL`` when set, else a local server started for
+    the command.
+    """
+    from flows.progress import add_reporter, remove_reporter
+    from infra.prefect_api import prefect_api
+
+    reporter: StageProgress | StageLog | None = None
+    if not args.quiet:
+        reporter = StageProgress() if sys.stderr.isatty() else StageLog()
+        add_reporter(reporter)
     try:
         with prefect_api():
-            return run()
+            return run_in_thread(run, reporter.tick if reporter else lambda: None)
     finally:
-        remove_reporter(reporter)
+        if reporter is not None:
+            remove_reporter(reporter)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -164,10 +349,38 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+EXIT_HELP = f"""exit status:
+  {EXIT_OK}    every line scored
+  {EXIT_INTERNAL}    internal error (a bug, or storage lost mid-run)
+  {EXIT_USAGE}    usage or configuration error (nothing was started)
+  {EXIT_SET_ASIDE}    a sample was set aside and --fail-on-set-aside was given
+  {EXIT_NOT_SCORED}    a line was not scored (fewer than 2 usable samples)
+  {EXIT_INTERRUPTED}  stopped by Ctrl-C (SIGINT); re-run to resume
+  {EXIT_TERMINATED}  stopped by SIGTERM; re-run to resume
+"""
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    return action.default not in (None, False, argparse.SUPPRESS) and bool(action.option_strings)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless the help names it); the epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if _shows_default(action) and "default" not in text:
+            text = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return text or action.help
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="musc", description="Zero-shot industrial anomaly detection with MuSc-V2."
+        prog="musc",
+        description="Zero-shot industrial anomaly detection with MuSc-V2.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -179,9 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defect-rate", type=float, default=0.4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-support-plane", action="store_true")
-    synth.add_argument("--shape", choices=SHAPES + NAMED_SHAPES, default=None,
-                       help="object kind (default: drawn from the seed among "
-                       f"{', '.join(SHAPES)})")
+    synth.add_argument(
+        "--shape",
+        choices=SYNTH_SHAPES + SYNTH_NAMED_SHAPES,
+        default=None,
+        help=f"object kind (default: drawn from the seed among {', '.join(SYNTH_SHAPES)})",
+    )
 
     score_cmd = sub.add_parser("score", help="score a dataset's lines and write results")
     score_cmd.add_argument("data", help="dataset root")
@@ -267,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
     demo.set_defaults(weights_2d="random", weights_3d="random", storage=None)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
+        command.epilog = EXIT_HELP
+        for action in command._actions:
+            if action.help is None and _shows_default(action):
+                action.help = "default: %(default)s"
     return parser
 
 
@@ -300,32 +522,73 @@ def _line_options(args: argparse.Namespace) -> dict[str, object]:
     )
 
 
-def _score_category(args: argparse.Namespace, data: str, fmt: str, category: str, out: str,
-                    batch: str) -> dict:
-    """Run the score-line flow for one category; a line that cannot be scored is reported."""
-    try:
-        return score_line(
-            data=data,
-            data_format=fmt,
-            category=category,
-            storage=args.storage,
-            out=out,
-            batch=batch,
-            **_line_options(args),
-        )
-    except LineNotScored as error:
-        return {
-            "line": category,
-            "error": str(error),
-            "scored": 0,
-            "set_aside": [[a.name, a.path, a.problem] for a in error.set_aside],
-        }
+class LineFailed(Exception):
+    """A line's run raised: the lines before it are kept, the ones after it not run.
+
+    Attributes:
+        lines: summaries of the lines run so far, the failed one last (with ``error``).
+        error: what the failed line raised.
+    """
+
+    def __init__(self, lines: list[dict], error: Exception) -> None:
+        self.lines = lines
+        self.error = error
+        super().__init__(str(error))
+
+
+def _score_categories(
+    args: argparse.Namespace, data: str, fmt: str, categories: list[str], out: str, batch: str
+) -> list[dict]:
+    """Run the score-line flow for each category in turn.
+
+    A line that cannot be scored is reported and the next one run; any other error stops
+    the run with :class:`LineFailed`, which keeps the summaries of the lines already scored.
+    """
+    from flows.score_line import LineNotScored, score_line
+    from infra.storage import redact
+    from tasks.outputs import safe_file_stem
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"musc: {text}", file=sys.stderr, flush=True)
+
+    lines: list[dict] = []
+    for number, category in enumerate(categories, start=1):
+        started = time.monotonic()
+        say(f"line {category!r} ({number}/{len(categories)}) started")
+        try:
+            summary = score_line(
+                data=data,
+                data_format=fmt,
+                category=category,
+                storage=args.storage,
+                out=f"{out.rstrip('/')}/{safe_file_stem(category)}",
+                batch=batch,
+                **_line_options(args),
+            )
+        except LineNotScored as error:
+            summary = {
+                "line": category,
+                "error": str(error),
+                "scored": 0,
+                "set_aside": [[a.name, a.path, a.problem] for a in error.set_aside],
+            }
+        except Exception as error:
+            lines.append({"line": category, "error": redact(str(error)), "scored": 0,
+                          "failed": type(error).__name__})
+            raise LineFailed(lines, error) from error
+        lines.append(summary)
+        say(f"line {category!r} ended: {summary['scored']} sample(s) scored in "
+            f"{time.monotonic() - started:.1f} s")
+    return lines
 
 
 def print_line(summary: dict) -> None:
     """One line's outcome on stdout: counts, stages, outputs, metrics, set-aside samples."""
     line = summary["line"]
-    if summary.get("error"):
+    if summary.get("failed"):
+        print(f"[{line}] FAILED: {summary['error']}")
+    elif summary.get("error"):
         print(f"[{line}] NOT SCORED: {summary['error']}")
     else:
         print(
@@ -349,20 +612,35 @@ def print_line(summary: dict) -> None:
             print(f"    metrics: {shown}")
     for name, _path, problem in summary.get("set_aside", []):
         print(f"    set aside {name!r}: {problem}")
+    sys.stdout.flush()
+
+
+def _random_weights_requested(args: argparse.Namespace, config: MuscConfig) -> bool:
+    return (config.uses_2d and args.weights_2d == "random") or (
+        config.uses_3d and args.backbone_3d == "point-mae" and args.weights_3d == "random"
+    )
+
+
+def _announce_random_weights() -> None:
+    """The random-weights warning, first thing on stderr (it is repeated in the summary)."""
+    print(f"musc: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
 
 
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
+    from flows.score_line import default_batch_id
+    from musc_core.metrics import summarize
+    from tasks.datasets import list_categories
+    from tasks.outputs import ResultStore
+
     categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
-    lines = with_flow_progress(
-        args,
-        lambda: [
-            _score_category(
-                args, data, fmt, c, f"{out.rstrip('/')}/{safe_file_stem(c)}", batch
-            )
-            for c in categories
-        ]
-    )
+    failure: LineFailed | None = None
+    try:
+        lines = with_flow_progress(
+            args, lambda: _score_categories(args, data, fmt, categories, out, batch)
+        )
+    except LineFailed as failed:
+        lines, failure = failed.lines, failed
     random_weights = any(s.get("random_weights") for s in lines)
     if random_weights:
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
@@ -382,16 +660,21 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
         "format": fmt,
         "batch": batch,
         "lines": lines,
+        "not_run": categories[len(lines):],
     }
-    print(f"run summary: {store.write_json('run.json', run)}")
+    print(f"run summary: {store.write_json('run.json', run)}", flush=True)
+    if failure is not None:
+        raise failure.error
     if any(s.get("error") for s in lines):
         return EXIT_NOT_SCORED
     if args.fail_on_set_aside and any(s.get("set_aside") for s in lines):
         return EXIT_SET_ASIDE
-    return 0
+    return EXIT_OK
 
 
 def _run_rescore(args: argparse.Namespace) -> int:
+    from flows.rescore import rescore
+
     summary = with_flow_progress(
         args,
         lambda: rescore(
@@ -411,10 +694,12 @@ def _run_rescore(args: argparse.Namespace) -> int:
     if summary.get("random_weights"):
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
     print_line(summary)
-    return 0
+    return EXIT_OK
 
 
 def _run_score_new(args: argparse.Namespace) -> int:
+    from flows.score_new import score_new
+
     summary = with_flow_progress(
         args,
         lambda: score_new(
@@ -451,17 +736,21 @@ def _run_score_new(args: argparse.Namespace) -> int:
         print(f"    {kind:>9}: {location}")
     for name, _path, problem in summary.get("set_aside", []):
         print(f"    set aside {name!r}: {problem}")
-    return 0
+    return EXIT_OK
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from flows.paper_eval import evaluate_benchmark
+    from flows.score_line import default_batch_id
+
     options = {**_line_options(args), "reference_nights": 0, "reference_samples": None}
     eval_id = args.batch or default_batch_id()
 
     def done(category: str, seed: int, index: int, subsets: int, summary: dict) -> None:
         print(
             f"[{category}] seed {seed}, subset {index}/{subsets}: {summary['scored']} samples "
-            f"scored in {summary['seconds']:.1f} s ({len(summary['set_aside'])} set aside)"
+            f"scored in {summary['seconds']:.1f} s ({len(summary['set_aside'])} set aside)",
+            flush=True,
         )
 
     result = with_flow_progress(
@@ -477,65 +766,155 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(result.markdown)
     for kind, location in result.outputs.items():
         print(f"    {kind:>9}: {location}")
-    return 0
+    return EXIT_OK
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from tasks.synth import generate_line
+
+    check_counts(args)
+    summary = generate_line(
+        args.out,
+        category=args.category,
+        num_samples=args.num_samples,
+        image_size=args.image_size,
+        defect_rate=args.defect_rate,
+        seed=args.seed,
+        support_plane=not args.no_support_plane,
+        shape=args.shape,
+    )
+    print(f"synthetic line written: {Path(args.out) / args.category} ({summary})")
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from tasks.synth import generate_line
+
+    data = Path(args.out) / "line"
+    generate_line(
+        data,
+        category="demo_part",
+        num_samples=args.num_samples,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    print(f"synthetic line: {data / 'demo_part'}", flush=True)
+    args.category = "all"
+    return _run_score(args, str(data), "mvtec3d", str(Path(args.out) / "results"))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every up-front check of the command (nothing is started before it passes).
+
+    Raises:
+        UsageError: the first problem found, naming its option.
+    """
+    if args.command in ("score", "eval", "demo"):
+        if args.command == "demo":
+            args.storage = args.storage or str(Path(args.out) / "store")
+        config = check_score(args)
+        if _random_weights_requested(args, config):
+            _announce_random_weights()
+    elif args.command in ("rescore", "score-new"):
+        check_counts(args)
+        check_cluster_option(args)
+        check_location(args.storage, "--storage")
+        if args.out:
+            check_location(args.out, "--out")
+
+
+def _classify(error: BaseException) -> int:
+    """Exit status of an error a command raised (see ``EXIT_HELP``)."""
+    from infra.storage import is_unreachable
+
+    if isinstance(error, UsageError):
+        return EXIT_USAGE
+    if is_unreachable(error):
+        return EXIT_INTERNAL
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return EXIT_USAGE
+    return EXIT_INTERNAL
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "synth": _run_synth,
+    "score": lambda args: _run_score(args, args.data, args.format, args.out),
+    "rescore": _run_rescore,
+    "score-new": _run_score_new,
+    "eval": _run_eval,
+    "demo": _run_demo,
+}
+
+
+def _leave(status: int) -> None:
+    """End the process now with ``status``, once output and queued Prefect logs are out.
+
+    The outcome is decided and printed; what the libraries do at interpreter exit (joining
+    executor threads, closing clusters left behind, sending logs to a server that is gone)
+    took over a minute on a loaded machine and may not delay the command or change its status.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "prefect" in sys.modules:
+        from infra.prefect_api import flush_logs
+
+        flush_logs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``musc`` command line; returns the exit status."""
+    """Run the ``musc`` command line; returns the exit status.
+
+    Options are checked before anything starts (status 2 with one ``musc: error`` line);
+    SIGTERM and SIGINT stop the command within a second (143, 130) with one line; an error
+    of a run is one ``musc: error`` line (the traceback only with ``--verbose``).
+
+    Args:
+        argv: the arguments; None for the process's own (``sys.argv``): the process is then
+            the command, and it ends as soon as the outcome is printed (see :func:`_leave`).
+    """
+    status = _main(argv)
+    if argv is None:
+        _leave(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if not getattr(args, "verbose", False):
-        quiet_console()
+    verbose = getattr(args, "verbose", False)
+    musc_console()
     try:
-        if args.command == "synth":
-            summary = generate_line(
-                args.out,
-                category=args.category,
-                num_samples=args.num_samples,
-                image_size=args.image_size,
-                defect_rate=args.defect_rate,
-                seed=args.seed,
-                support_plane=not args.no_support_plane,
-                shape=args.shape,
-            )
-            print(f"synthetic line written: {Path(args.out) / args.category} ({summary})")
-            return 0
-        if args.command == "score":
-            return _run_score(args, args.data, args.format, args.out)
-        if args.command == "rescore":
-            return _run_rescore(args)
-        if args.command == "score-new":
-            return _run_score_new(args)
-        if args.command == "eval":
-            return _run_eval(args)
-        if args.command == "demo":
-            data = Path(args.out) / "line"
-            generate_line(
-                data,
-                category="demo_part",
-                num_samples=args.num_samples,
-                image_size=args.image_size,
-                seed=args.seed,
-            )
-            print(f"synthetic line: {data / 'demo_part'}")
-            args.category = "all"
-            args.storage = args.storage or str(Path(args.out) / "store")
-            return _run_score(args, str(data), "mvtec3d", str(Path(args.out) / "results"))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"musc: error: {error}", file=sys.stderr)
-        return EXIT_NOT_SCORED
-    except (KeyboardInterrupt, TerminationSignal) as stop:
-        # The local Prefect server and the Dask cluster are already shut down by their context
-        # managers; leave now instead of waiting for tasks still running in worker threads.
-        print(
-            "musc: stopped; everything cached so far is kept and a re-run resumes from it",
-            file=sys.stderr,
-        )
+        with signals_stop():
+            check_args(args)
+            if not verbose and args.command != "synth":
+                quiet_console()
+            return COMMANDS[args.command](args)
+    except Stopped as stop:
+        print(STOPPED_MESSAGE, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED)
-    return 1
+        # Leave now instead of waiting for tasks still running in the flow's worker thread:
+        # every cache entry is atomic, so a re-run resumes from what was stored.
+        os._exit(EXIT_INTERRUPTED if stop.signum == signal.SIGINT else EXIT_TERMINATED)
+    except KeyboardInterrupt:
+        print(STOPPED_MESSAGE, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    except Exception as error:
+        from infra.storage import StorageUnreachable, is_unreachable, redact
+
+        if verbose:
+            log.exception("the command failed")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if is_unreachable(error) and not isinstance(error, (StorageUnreachable, UsageError)):
+            first = (f"the storage cannot be reached ({type(error).__name__}: {first}); check "
+                     "that it is up and re-run: what was stored is reused")
+        print(f"musc: error: {redact(first)}", file=sys.stderr, flush=True)
+        return _classify(error)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -20,11 +20,13 @@ from prefect.runtime import flow_run
 from flows.progress import StageTracker
 from flows.stages import report_run, score_pool, timed, wait_stage
 from infra.cluster import task_runner
+from infra.hub import pretrained_weights_problem
 from musc_core.config import MuscConfig
 from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec
 from tasks.bank import record_blocks
 from tasks.batches import check_batch_id, load_bank, record_batch
 from tasks.cache import CacheCorruption
+from tasks.choices import DEFAULT_STORAGE
 from tasks.datasets import list_categories
 from tasks.discover import DiscoveredSample, discover_samples
 from tasks.features import drop_entry, prepare_samples
@@ -35,7 +37,6 @@ from tasks.prepare import SetAside
 from tasks.results import LineResult, RunInfo
 from tasks.runtime import Runtime, identify_backbones
 
-DEFAULT_STORAGE = "musc-store"
 #: Times a run drops a corrupted cache entry and runs again before giving up.
 CORRUPTION_RETRIES = 3
 
@@ -431,5 +432,12 @@ def score_line(
     )
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if config.uses_2d and weights_2d == "pretrained":
+        problem = pretrained_weights_problem(backbone_2d)
+        if problem:
+            raise ValueError(
+                f"{problem}; pass a local checkpoint (--weights-2d /path/to/checkpoint.pth), "
+                "or --weights-2d random (results not meaningful)"
+            )
     runner = task_runner(cluster, workers)
     return score_line_stages.with_options(task_runner=runner)(request)

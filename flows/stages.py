@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from prefect.futures import PrefectFuture
 
 from flows.progress import StageTracker
+from infra.storage import is_unreachable
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
 from tasks.features import aggregate_2d, aggregate_3d, extract_2d, extract_3d, group_samples
@@ -37,9 +38,18 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def wait_stage(tracker: StageTracker, stage: str, futures: list[PrefectFuture]) -> list:
-    """Wait for a stage's futures (progress reported as they finish); their results in order."""
-    for _ in tracker.track(stage, futures):
-        pass
+    """Wait for a stage's futures (progress reported as they finish); their results in order.
+
+    A task that failed because the storage cannot be reached fails the stage at once: the
+    tasks still queued would each spend their own retries on the same endpoint first.
+    """
+    for future in tracker.track(stage, futures):
+        if future.state.is_failed():
+            try:
+                future.result()
+            except Exception as error:
+                if is_unreachable(error):
+                    raise
     return [future.result() for future in futures]
 
 

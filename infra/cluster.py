@@ -14,11 +14,73 @@ workers of a remote cluster must be started with it set.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable
+from functools import cache
+from types import TracebackType
+from typing import TYPE_CHECKING
 
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+if TYPE_CHECKING:
+    from prefect.task_runners import TaskRunner
+
 
 SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://", "ws://", "wss://")
+#: Seconds the shutdown of a Dask client and local cluster may take before it is abandoned.
+CLOSE_TIMEOUT = 20.0
+#: Loggers whose shutdown chatter (workers killed, close timed out) is summed up in one line.
+_SHUTDOWN_LOGGERS = ("distributed", "tornado", "asyncio")
+
+log = logging.getLogger("musc")
+
+
+def close_quietly(close: Callable[[], None], what: str, timeout: float = CLOSE_TIMEOUT) -> bool:
+    """Run ``close`` in a daemon thread for at most ``timeout`` seconds; never raise.
+
+    The results of a run are already computed when its cluster is shut down, so nothing the
+    shutdown does may fail the run: an error, or a shutdown still running after ``timeout``
+    (it is left to finish, or to die with the process), is one warning on the ``musc``
+    logger, and Dask's own shutdown messages are held back meanwhile.
+
+    Args:
+        close: the shutdown to run.
+        what: what is shut down, for the warning.
+        timeout: seconds to wait.
+
+    Returns:
+        Whether the shutdown finished cleanly in time.
+    """
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            close()
+        except BaseException as error:  # reported below as one line
+            errors.append(error)
+
+    loggers = [logging.getLogger(name) for name in _SHUTDOWN_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        closing = threading.Thread(target=run, name=f"close {what}", daemon=True)
+        closing.start()
+        closing.join(timeout)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    if closing.is_alive():
+        log.warning("%s did not shut down within %.0f s; left behind (results are kept)",
+                    what, timeout)
+        return False
+    if errors:
+        error = errors[0]
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        log.warning("%s shut down with an error (results are kept): %s",
+                    what, f"{type(error).__name__}: {detail}" if detail else type(error).__name__)
+        return False
+    return True
 
 
 def threads_per_worker(workers: int) -> int:
@@ -40,15 +102,15 @@ def task_runner(cluster: str = "local", workers: int = 1) -> TaskRunner:
     Raises:
         ValueError: an unknown cluster option or a non-positive worker count.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+    check_cluster(cluster, workers)
     if cluster == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers)
-    from prefect_dask import DaskTaskRunner
+        from prefect.task_runners import ThreadPoolTaskRunner
 
+        return ThreadPoolTaskRunner(max_workers=workers)
+    runner_class = bounded_dask_runner()
     if cluster == "local":
         threads = str(threads_per_worker(workers))
-        return DaskTaskRunner(
+        return runner_class(
             cluster_class="distributed.LocalCluster",
             cluster_kwargs={
                 "n_workers": workers,
@@ -58,9 +120,54 @@ def task_runner(cluster: str = "local", workers: int = 1) -> TaskRunner:
                 "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
             },
         )
-    if cluster.startswith(SCHEMES):
-        return DaskTaskRunner(address=cluster)
-    raise ValueError(
-        f"cluster must be 'threads', 'local' or a Dask scheduler address (tcp://host:port), "
-        f"got {cluster!r}"
-    )
+    return runner_class(address=cluster)
+
+
+def check_cluster(cluster: str, workers: int) -> None:
+    """Reject a cluster option :func:`task_runner` would refuse, without building anything.
+
+    Raises:
+        ValueError: an unknown cluster option or a non-positive worker count.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if cluster not in ("threads", "local") and not cluster.startswith(SCHEMES):
+        raise ValueError(
+            f"cluster must be 'threads', 'local' or a Dask scheduler address (tcp://host:port), "
+            f"got {cluster!r}"
+        )
+
+
+@cache
+def bounded_dask_runner() -> type[TaskRunner]:
+    """The ``DaskTaskRunner`` subclass of local and remote clusters.
+
+    Built on first use, so that importing this module imports neither Prefect nor Dask.
+    """
+    from prefect.task_runners import TaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    class BoundedDaskTaskRunner(DaskTaskRunner):
+        """A ``DaskTaskRunner`` whose shutdown is bounded and cannot fail the flow.
+
+        ``prefect_dask`` closes the client and the cluster it created when the flow's task
+        runner exits, before the flow run is finished: on a loaded machine Dask's close times
+        out (workers still alive, ``SpecCluster`` state correction) and that ``TimeoutError``
+        turned a run whose results were all written into a failed one. Here the close goes
+        through :func:`close_quietly`: at most :data:`CLOSE_TIMEOUT` seconds, problems as one
+        warning.
+        """
+
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc_value: BaseException | None,
+            traceback: TracebackType | None,
+        ) -> None:
+            close_quietly(
+                lambda: self._exit_stack.__exit__(exc_type, exc_value, traceback),
+                "the Dask cluster",
+            )
+            TaskRunner.__exit__(self, exc_type, exc_value, traceback)
+
+    return BoundedDaskTaskRunner

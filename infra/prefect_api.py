@@ -72,12 +72,16 @@ def start_server(home: str | Path, timeout: float = 90.0) -> tuple[subprocess.Po
             start_new_session=True,
         )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited at start-up; see {log_path}")
-        if _healthy(url):
-            return process, url
-        time.sleep(0.3)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited at start-up; see {log_path}")
+            if _healthy(url):
+                return process, url
+            time.sleep(0.3)
+    except BaseException:  # stopped while waiting (a signal): the server must not outlive us
+        stop_server(process, grace=2.0)
+        raise
     stop_server(process)
     raise RuntimeError(f"the Prefect server did not answer within {timeout:.0f} s; see {log_path}")
 
@@ -98,10 +102,12 @@ def _stop_on_sigterm(process: subprocess.Popen) -> Callable[[], None]:
     """Stop the server when this process is terminated (it runs in its own session).
 
     Prefect's flow engine turns SIGTERM into a crash of the running flow and then calls the
-    handler that was installed before it, which is this one: it stops the server and leaves at
-    once, without waiting for tasks still running in worker threads (every cache entry is
-    atomic, so a re-run resumes from what was stored). Also registered with :mod:`atexit`.
-    Returns a function that undoes both.
+    handler that was installed before it, which is this one: it stops the server, then hands
+    the signal to the handler installed before it when that is a Python function (the
+    ``musc`` command's, which says it stopped), else leaves at once, without waiting for
+    tasks still running in worker threads (every cache entry is atomic, so a re-run resumes
+    from what was stored). Also registered with :mod:`atexit`. Returns a function that undoes
+    both.
     """
 
     def on_exit() -> None:
@@ -109,6 +115,8 @@ def _stop_on_sigterm(process: subprocess.Popen) -> Callable[[], None]:
 
     def on_sigterm(signum: int, frame: object) -> None:
         on_exit()
+        if callable(previous):
+            previous(signum, frame)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signum)
@@ -127,14 +135,25 @@ def _stop_on_sigterm(process: subprocess.Popen) -> Callable[[], None]:
     return restore
 
 
-def _flush_logs() -> None:
-    """Send the run logs still queued for the API before the server goes away."""
-    from prefect.logging.handlers import APILogHandler
+#: Seconds the run logs and events still queued for a local server may take to be sent.
+DRAIN_TIMEOUT = 5.0
 
-    try:
-        APILogHandler().flush()
-    except Exception as error:  # a log that cannot be sent must not fail the run
-        log.debug("could not flush Prefect logs: %s", error)
+
+def flush_logs() -> None:
+    """Send the run logs and events still queued for the API before the server goes away.
+
+    Bounded by :data:`DRAIN_TIMEOUT` each; what is not sent by then is dropped (the run's
+    results do not depend on it), so the event and log clients do not retry against a
+    stopped server at exit.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=DRAIN_TIMEOUT)
+        except Exception as error:  # a log that cannot be sent must not fail the run
+            log.debug("could not flush Prefect %s: %s", worker.__name__, error)
 
 
 @contextmanager
@@ -169,11 +188,20 @@ def prefect_api(home: str | Path | None = None, timeout: float = 90.0) -> Iterat
     log.info("started a local Prefect server at %s", url)
     os.environ["PREFECT_API_URL"] = url
     restore = _stop_on_sigterm(process)
+    stopped = False  # by a signal or Ctrl-C: no time for a graceful stop
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
-        _flush_logs()
+        flush_logs()
+    except BaseException as error:
+        stopped = not isinstance(error, Exception)
+        raise
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         restore()
-        stop_server(process)
+        try:
+            stop_server(process, grace=1.0 if stopped else 5.0)
+        except Exception as error:  # the runs are over: their outcome stands
+            logging.getLogger("musc").warning(
+                "the local Prefect server did not stop cleanly: %s", error
+            )

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -254,15 +256,155 @@ def _permanent_botocore(exc: BaseException) -> bool:
     return False
 
 
+#: Seconds a storage call keeps retrying an endpoint that refuses connections or whose name
+#: does not resolve, before :class:`StorageUnreachable` is raised.
+UNREACHABLE_SECONDS = 20.0
+
+
+class StorageUnreachable(RuntimeError):
+    """The storage endpoint refused connections (or its name did not resolve) for a while.
+
+    Not a transient error: the call was already retried for :data:`UNREACHABLE_SECONDS`, so
+    neither :func:`with_retries` nor Prefect retries it again.
+    """
+
+
+def _unreachable_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionRefusedError, socket.gaierror]
+    try:
+        from botocore.exceptions import EndpointConnectionError
+
+        types.append(EndpointConnectionError)
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        pass
+    try:
+        from aiohttp import ClientConnectorError
+
+        types.append(ClientConnectorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the endpoint is not there at all.
+
+    Refused connections and failed name lookups, as opposed to a dropped connection, a
+    timeout or a 5xx of a server that is there.
+    """
+    types = _unreachable_types()
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, (StorageUnreachable, *types)):
+            return True
+        if seen.__cause__ is not None:
+            seen = seen.__cause__
+        else:
+            seen = None if seen.__suppress_context__ else seen.__context__
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying (network, throttling, 5xx).
 
     Missing files, refused permissions, missing credentials and other client errors are not:
-    they fail at once with their message.
+    they fail at once with their message; nor is :class:`StorageUnreachable` (already
+    retried).
     """
-    if isinstance(exc, PERMANENT_ERRORS) or _permanent_botocore(exc):
+    if isinstance(exc, (StorageUnreachable, *PERMANENT_ERRORS)) or _permanent_botocore(exc):
         return False
     return isinstance(exc, _transient_types())
+
+
+def tcp_reachable(url: str, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the host and port of ``url`` opens within ``timeout`` s.
+
+    A failed name lookup, a refused connection and a timeout all count as unreachable. The
+    name lookup is bounded too (it runs in a daemon thread): a resolver that hangs counts as
+    a timeout.
+    """
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                opened.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, name="storage probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
+
+
+def _unreachable(what: str, error: BaseException, seconds: float) -> StorageUnreachable:
+    endpoint = s3_endpoint_url() or "the default AWS endpoint"
+    return StorageUnreachable(
+        f"{what}: the storage cannot be reached ({redact(f'{type(error).__name__}: {error}')}; "
+        f"tried for {seconds:.0f} s); check that {endpoint} is up (MUSC_S3_ENDPOINT_URL / "
+        "AWS_ENDPOINT_URL) and re-run: what was stored is reused"
+    )
+
+
+def check_writable(url: str) -> None:
+    """Check that a storage URL can be written, quickly and without retries.
+
+    Local: the folder is created when missing and a probe file written and removed. S3: the
+    endpoint must accept a TCP connection within 2 s, then a probe object is written and
+    removed with one try (credentials, bucket and write permission in one go).
+
+    Raises:
+        NotADirectoryError: a local path that is (or lies below) a file.
+        PermissionError: the folder cannot be written, or S3 refused the credentials.
+        FileNotFoundError: the S3 bucket does not exist.
+        StorageUnreachable: the S3 endpoint refused the connection or did not resolve.
+        ValueError: an unsupported URL.
+    """
+    protocol, root = split_url(url)
+    probe = f".musc-write-probe-{uuid.uuid4().hex}"
+    if protocol == "file":
+        path = root
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is a file, not a folder")
+        os.makedirs(root, exist_ok=True)
+        target = os.path.join(root, probe)
+        with open(target, "wb"):
+            pass
+        os.remove(target)
+        return
+    endpoint = s3_endpoint_url() or "https://s3.amazonaws.com"
+    if not tcp_reachable(endpoint):
+        raise StorageUnreachable(
+            f"the S3 endpoint {endpoint} refuses connections or does not resolve; start it or "
+            "point MUSC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL at it"
+        )
+    import s3fs
+
+    options = s3_storage_options()
+    options["config_kwargs"] = {
+        "connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1},
+    }
+    fs = s3fs.S3FileSystem(**options)
+    fs.retries = 1
+    try:
+        fs.pipe_file(f"{root}/{probe}", b"")
+        fs.rm_file(f"{root}/{probe}")
+    except Exception as error:
+        if isinstance(error, PERMANENT_ERRORS):
+            raise
+        if is_unreachable(error):
+            raise StorageUnreachable(redact(str(error))) from error
+        raise PermissionError(redact(f"{type(error).__name__}: {error}")) from error
 
 
 def with_retries(
@@ -286,14 +428,22 @@ def with_retries(
         What ``fn`` returns.
 
     Raises:
+        StorageUnreachable: the endpoint refused connections (or did not resolve) on every
+            try, or for more than :data:`UNREACHABLE_SECONDS`.
         Exception: the last error once the attempts are spent, or at once any non-transient
             error (see :func:`is_transient`).
     """
     attempts = max(1, int(attempts))
+    first_failure: float | None = None
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:
+            if is_unreachable(exc) and not isinstance(exc, StorageUnreachable):
+                first_failure = first_failure or time.monotonic()
+                waited = time.monotonic() - first_failure
+                if attempt == attempts or waited > UNREACHABLE_SECONDS:
+                    raise _unreachable(what, exc, waited) from exc
             if attempt == attempts or not is_transient(exc):
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)

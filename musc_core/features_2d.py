@@ -143,8 +143,9 @@ class ViTFeatureExtractor:
             except Exception as error:  # hub unreachable, cache empty, unknown tag
                 raise RuntimeError(
                     f"could not load timm pretrained weights for {name!r} ({error}). Put them in "
-                    "the timm/Hugging Face cache, pass a local checkpoint path, or request "
-                    "random weights explicitly"
+                    "the timm/Hugging Face cache, pass a local checkpoint "
+                    "(--weights-2d /path/to/checkpoint.pth), or request random weights "
+                    "explicitly (--weights-2d random; results not meaningful)"
                 ) from error
             return cls(model, name, f"pretrained-{state_digest(model)[:16]}", False)
         if weights == "random":

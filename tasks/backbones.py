@@ -14,11 +14,8 @@ from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams
 from musc_core.pipeline import PointExtractor
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
+from tasks.choices import BACKBONES_3D, DEFAULT_BACKBONE_2D
 from tasks.keys import Identities
-
-DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
-#: 3D backbones: the Point-MAE transformer (default) and weight-free FPFH descriptors.
-BACKBONES_3D = ("point-mae", "fpfh")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import zarr
 
 from infra.storage import (
     is_transient,
+    is_unreachable,
     open_async_filesystem,
     open_filesystem,
     redact,
@@ -367,7 +368,7 @@ class FeatureCache:
         try:
             return np.asarray(self._retry(lambda: z[selection], f"read array {name}"))
         except Exception as exc:
-            if isinstance(exc, CacheCorruption) or is_transient(exc):
+            if isinstance(exc, CacheCorruption) or is_transient(exc) or is_unreachable(exc):
                 raise  # storage still failing after the retries: not a corruption
             # Undecodable chunk (truncated / garbled compressed bytes).
             raise CacheCorruption(

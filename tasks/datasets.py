@@ -48,6 +48,7 @@ from pathlib import Path, PurePosixPath
 
 import tifffile
 
+from tasks.choices import FORMATS
 from tasks.image_io import (
     TIFF_SUFFIXES,
     PathLike,
@@ -68,7 +69,6 @@ __all__ = [
     "read_dataset",
 ]
 
-FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VISA_SPLIT_CSV = ("split_csv", "1cls.csv")
 _FOLDER_XYZ_DIRS = ("xyz",)

@@ -21,11 +21,8 @@ import torch
 from PIL import Image
 
 from infra.storage import open_filesystem, split_url, with_retries
+from tasks.choices import RANDOM_WEIGHTS_WARNING as RANDOM_WEIGHTS_WARNING  # re-exported
 
-RANDOM_WEIGHTS_WARNING = (
-    "WARNING: random backbone weights were used: these scores, maps and metrics are NOT "
-    "meaningful anomaly detection results (they exercise the pipeline only)."
-)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -6,19 +6,21 @@ from dataclasses import dataclass
 
 from prefect.cache_policies import NO_CACHE
 
-from infra.storage import is_transient
+from infra.storage import is_transient, is_unreachable
 
 
 def retry_on_storage_error(task: object, task_run: object, state: object) -> bool:
     """Prefect retry condition: retry a failed task only when storage failed transiently.
 
     A bad input or a bug fails at once; a network error, a throttled or unavailable object
-    store is retried with backoff (each storage call already retries a few times itself).
+    store is retried with backoff (each storage call already retries a few times itself). An
+    endpoint that refuses connections or does not resolve is not: the storage call already
+    retried it for tens of seconds, and the run fails with that one message.
     """
     try:
         state.result()  # type: ignore[attr-defined]
     except Exception as error:  # the task's exception, re-raised by the state
-        return is_transient(error)
+        return is_transient(error) and not is_unreachable(error)
     return False
 
 

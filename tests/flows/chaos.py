@@ -1,5 +1,5 @@
 """Fault injection helpers for the chaos tests: a TCP proxy that can refuse connections, a
-Dask worker killer, and a view of a local cache's complete entries."""
+Dask worker killer, a CPU load generator, and a view of a local cache's complete entries."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -250,3 +252,41 @@ class WorkerKiller(threading.Thread):
                     self.busy_with = [str(k) for k in busy[address]]
                     return
             time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- CPU load
+class CpuLoad:
+    """Busy processes that load every core, for a bounded time.
+
+    Each process spins for at most ``seconds`` and then exits by itself, so a test that dies
+    leaves no load behind; :meth:`stop` (or leaving the ``with`` block) ends them at once.
+
+    Args:
+        per_core: busy processes per core (4: a load of about 4 × cores).
+        seconds: the most each process runs.
+    """
+
+    def __init__(self, per_core: int = 4, seconds: float = 300.0) -> None:
+        self.count = per_core * (os.cpu_count() or 1)
+        self.seconds = seconds
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> CpuLoad:
+        spin = (
+            f"import time\nend = time.monotonic() + {self.seconds}\n"
+            "while time.monotonic() < end: pass\n"
+        )
+        self.processes = [
+            subprocess.Popen([sys.executable, "-c", spin]) for _ in range(self.count)
+        ]
+        return self
+
+    def stop(self) -> None:
+        """End every busy process now."""
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -361,10 +361,10 @@ def test_a_line_with_fewer_than_two_usable_samples_is_not_scored(tmp_path, chaos
         status = main(["score", str(data), "--out", str(tmp_path / "out"), "--storage",
                        str(tmp_path / "store"), *CLI_PARAMS])
     text = stdout.getvalue()
-    assert status == 2
+    assert status == 4
     assert "NOT SCORED" in text and "at least 2" in text and "000.png" in text
     assert "empty file" in text
     run = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
     assert run["lines"][0]["error"] and run["lines"][0]["scored"] == 0
-    chaos_record(kind="run", what="line with one usable sample", outcome="exit 2", runs=2,
+    chaos_record(kind="run", what="line with one usable sample", outcome="exit 4", runs=2,
                  completed=2, samples=2, lost=0)

@@ -94,7 +94,8 @@ def test_cli_refuses_3d_without_weights(line, tmp_path, capsys):
          "--image-size", "64", "--cluster", "threads", "--storage", str(tmp_path / "s")]
     )
     assert status == 2
-    assert "--weights-3d" in capsys.readouterr().err
+    (error,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("musc: error")]
+    assert "argument --weights-3d" in error and "--weights-3d random" in error
 
 
 @pytest.mark.slow
@@ -129,5 +130,7 @@ def test_cli_line_with_one_usable_sample_is_not_scored(tmp_path, capsys):
          "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "store"), *CLI_SMALL]
     )
     out = capsys.readouterr().out
-    assert status == 2
+    assert status == 4
     assert "NOT SCORED" in out and "at least 2" in out and "empty file" in out
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["lines"][0]["scored"] == 0 and run["lines"][0]["error"]

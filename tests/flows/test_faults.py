@@ -21,6 +21,7 @@ from infra.storage import open_filesystem
 from tasks.cache import FeatureCache
 from tests.flows.chaos import (
     PARAMS,
+    CpuLoad,
     TcpProxy,
     WorkerKiller,
     cli_args,
@@ -341,7 +342,9 @@ def test_sigterm_stops_the_command_and_its_own_prefect_server(line, tmp_path):
         status = process.wait(timeout=60)
     finally:
         process.kill()
-    assert status == 143, (tmp_path / "cli.log").read_text()
+    log = (tmp_path / "cli.log").read_text()
+    assert status == 143, log
+    assert "musc: stopped" in log and "re-run to resume" in log, log
 
     def own_server(candidate: psutil.Process) -> bool:
         try:
@@ -354,3 +357,127 @@ def test_sigterm_stops_the_command_and_its_own_prefect_server(line, tmp_path):
 
     wait_for(lambda: not any(own_server(p) for p in psutil.process_iter()), timeout=30,
              what="the command's Prefect server to stop")
+
+
+# --------------------------------------------------------------------------- under load
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_a_finished_run_under_load_is_a_success_when_closing_the_cluster_times_out(
+    line, tmp_path, monkeypatch, capsys, chaos_record
+):
+    """The shutdown of issue 13: every result written, then the local Dask cluster's close
+    times out on a loaded machine. The command still succeeds, prints its summary, writes the
+    top-level run.json and metrics.json, and says so in one warning line."""
+    from distributed.deploy.cluster import Cluster
+
+    from flows.cli import main
+
+    close = Cluster.__exit__
+    timed_out: list[str] = []
+
+    def close_timing_out(self, *exc):
+        close(self, *exc)
+        timed_out.append(type(self).__name__)
+        raise TimeoutError("SpecCluster._correct_state_internal: Worker process still alive")
+
+    monkeypatch.setattr(Cluster, "__exit__", close_timing_out)
+    argv = cli_args("b1", FAULT["shard_size"])
+    argv[argv.index("--cluster") + 1] = "local"
+    out = tmp_path / "out"
+    with CpuLoad(per_core=4, seconds=400):
+        status = main(["score", str(line), "--out", str(out), "--storage",
+                       str(tmp_path / "store"), *argv])
+    captured = capsys.readouterr()
+    assert timed_out == ["LocalCluster"], "the cluster was closed (and timed out)"
+    assert status == 0, captured.err
+    assert "run summary:" in captured.out and "scores:" in captured.out
+    run = json.loads((out / "run.json").read_text())
+    assert run["lines"][0]["scored"] == 8 and (out / "metrics.json").exists()
+    warnings = [x for x in captured.err.splitlines()
+                if x.startswith("musc: WARNING") and "random backbone weights" not in x]
+    assert len(warnings) == 1 and "Dask cluster" in warnings[0], captured.err
+    assert "Traceback" not in captured.err
+    lost = 8 - len(read_scores(out / "part" / "scores.csv"))
+    chaos_record(kind="fault", what="loaded machine (4 busy processes per core); closing the "
+                 "Dask cluster times out after the results", outcome="exit 0, summary, run.json",
+                 injected=1, runs=1, completed=1, samples=8, lost=lost)
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_sigterm_under_load_stops_at_once_and_a_rerun_computes_only_missing_entries(
+    line, undisturbed, tmp_path, prefect_server, chaos_record
+):
+    store = tmp_path / "store"
+    with CpuLoad(per_core=4, seconds=500):
+        process = _musc_score(line, tmp_path / "out", store, prefect_server, tmp_path / "cli.log")
+        try:  # stopped while the features of the line's 4 blocks are being computed
+            wait_for(
+                lambda: process.poll() is not None
+                or kind_counts(complete_entries(store / "cache")).get("snamd", 0) >= 4,
+                timeout=480, what="4 SNAMD entries in the cache",
+            )
+            process.send_signal(signal.SIGTERM)
+            # Generous: the behaviour is "within seconds", also with the machine loaded.
+            status = process.wait(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    log = (tmp_path / "cli.log").read_text(errors="replace")
+    assert status == 143, log
+    assert "musc: stopped" in log and "re-run to resume" in log and "Traceback" not in log, log
+    stored = kind_counts(complete_entries(store / "cache"))
+    assert stored.get("reduced", 0) == 0 and stored["snamd"] < 16, "stopped mid-run"
+    summary = score_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
+    final = kind_counts(complete_entries(store / "cache"))
+    work = grouped_work(summary["counts"])
+    for kind, count in work.items():
+        assert count == {"computed": final[kind] - stored.get(kind, 0),
+                         "cached": stored.get(kind, 0)}, kind
+    assert work["snamd"]["cached"] >= 4 and work["pairs"]["computed"] > 0
+    lost = assert_same_results(summary, undisturbed)
+    recomputed = sum(c["computed"] for c in work.values())
+    reused = sum(c["cached"] for c in work.values())
+    chaos_record(kind="fault", what="SIGTERM mid-run on a loaded machine, then re-run",
+                 outcome=f"exit 143; re-run computed only the {recomputed} missing, "
+                 f"reused {reused}", injected=1, runs=2, completed=1, samples=8, lost=lost)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.chaos
+def test_s3_gone_for_good_mid_run_fails_in_bounded_time_with_one_line(
+    line, tmp_path, s3_env, moto_endpoint, monkeypatch, capsys, chaos_record
+):
+    """The endpoint stops listening at the first pair shard's write (connections refused from
+    then on): the run is not retried for minutes but fails within tens of seconds, with one
+    ``musc: error`` line saying the storage cannot be reached, and status 1."""
+    import time
+
+    from flows.cli import main
+
+    proxy = TcpProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    gone: list[float] = []
+    write = FeatureCache.write
+
+    def write_after_the_end(self, key, arrays, *args, **kwargs):
+        if not gone and any(name.startswith(("d2", "d3")) for name in arrays):
+            gone.append(time.monotonic())
+            proxy.close()
+        return write(self, key, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "write", write_after_the_end)
+    status = main(["score", str(line), "--out", str(tmp_path / "out"), "--storage",
+                   f"{s3_env}/store", *cli_args("b1", FAULT["shard_size"])])
+    failed_after = time.monotonic() - gone[0]
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("musc: error")]
+    assert gone, "the storage went away mid-run"
+    assert status == 1, err
+    assert len(errors) == 1 and "cannot be reached" in errors[0], err
+    assert "testing-secret" not in err
+    assert failed_after < 180, f"gave up after {failed_after:.0f} s (was 704 s)"  # generous
+    chaos_record(kind="fault", what="S3 endpoint gone for good mid-run (connections refused)",
+                 outcome=f"exit 1 after {failed_after:.0f} s, one line", injected=1, runs=1,
+                 completed=0, samples=8, lost=0)

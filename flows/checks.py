@@ -1,0 +1,283 @@
+"""Up-front checks of the ``musc`` options, before any Prefect server or Dask cluster starts.
+
+What is bound to fail is refused at once, in one message naming the option and the fix.
+
+Nothing here imports PyTorch, Prefect or Dask: the checks take a second or two even on a
+loaded machine. They cover ranges and choices (through :class:`musc_core.config.MuscConfig`,
+which validates itself), the output and storage locations (usable and writable, the S3
+endpoint reachable and the credentials accepted), the weights (checkpoint files present,
+timm's pretrained weights cached or the hub reachable), the image size against the ViT's
+patch size, and the dataset root and category.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from musc_core.config import MuscConfig
+
+#: MuscConfig fields and the options that set them, longest names first (for messages).
+CONFIG_OPTIONS = {
+    "interval_ratio": "--interval-ratio",
+    "distance_dtype": "--distance-dtype",
+    "flag_mad_k": "--flag-k",
+    "image_size": "--image-size",
+    "num_groups": "--num-groups",
+    "group_size": "--group-size",
+    "vit_dtype": "--vit-dtype",
+    "ipg_step": "--ipg-step",
+    "modality": "--modality",
+}
+_PATCH = re.compile(r"patch(\d+)")
+
+
+class UsageError(ValueError):
+    """An option that cannot work, with what to do instead.
+
+    Attributes:
+        option: the option at fault (``--interval-ratio``), or ``""`` for none in particular.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(f"argument {option}: {message}" if option else message)
+
+
+def config_from_args(args: argparse.Namespace) -> MuscConfig:
+    """The MuSc-V2 settings the options ask for, validated.
+
+    Raises:
+        UsageError: a value :class:`MuscConfig` refuses, named by its option.
+    """
+    values = {
+        "modality": args.modality,
+        "image_size": args.image_size,
+        "num_groups": args.num_groups,
+        "group_size": args.group_size,
+        "ipg_step": min(args.ipg_step, args.group_size),
+        "interval_ratio": args.interval_ratio,
+        "distance_dtype": args.distance_dtype,
+        "vit_dtype": args.vit_dtype,
+        "flag_mad_k": args.flag_k,
+    }
+    try:
+        return MuscConfig(**values)
+    except ValueError as error:
+        message = str(error)
+        named = [
+            option
+            for name, option in sorted(CONFIG_OPTIONS.items(), key=lambda x: message.find(x[0]))
+            if name in message
+        ]
+        for name, option in CONFIG_OPTIONS.items():
+            message = message.replace(name, option)
+        option = named[0] if named else ""
+        message = message.removeprefix(f"{option} ") if option else message
+        raise UsageError(option, message) from None
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Sizes and counts of the run options: positive where they must be.
+
+    Raises:
+        UsageError: the first option out of range.
+    """
+    at_least = [
+        ("--workers", getattr(args, "workers", 1), 1),
+        ("--shard-size", getattr(args, "shard_size", 1), 1),
+        ("--reference-budget", getattr(args, "reference_budget", None), 1),
+        ("--reference-nights", getattr(args, "reference_nights", None), 0),
+        ("--reference-samples", getattr(args, "reference_samples", None), 1),
+        ("--bank-nights", getattr(args, "bank_nights", None), 1),
+        ("--subsets", getattr(args, "subsets", None), 1),
+        ("--seeds", getattr(args, "seeds", None), 1),
+        ("--num-samples", getattr(args, "num_samples", None), 2),
+        ("--image-size", getattr(args, "image_size", None), 1),
+        ("--num-groups", getattr(args, "num_groups", None), 1),
+        ("--group-size", getattr(args, "group_size", None), 2),
+    ]
+    for option, value, low in at_least:
+        if value is not None and value < low:
+            raise UsageError(option, f"must be at least {low}, got {value}")
+    windows = getattr(args, "rescoring_windows", None)
+    if windows is not None and any(k < 1 for k in windows):
+        raise UsageError("--rescoring-windows", f"must be positive, got {windows}")
+    ratio = getattr(args, "interval_ratio", None)
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise UsageError("--interval-ratio", f"must be in (0, 1], got {ratio}")
+
+
+def check_cluster_option(args: argparse.Namespace) -> None:
+    """``--cluster`` names something a task runner can be built for.
+
+    Raises:
+        UsageError: an unknown value.
+    """
+    from infra.cluster import check_cluster
+
+    try:
+        check_cluster(args.cluster, args.workers)
+    except ValueError as error:
+        raise UsageError("--cluster", str(error)) from None
+
+
+def check_location(url: str, option: str) -> None:
+    """A storage or output location is usable and writable (created when missing).
+
+    Raises:
+        UsageError: a file where a folder is needed, no permission, no bucket, refused
+            credentials or an S3 endpoint that cannot be reached.
+    """
+    from infra.storage import StorageUnreachable, check_writable, redact
+
+    try:
+        check_writable(url)
+    except NotADirectoryError as error:
+        raise UsageError(
+            option, f"{url!r} cannot be a folder: {error}; name a folder (created when missing)"
+        ) from None
+    except FileExistsError as error:
+        raise UsageError(option, f"{url!r}: {error}; name a folder") from None
+    except FileNotFoundError as error:
+        raise UsageError(
+            option, f"{url!r}: {redact(str(error))}; create the bucket or fix the URL"
+        ) from None
+    except PermissionError as error:
+        raise UsageError(
+            option,
+            f"{url!r} cannot be written ({redact(str(error))}); fix the permissions or the "
+            "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+        ) from None
+    except StorageUnreachable as error:
+        raise UsageError(option, f"{url!r}: {error}") from None
+    except ValueError as error:
+        raise UsageError(option, str(error)) from None
+
+
+def check_weights(args: argparse.Namespace, config: MuscConfig) -> None:
+    """The weights of the modalities the run uses can be had, and the image size fits the ViT.
+
+    Raises:
+        UsageError: a missing checkpoint file, 3D without weights, pretrained 2D weights that
+            are neither cached nor downloadable, or an image size the patch size does not
+            divide.
+    """
+    if config.uses_2d:
+        weights = args.weights_2d
+        if weights == "pretrained":
+            from infra.hub import pretrained_weights_problem
+
+            problem = pretrained_weights_problem(args.backbone_2d)
+            if problem:
+                raise UsageError(
+                    "--weights-2d",
+                    f"{problem}; pass a local checkpoint (--weights-2d "
+                    "/path/to/checkpoint.pth), or --weights-2d random (results not meaningful)",
+                )
+        elif weights != "random" and not Path(weights).is_file():
+            raise UsageError(
+                "--weights-2d",
+                f"no such file {weights!r}; pass an existing checkpoint, 'pretrained' or "
+                "'random'",
+            )
+        patch = getattr(args, "patch_size_2d", None) or _patch_size(args.backbone_2d)
+        if patch and config.image_size % patch:
+            raise UsageError(
+                "--image-size",
+                f"{config.image_size} is not a multiple of the patch size {patch} of "
+                f"{args.backbone_2d}; use e.g. {max(patch, config.image_size // patch * patch)}",
+            )
+    if config.uses_3d and getattr(args, "backbone_3d", "point-mae") == "fpfh":
+        if args.weights_3d is not None and args.command != "demo":
+            raise UsageError(
+                "--weights-3d",
+                "the fpfh 3D backbone has no weights: drop --weights-3d, or use "
+                "--backbone-3d point-mae",
+            )
+    elif config.uses_3d:
+        weights = args.weights_3d
+        if weights is None:
+            raise UsageError(
+                "--weights-3d",
+                f"--modality {config.modality} needs Point-MAE weights: pass --weights-3d "
+                "/path/to/point_mae.pth, or --weights-3d random (results not meaningful)",
+            )
+        if weights != "random" and not Path(weights).is_file():
+            raise UsageError(
+                "--weights-3d", f"no such file {weights!r}; pass an existing checkpoint or 'random'"
+            )
+
+
+def _patch_size(name: str) -> int | None:
+    """The patch size in a timm ViT name (``vit_base_patch8_224`` → 8), None when absent."""
+    match = _PATCH.search(name)
+    return int(match.group(1)) if match else None
+
+
+def check_dataset(data: str, data_format: str, category: str | None) -> None:
+    """The dataset root exists and, for a named category, holds it.
+
+    Raises:
+        UsageError: no such folder, or no such category (the ones present are listed).
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise UsageError("data", f"no such folder {data!r}")
+    if category in (None, "all") or data_format in ("folder", "visa"):
+        return
+    if (root / category).is_dir() or root.name == category:
+        return
+    present = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    raise UsageError(
+        "--category",
+        f"{data!r} has no category {category!r}; present: {', '.join(present) or 'none'} "
+        "(or 'all')",
+    )
+
+
+def check_dtypes(args: argparse.Namespace, config: MuscConfig) -> None:
+    """An explicit ``bfloat16`` is refused where the device has no native bf16.
+
+    Raises:
+        UsageError: ``--distance-dtype`` or ``--vit-dtype`` ``bfloat16`` on such a device.
+    """
+    if "bfloat16" not in (config.distance_dtype, config.vit_dtype):
+        return
+    import torch
+
+    from musc_core.hardware import resolve_compute_dtype
+
+    device = getattr(args, "device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for option, value in (("distance", config.distance_dtype), ("vit", config.vit_dtype)):
+        try:
+            resolve_compute_dtype(value, device, f"{option}_dtype")
+        except ValueError as error:
+            message = str(error).replace(f"{option}_dtype=", f"--{option}-dtype ")
+            raise UsageError(f"--{option}-dtype", message) from None
+
+
+def check_score(args: argparse.Namespace) -> MuscConfig:
+    """Every check of ``score``, ``eval`` and ``demo``, cheapest first.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        UsageError: the first problem found.
+    """
+    check_counts(args)
+    config = config_from_args(args)
+    check_cluster_option(args)
+    if getattr(args, "data", None) is not None:
+        category = args.category if isinstance(args.category, str) else None
+        check_dataset(args.data, args.format, category)
+    check_weights(args, config)
+    check_dtypes(args, config)
+    check_location(args.out, "--out")
+    if args.storage:
+        check_location(args.storage, "--storage")
+    return config

@@ -1,0 +1,25 @@
+"""Names and choices shared by the tasks and the ``musc`` command, importable at no cost.
+
+The command line builds its parser (and answers ``--help``) from these without importing
+PyTorch, Prefect or Dask.
+"""
+
+from __future__ import annotations
+
+#: Dataset layouts :mod:`tasks.datasets` reads.
+FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
+#: timm ViT of the 2D modality by default (DINO ViT-B/8, the paper's).
+DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
+#: 3D backbones: the Point-MAE transformer (default) and weight-free FPFH descriptors.
+BACKBONES_3D = ("point-mae", "fpfh")
+#: Object kinds of the synthetic generator (:mod:`tasks.synth`): drawn from the seed among
+#: SYNTH_SHAPES unless one is named; SYNTH_NAMED_SHAPES only when named.
+SYNTH_SHAPES = ("puck", "dome", "box")
+SYNTH_NAMED_SHAPES = ("ribs",)
+#: Storage root (feature cache, batch records) when none is given.
+DEFAULT_STORAGE = "musc-store"
+#: Shown wherever results computed with random weights appear.
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: random backbone weights were used: these scores, maps and metrics are NOT "
+    "meaningful anomaly detection results (they exercise the pipeline only)."
+)
