@@ -53,12 +53,15 @@ class Decision(NamedTuple):
         flags: (N,) bool, True where ``score > threshold``.
         median: median of the scores.
         mad: median absolute deviation of the scores from their median (unscaled).
+        reason: why no threshold could be set (``threshold`` is then ``+inf`` and nothing is
+            flagged), or None when the batch set one.
     """
 
     threshold: float
     flags: np.ndarray
     median: float
     mad: float
+    reason: str | None = None
 
 
 def _as_scores(scores: object) -> np.ndarray:
@@ -126,6 +129,70 @@ def flag_samples(scores: np.ndarray | torch.Tensor, k: float) -> Decision:
     _check_k(k)
     values = _as_scores(scores)
     threshold, median, mad = _robust_stats(values, k)
+    return Decision(threshold=threshold, flags=values > threshold, median=median, mad=mad)
+
+
+MIN_FLAG_SAMPLES = 5
+"""Fewest scores from which :func:`flag_outliers` sets a threshold (its start is the lower
+half: three scores at least)."""
+
+
+def _no_threshold(values: np.ndarray, reason: str) -> Decision:
+    """A decision that flags nothing and says why."""
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    return Decision(math.inf, np.zeros(values.size, dtype=bool), median, mad, reason)
+
+
+def flag_outliers(scores: np.ndarray | torch.Tensor, k: float) -> Decision:
+    """Flag the samples above a threshold grown from the lower half of the scores.
+
+    :func:`flag_samples` takes the median and the MAD of every score, so a batch with many
+    defects (a third of them, say) inflates the MAD until the threshold passes every score.
+    This rule assumes only that fewer than half of the batch are defective and that defects
+    score high:
+
+    1. the inliers start as the lower half, the ``⌈N/2⌉`` lowest scores;
+    2. ``t = median + k · 1.4826 · MAD`` of the inliers (with the fallbacks of
+       :func:`robust_threshold`); the inliers become every score ``<= t``;
+    3. step 2 repeats until the inliers stop changing (at most N times).
+
+    Started from the lower half the threshold grows: the median and the MAD of a set cut at
+    ``t`` are those of the normal scores below ``t``, so ``t`` climbs until it reaches the top
+    of the normal scores plus k robust sigmas and stops at the first gap wider than that. On
+    a clean batch it ends where :func:`flag_samples` is (the inliers are every score).
+
+    Args:
+        scores: (N,) sample scores of one run (the scores after RsCon).
+        k: number of robust standard deviations above the median, > 0.
+
+    Returns:
+        The threshold, the flags (``score > threshold``), the inliers' median and MAD; for
+        fewer than :data:`MIN_FLAG_SAMPLES` scores, or a batch whose scores are all equal, the
+        threshold is ``+inf``, nothing is flagged and ``reason`` says why.
+
+    Raises:
+        ValueError: for empty or non-finite scores or a non-positive ``k``.
+    """
+    _check_k(k)
+    values = _as_scores(scores)
+    n = values.size
+    if n < MIN_FLAG_SAMPLES:
+        return _no_threshold(
+            values,
+            f"{n} sample(s): a threshold needs at least {MIN_FLAG_SAMPLES}; nothing flagged "
+            "(score the parts against a reference bank with score-new, or a larger batch)",
+        )
+    if float(values.max()) == float(values.min()):
+        return _no_threshold(values, "every score is the same; nothing flagged")
+    inliers = values <= np.sort(values)[(n + 1) // 2 - 1]
+    threshold, median, mad = _robust_stats(values[inliers], k)
+    for _ in range(n):
+        grown = values <= threshold
+        if np.array_equal(grown, inliers):
+            break
+        inliers = grown
+        threshold, median, mad = _robust_stats(values[inliers], k)
     return Decision(threshold=threshold, flags=values > threshold, median=median, mad=mad)
 
 
