@@ -36,6 +36,8 @@ def summary_markdown(summary: dict, warning: str | None) -> str:
         f"**{len(summary['flagged'])} flagged** (threshold {summary['flag_threshold']:.4g}), "
         f"{len(summary['set_aside'])} set aside."
     )
+    if summary.get("flag_note"):
+        lines.append(f"\n**No flag threshold:** {_escape_markdown(summary['flag_note'])}")
     if summary.get("metrics"):
         lines.append("\n| metric | value |\n|---|---|")
         lines += [f"| {k} | {v:.4f} |" for k, v in summary["metrics"].items()]
