@@ -25,6 +25,7 @@ from flows.progress import add_reporter, remove_reporter
 from flows.rescore import rescore
 from flows.score_line import DEFAULT_STORAGE, LineNotScored, default_batch_id, score_line
 from flows.score_new import score_new
+from flows.verdict_cli import add_verdict_parser, run_verdict
 from infra.prefect_api import prefect_api
 from musc_core.config import MODALITIES, MuscConfig
 from musc_core.metrics import summarize
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
     demo.set_defaults(weights_2d="random", weights_3d="random", storage=None)
+    add_verdict_parser(sub, DEFAULT_STORAGE)
     return parser
 
 
@@ -320,6 +322,11 @@ def print_line(summary: dict) -> None:
             f"(pool {summary['pool']}, batch {summary['batch']}); "
             f"{len(summary['flagged'])} flagged, {len(summary.get('set_aside', []))} set aside"
         )
+        if summary.get("flag_note"):
+            print(f"    no flag threshold: {summary['flag_note']}")
+        if (summary.get("drift") or {}).get("drifted"):
+            print(f"    DRIFT: median score {summary['drift']['shift']:+.1f} robust sigmas "
+                  "from the bank's")
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
         print(f"    stages: {stages}")
         work = ", ".join(
@@ -432,6 +439,8 @@ def _run_score_new(args: argparse.Namespace) -> int:
         f"{', '.join(summary['bank'])} (pool {summary['pool']}) in {summary['seconds']:.1f} s; "
         f"{len(summary['flagged'])} flagged"
     )
+    if summary.get("flag_note"):
+        print(f"    no flag threshold: {summary['flag_note']}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     print(f"    stages: {stages}")
     for kind, location in summary["outputs"].items():
@@ -493,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_score_new(args)
         if args.command == "eval":
             return _run_eval(args)
+        if args.command == "verdict":
+            return run_verdict(args)
         if args.command == "demo":
             data = Path(args.out) / "line"
             generate_line(
