@@ -224,3 +224,60 @@ def predicted_masks(maps: np.ndarray | torch.Tensor, threshold: float) -> np.nda
     if isinstance(maps, torch.Tensor):
         return maps > threshold
     return np.asarray(maps) > threshold
+
+
+DRIFT_K = 3.0
+"""Default drift limit: tonight's median more than this many robust sigmas from the bank's."""
+
+
+class Drift(NamedTuple):
+    """How far tonight's scores moved from the reference scores.
+
+    Attributes:
+        shift: ``(median(tonight) − median(reference)) / (1.4826 · MAD(reference))`` (the
+            mean-absolute-deviation fallback of :func:`robust_threshold` when the MAD is 0;
+            ``0`` when both spreads are 0 and the medians agree, ``±inf`` when they differ).
+        drifted: ``|shift| > limit``.
+        limit: the limit used.
+    """
+
+    shift: float
+    drifted: bool
+    limit: float
+
+
+def score_drift(
+    tonight: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, limit: float = DRIFT_K
+) -> Drift:
+    """Median shift of tonight's scores from the reference scores, in robust sigmas.
+
+    The scores compared are the sample scores before RsCon (map maxima): RsCon normalizes each
+    pool to [0, 1], so its scores do not compare across nights. The reference is the bank's
+    (earlier nights') scores. A shift beyond ``limit`` means the line's parts, the camera or
+    the lighting changed, or many parts are defective tonight.
+
+    Args:
+        tonight: (N,) scores of tonight's samples.
+        reference: (R,) scores of the reference samples.
+        limit: drift limit in robust sigmas, > 0.
+
+    Returns:
+        The shift, whether it exceeds the limit, and the limit.
+
+    Raises:
+        ValueError: for empty or non-finite scores or a non-positive limit.
+    """
+    if not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"limit must be a positive finite number, got {limit}")
+    now, ref = _as_scores(tonight), _as_scores(reference)
+    centre = float(np.median(ref))
+    deviations = np.abs(ref - centre)
+    spread = MAD_TO_SIGMA * float(np.median(deviations))
+    if spread == 0.0:
+        spread = MEAN_AD_TO_SIGMA * float(deviations.mean())
+    difference = float(np.median(now)) - centre
+    if spread > 0.0:
+        shift = difference / spread
+    else:
+        shift = 0.0 if difference == 0.0 else math.copysign(math.inf, difference)
+    return Drift(shift=shift, drifted=abs(shift) > limit, limit=limit)

@@ -157,6 +157,8 @@ class ReportData:
         timings: wall seconds per stage.
         config: configuration fields (``MuscConfig.as_dict()`` and run options).
         flag_note: why the batch could not set a flag threshold (shown as a warning), or None.
+        drift_note: the drift warning (tonight's scores moved from the bank's), or None.
+        history: location of the line's history page (linked from the header), or None.
     """
 
     line: str
@@ -176,6 +178,8 @@ class ReportData:
     timings: dict[str, float]
     config: dict[str, object]
     flag_note: str | None = None
+    drift_note: str | None = None
+    history: str | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -627,10 +631,17 @@ def _header_section(data: ReportData) -> str:
         ("modality", _esc(data.modality)),
     ]
     facts += [(f"backbone {_esc(k)}", _esc(v)) for k, v in data.backbones.items()]
+    if data.history:
+        href = data.history if "://" in data.history else Path(data.history).as_uri()
+        facts.append(("line history", f'<a href="{_esc(href)}">all nights of the line</a>'))
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     banner = ""
+    if data.drift_note:
+        banner += (
+            f'<p class="warn" role="alert"><strong>Drift:</strong> {_esc(data.drift_note)}</p>'
+        )
     if data.random_weights:
-        banner = (
+        banner += (
             '<div class="banner-random" role="alert"><strong>Random backbone weights: results '
             f"are not meaningful.</strong><br>{_esc(RANDOM_WEIGHTS_WARNING)}</div>"
         )

@@ -18,6 +18,7 @@ from musc_core.decisions import (
     pixel_threshold,
     predicted_masks,
     robust_threshold,
+    score_drift,
 )
 from musc_core.metrics import f1_optimal_threshold, image_metrics
 
@@ -288,3 +289,33 @@ def test_outliers_decline_small_or_constant_batches_and_say_why():
     constant = flag_outliers(np.full(8, 0.4), 3.0)
     assert constant.threshold == math.inf and "same" in constant.reason
     assert flag_samples([0.1, 0.2, 0.9, 0.3], 3.0).reason is None
+
+
+# ------------------------------------------------------------------------------------------
+# drift
+
+
+def test_drift_is_the_median_shift_in_robust_sigmas():
+    reference = [1.0, 2.0, 3.0, 4.0, 100.0]  # median 3, MAD 1
+    drift = score_drift([9.0, 10.0, 11.0], reference)
+    assert drift.shift == pytest.approx((10.0 - 3.0) / 1.4826)
+    assert drift.drifted and drift.limit == 3.0
+    assert not score_drift([2.5, 3.0, 3.5], reference).drifted
+    assert score_drift([0.0], reference, limit=2.0).shift == pytest.approx(-3.0 / 1.4826)
+
+
+def test_drift_matches_a_literal_computation():
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        ref = rng.normal(size=int(rng.integers(3, 40)))
+        now = rng.normal(rng.uniform(-3, 3), size=int(rng.integers(1, 20)))
+        spread = 1.4826 * statistics.median([abs(x - statistics.median(ref)) for x in ref])
+        expected = (statistics.median(now) - statistics.median(ref)) / spread
+        assert score_drift(now, ref).shift == pytest.approx(expected)
+
+
+def test_drift_with_a_constant_reference():
+    assert score_drift([1.0, 1.0], [1.0, 1.0, 1.0]).shift == 0.0
+    assert score_drift([2.0], [1.0, 1.0, 1.0]).shift == math.inf
+    with pytest.raises(ValueError, match="limit"):
+        score_drift([1.0], [1.0, 2.0], limit=0.0)

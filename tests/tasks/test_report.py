@@ -444,3 +444,14 @@ def test_verdicts_are_shown_as_badges_and_in_the_table():
     assert "operator: ok" in section(page, "suspects")
     assert "operator: defect" in section(page, "others")
     assert "<td>defect</td>" in section(page, "ranking")
+
+
+def test_drift_warning_and_history_link_in_the_header():
+    samples = [tiny_sample("a", 0.9, True), tiny_sample("b", 0.2, False)]
+    page = render_report(
+        tiny_report(samples, drift_note="median +4.2 <sigmas>", history="/store/results/h.html")
+    )
+    header = page.split("</header>")[0]
+    assert "Drift:" in header and "median +4.2 &lt;sigmas&gt;" in header
+    assert 'href="file:///store/results/h.html"' in header
+    assert "Drift:" not in render_report(tiny_report(samples))
