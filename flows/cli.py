@@ -34,6 +34,7 @@ from flows.checks import (
     check_location,
     check_score,
 )
+from flows.verdict_cli import add_verdict_parser, run_verdict
 from musc_core.config import MODALITIES, MuscConfig
 from tasks.choices import (
     BACKBONES_3D,
@@ -483,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_config_options(demo)
     demo.set_defaults(weights_2d="random", weights_3d="random", storage=None)
+    add_verdict_parser(sub, DEFAULT_STORAGE)
     for command in sub.choices.values():
         command.formatter_class = _HelpFormatter
         command.epilog = EXIT_HELP
@@ -596,6 +598,11 @@ def print_line(summary: dict) -> None:
             f"(pool {summary['pool']}, batch {summary['batch']}); "
             f"{len(summary['flagged'])} flagged, {len(summary.get('set_aside', []))} set aside"
         )
+        if summary.get("flag_note"):
+            print(f"    no flag threshold: {summary['flag_note']}")
+        if (summary.get("drift") or {}).get("drifted"):
+            print(f"    DRIFT: median score {summary['drift']['shift']:+.1f} robust sigmas "
+                  "from the bank's")
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
         print(f"    stages: {stages}")
         work = ", ".join(
@@ -730,6 +737,8 @@ def _run_score_new(args: argparse.Namespace) -> int:
         f"{', '.join(summary['bank'])} (pool {summary['pool']}) in {summary['seconds']:.1f} s; "
         f"{len(summary['flagged'])} flagged"
     )
+    if summary.get("flag_note"):
+        print(f"    no flag threshold: {summary['flag_note']}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     print(f"    stages: {stages}")
     for kind, location in summary["outputs"].items():
@@ -843,6 +852,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score-new": _run_score_new,
     "eval": _run_eval,
     "demo": _run_demo,
+    "verdict": run_verdict,
 }
 
 

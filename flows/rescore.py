@@ -27,6 +27,7 @@ from tasks.plan import PoolSample
 from tasks.prepare import SetAside
 from tasks.results import RunInfo
 from tasks.runtime import Runtime
+from tasks.verdicts import clean_records, read_verdicts, without_left_out
 
 
 class FeaturesNotCached(RuntimeError):
@@ -54,11 +55,13 @@ def rescore_stages(record: dict, options: dict) -> dict:
     tonight = _blocks(record, identities, config)
     if options["reference_nights"] is None:
         bank_records = read_batches.submit(storage, line, list(record["bank"])).result()
+        bank_records = without_left_out(bank_records, record.get("bank_left_out", {}))
     else:
         bank_records = load_bank.submit(
             storage, line, record["batch"], options["reference_nights"],
             options["reference_samples"], record["prep"],
         ).result()
+        bank_records, _ = clean_records(bank_records, read_verdicts(storage, line))
     current = [s for block in tonight for s in block]
     bank = bank_blocks(bank_records, config, identities, {s.keys.prepared for s in current})
     needed = [

@@ -22,6 +22,7 @@ from flows.stages import report_run, score_pool, timed, wait_stage
 from infra.cluster import task_runner
 from infra.hub import pretrained_weights_problem
 from musc_core.config import MuscConfig
+from tasks.artifacts import publish_history
 from tasks.backbones import DEFAULT_BACKBONE_2D, BackboneSpec
 from tasks.bank import record_blocks
 from tasks.batches import check_batch_id, load_bank, record_batch
@@ -30,12 +31,14 @@ from tasks.choices import DEFAULT_STORAGE
 from tasks.datasets import list_categories
 from tasks.discover import DiscoveredSample, discover_samples
 from tasks.features import drop_entry, prepare_samples
+from tasks.history import write_history
 from tasks.keys import Identities, prepared_key, sample_keys
 from tasks.outputs import safe_file_stem
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
 from tasks.results import LineResult, RunInfo
 from tasks.runtime import Runtime, identify_backbones
+from tasks.verdicts import clean_records, read_verdicts
 
 #: Times a run drops a corrupted cache entry and runs again before giving up.
 CORRUPTION_RETRIES = 3
@@ -72,6 +75,9 @@ class LineRequest:
         device: ``auto``, ``cpu`` or ``cuda:N`` for every task.
         samples: names of the category's samples to score (a subset of the line, e.g. one of
             the paper's g random subsets); None for all.
+        clean_bank: leave out of the rolling bank the samples flagged in their night (unless
+            an operator cleared them) and those confirmed defective (:mod:`tasks.verdicts`);
+            False takes every sample of the earlier batches.
     """
 
     data: str
@@ -89,6 +95,7 @@ class LineRequest:
     reference_samples: int | None
     device: str
     samples: tuple[str, ...] | None = None
+    clean_bank: bool = True
 
 
 def prep_settings(request: LineRequest) -> dict[str, object]:
@@ -250,6 +257,9 @@ def _score_batch(
         request.reference_samples,
         prep_settings(request),
     ).result()
+    left_out: dict[str, dict[str, str]] = {}
+    if request.clean_bank and records:
+        records, left_out = clean_records(records, read_verdicts(request.storage, request.line))
     tonight = batch_blocks(current, request.shard_size) if current else []
     bank = bank_blocks(records, config, identities, {s.keys.prepared for s in current})
     pool_size = len(current) + sum(len(b) for b in bank)
@@ -275,6 +285,8 @@ def _score_batch(
             "reference_budget": request.reference_budget,
             "reference_nights": request.reference_nights,
             "reference_samples": request.reference_samples,
+            "bank_policy": "clean" if request.clean_bank else "every sample",
+            "bank_left_out": left_out,
         },
     )
     bank_ids = [r["batch"] for r in records]
@@ -282,12 +294,12 @@ def _score_batch(
         info, pool, reduced, len(current), set_aside, config, runtime, counts, timings,
         tracker, bank_ids,
     )
-    record_batch.submit(
-        request.storage,
-        batch_record(
-            request, identities, tonight, set_aside, bank_ids, result, reduced[: len(current)]
-        ),
-    ).result()
+    record = batch_record(
+        request, identities, tonight, set_aside, bank_ids, result, reduced[: len(current)]
+    )
+    record_batch.submit(request.storage, {**record, "bank_left_out": left_out}).result()
+    summary["outputs"]["history"] = write_history(request.storage, request.line)
+    publish_history(request.line, summary["outputs"]["history"])
     return summary
 
 
@@ -348,6 +360,7 @@ def score_line(
     device: str = "auto",
     patch_size_2d: int | None = None,
     samples: list[str] | None = None,
+    clean_bank: bool = True,
 ) -> dict:
     """Score one production line: every sample against the others (and the rolling bank).
 
@@ -388,6 +401,8 @@ def score_line(
         device: ``auto`` (each worker's GPU when it has one), ``cpu`` or ``cuda:N``.
         patch_size_2d: patch size of a random-weights ViT (small test models).
         samples: names of the samples to score (a subset of the category); None for all.
+        clean_bank: keep flagged (not cleared) and confirmed-defective samples of earlier
+            batches out of the rolling bank (False: every sample is a reference).
 
     Returns:
         A summary: counts of computed and cached entries per stage, stage timings, scored and
@@ -429,6 +444,7 @@ def score_line(
         reference_samples=reference_samples,
         device=device,
         samples=None if samples is None else tuple(samples),
+        clean_bank=clean_bank,
     )
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")

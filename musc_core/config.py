@@ -43,9 +43,10 @@ class MuscConfig:
             own statistics (reference behaviour), ``"running"`` with the checkpoint's.
         map_blur_sigma: standard deviation, in pixels, of the Gaussian blur of 3D maps.
         flag_mad_k: decisions without labels (:mod:`musc_core.decisions`): a sample is flagged
-            when its RsCon score exceeds median + k·1.4826·MAD of the run's RsCon scores, a
-            pixel is predicted defective above median + k·1.4826·MAD of the per-sample map
-            maxima; k > 0, 3 robust standard deviations by default. Changes no score or map.
+            when its RsCon score exceeds median + k·1.4826·MAD of the run's normal-looking
+            RsCon scores (``flag_outliers``), a pixel is predicted defective above median +
+            k·1.4826·MAD of the per-sample map maxima; k > 0, 3 robust standard deviations by
+            default. Changes no score or map.
     """
 
     modality: str = "2d+3d"

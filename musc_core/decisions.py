@@ -53,12 +53,15 @@ class Decision(NamedTuple):
         flags: (N,) bool, True where ``score > threshold``.
         median: median of the scores.
         mad: median absolute deviation of the scores from their median (unscaled).
+        reason: why no threshold could be set (``threshold`` is then ``+inf`` and nothing is
+            flagged), or None when the batch set one.
     """
 
     threshold: float
     flags: np.ndarray
     median: float
     mad: float
+    reason: str | None = None
 
 
 def _as_scores(scores: object) -> np.ndarray:
@@ -129,6 +132,70 @@ def flag_samples(scores: np.ndarray | torch.Tensor, k: float) -> Decision:
     return Decision(threshold=threshold, flags=values > threshold, median=median, mad=mad)
 
 
+MIN_FLAG_SAMPLES = 5
+"""Fewest scores from which :func:`flag_outliers` sets a threshold (its start is the lower
+half: three scores at least)."""
+
+
+def _no_threshold(values: np.ndarray, reason: str) -> Decision:
+    """A decision that flags nothing and says why."""
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    return Decision(math.inf, np.zeros(values.size, dtype=bool), median, mad, reason)
+
+
+def flag_outliers(scores: np.ndarray | torch.Tensor, k: float) -> Decision:
+    """Flag the samples above a threshold grown from the lower half of the scores.
+
+    :func:`flag_samples` takes the median and the MAD of every score, so a batch with many
+    defects (a third of them, say) inflates the MAD until the threshold passes every score.
+    This rule assumes only that fewer than half of the batch are defective and that defects
+    score high:
+
+    1. the inliers start as the lower half, the ``⌈N/2⌉`` lowest scores;
+    2. ``t = median + k · 1.4826 · MAD`` of the inliers (with the fallbacks of
+       :func:`robust_threshold`); the inliers become every score ``<= t``;
+    3. step 2 repeats until the inliers stop changing (at most N times).
+
+    Started from the lower half the threshold grows: the median and the MAD of a set cut at
+    ``t`` are those of the normal scores below ``t``, so ``t`` climbs until it reaches the top
+    of the normal scores plus k robust sigmas and stops at the first gap wider than that. On
+    a clean batch it ends where :func:`flag_samples` is (the inliers are every score).
+
+    Args:
+        scores: (N,) sample scores of one run (the scores after RsCon).
+        k: number of robust standard deviations above the median, > 0.
+
+    Returns:
+        The threshold, the flags (``score > threshold``), the inliers' median and MAD; for
+        fewer than :data:`MIN_FLAG_SAMPLES` scores, or a batch whose scores are all equal, the
+        threshold is ``+inf``, nothing is flagged and ``reason`` says why.
+
+    Raises:
+        ValueError: for empty or non-finite scores or a non-positive ``k``.
+    """
+    _check_k(k)
+    values = _as_scores(scores)
+    n = values.size
+    if n < MIN_FLAG_SAMPLES:
+        return _no_threshold(
+            values,
+            f"{n} sample(s): a threshold needs at least {MIN_FLAG_SAMPLES}; nothing flagged "
+            "(score the parts against a reference bank with score-new, or a larger batch)",
+        )
+    if float(values.max()) == float(values.min()):
+        return _no_threshold(values, "every score is the same; nothing flagged")
+    inliers = values <= np.sort(values)[(n + 1) // 2 - 1]
+    threshold, median, mad = _robust_stats(values[inliers], k)
+    for _ in range(n):
+        grown = values <= threshold
+        if np.array_equal(grown, inliers):
+            break
+        inliers = grown
+        threshold, median, mad = _robust_stats(values[inliers], k)
+    return Decision(threshold=threshold, flags=values > threshold, median=median, mad=mad)
+
+
 def pixel_threshold(sample_scores_before_rscon: np.ndarray | torch.Tensor, k: float) -> float:
     """Pixel threshold of a line: the robust threshold of its per-sample map maxima.
 
@@ -157,3 +224,60 @@ def predicted_masks(maps: np.ndarray | torch.Tensor, threshold: float) -> np.nda
     if isinstance(maps, torch.Tensor):
         return maps > threshold
     return np.asarray(maps) > threshold
+
+
+DRIFT_K = 3.0
+"""Default drift limit: tonight's median more than this many robust sigmas from the bank's."""
+
+
+class Drift(NamedTuple):
+    """How far tonight's scores moved from the reference scores.
+
+    Attributes:
+        shift: ``(median(tonight) − median(reference)) / (1.4826 · MAD(reference))`` (the
+            mean-absolute-deviation fallback of :func:`robust_threshold` when the MAD is 0;
+            ``0`` when both spreads are 0 and the medians agree, ``±inf`` when they differ).
+        drifted: ``|shift| > limit``.
+        limit: the limit used.
+    """
+
+    shift: float
+    drifted: bool
+    limit: float
+
+
+def score_drift(
+    tonight: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, limit: float = DRIFT_K
+) -> Drift:
+    """Median shift of tonight's scores from the reference scores, in robust sigmas.
+
+    The scores compared are the sample scores before RsCon (map maxima): RsCon normalizes each
+    pool to [0, 1], so its scores do not compare across nights. The reference is the bank's
+    (earlier nights') scores. A shift beyond ``limit`` means the line's parts, the camera or
+    the lighting changed, or many parts are defective tonight.
+
+    Args:
+        tonight: (N,) scores of tonight's samples.
+        reference: (R,) scores of the reference samples.
+        limit: drift limit in robust sigmas, > 0.
+
+    Returns:
+        The shift, whether it exceeds the limit, and the limit.
+
+    Raises:
+        ValueError: for empty or non-finite scores or a non-positive limit.
+    """
+    if not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"limit must be a positive finite number, got {limit}")
+    now, ref = _as_scores(tonight), _as_scores(reference)
+    centre = float(np.median(ref))
+    deviations = np.abs(ref - centre)
+    spread = MAD_TO_SIGMA * float(np.median(deviations))
+    if spread == 0.0:
+        spread = MEAN_AD_TO_SIGMA * float(deviations.mean())
+    difference = float(np.median(now)) - centre
+    if spread > 0.0:
+        shift = difference / spread
+    else:
+        shift = 0.0 if difference == 0.0 else math.copysign(math.inf, difference)
+    return Drift(shift=shift, drifted=abs(shift) > limit, limit=limit)

@@ -36,6 +36,14 @@ def summary_markdown(summary: dict, warning: str | None) -> str:
         f"**{len(summary['flagged'])} flagged** (threshold {summary['flag_threshold']:.4g}), "
         f"{len(summary['set_aside'])} set aside."
     )
+    drift = summary.get("drift") or {}
+    if drift.get("drifted"):
+        lines.append(
+            f"\n**Drift:** tonight's median score is {drift['shift']:+.1f} robust sigmas from "
+            f"the bank's (limit {drift['limit']:g})."
+        )
+    if summary.get("flag_note"):
+        lines.append(f"\n**No flag threshold:** {_escape_markdown(summary['flag_note'])}")
     if summary.get("metrics"):
         lines.append("\n| metric | value |\n|---|---|")
         lines += [f"| {k} | {v:.4f} |" for k, v in summary["metrics"].items()]
@@ -80,3 +88,21 @@ def publish_artifacts(summary: dict, ranked: list[dict], warning: str | None) ->
             )
     except Exception as error:  # artifacts are informative: never fail a run on them
         log.warning("could not create the run's Prefect artifacts: %s", error)
+
+
+def publish_history(line: str, location: str) -> None:
+    """A link artifact to the line's history page (never fails the run).
+
+    Args:
+        line: the line.
+        location: where the page was written (local path or URL).
+    """
+    try:
+        create_link_artifact(
+            location if "://" in location else f"file://{location}",
+            link_text="line history",
+            key=artifact_key(line, "history"),
+            description=f"History page of line {line}: every night",
+        )
+    except Exception as error:  # artifacts are informative: never fail a run on them
+        log.warning("could not create the line's history artifact: %s", error)

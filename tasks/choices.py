@@ -16,6 +16,8 @@ BACKBONES_3D = ("point-mae", "fpfh")
 #: SYNTH_SHAPES unless one is named; SYNTH_NAMED_SHAPES only when named.
 SYNTH_SHAPES = ("puck", "dome", "box")
 SYNTH_NAMED_SHAPES = ("ribs",)
+#: Operator verdicts on a scored sample (``musc verdict``).
+VERDICTS = ("ok", "defect")
 #: Storage root (feature cache, batch records) when none is given.
 DEFAULT_STORAGE = "musc-store"
 #: Shown wherever results computed with random weights appear.

@@ -9,11 +9,14 @@ from files on disk, so every string taken from :class:`ReportData` is passed thr
 :func:`html.escape` before it reaches the page. A Content-Security-Policy ``<meta>`` (no
 scripts, images only from ``data:``, no network) is a second line of defence.
 
-Layout, top to bottom: header (line, run, N, modality, backbones, a red banner when the
-weights are random), the decision (flag rule, thresholds, score histogram, colour scale), the
-suspect samples (ranked: flagged first, then by RsCon score; thumbnails for the first
-``max_samples``) and a table of every sample, metrics with ROC/PR curves (only when labels
-exist), samples set aside, stage timings and the configuration.
+Layout, top to bottom: header (line, run, N, flagged, modality, backbones, a red banner when
+the weights are random), the flagged samples (large pictures: the heat map alpha-blended over
+the image and over the depth rendering, side by side for 2D+3D, with the predicted-mask
+outline; click a picture to enlarge it, a CSS checkbox toggle, no script), then the other
+samples and the ranked table of all samples, both collapsed in ``<details>``, the decision
+(flag rule, thresholds, score histogram, colour scale), metrics with ROC/PR curves (only when
+labels exist), samples set aside, stage timings and the configuration. The heat maps use the
+perceptually ordered inferno scale (:mod:`tasks.colormap`), one scale for the whole line.
 """
 
 from __future__ import annotations
@@ -27,19 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, jet, overlay
+from tasks.colormap import blend_heat, inferno
+from tasks.outputs import RANDOM_WEIGHTS_WARNING
 
 THUMB_SIZE = 160
-"""Largest thumbnail side in pixels: bigger samples are downscaled (keeps the file small)."""
-PREDICTED_COLOUR = (255, 255, 255)
-"""Contour colour of the predicted defect mask (white, absent from the jet scale)."""
+"""Largest picture side of an unflagged sample: bigger samples are downscaled."""
+FLAGGED_SIZE = 512
+"""Largest picture side of a flagged sample (shown large; bigger samples are downscaled)."""
+PREDICTED_COLOUR = (0, 255, 255)
+"""Contour colour of the predicted defect mask (cyan, absent from the inferno scale)."""
 GT_COLOUR = (255, 0, 255)
-"""Contour colour of the ground-truth mask (magenta, absent from the jet scale)."""
+"""Contour colour of the ground-truth mask (magenta, absent from the inferno scale)."""
 NO_POINT_COLOUR = (24, 24, 24)
 """Depth-rendering colour of pixels without a measured point."""
 _CROSS = ndimage.generate_binary_structure(2, 1)
@@ -68,11 +73,19 @@ font-size:1.05rem;margin:12px 0}
 .card h3{font-size:1rem;margin:0 0 6px;word-break:break-all}
 .panels{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0}figcaption{font-size:.8rem;color:#495057}
-.panels img{width:160px;height:160px;image-rendering:pixelated;display:block}
+.panels img{width:160px;height:160px;image-rendering:pixelated;display:block;cursor:zoom-in}
+.card.flagged .panels img{width:320px;height:320px}
+.zoom{display:block}.zoom input{display:none}
+.panels .zoom input:checked+img{position:fixed;top:2vh;left:2vw;width:96vw;height:96vh;
+object-fit:contain;z-index:10;background:rgba(33,37,41,.92);cursor:zoom-out}
+details{margin:8px 0}summary{cursor:pointer;font-weight:600;padding:4px 0}
+.none{background:#fff;border:1px solid #dee2e6;border-radius:6px;padding:10px 14px}
+.badge.ok{background:#2b8a3e}.badge.defect{background:#862e9c}
 .badge{display:inline-block;padding:0 6px;border-radius:4px;font-size:.8rem;color:#fff;
 background:#868e96}.badge.flag{background:#c92a2a}
 .bar{background:#74c0fc;height:10px}
 .muted{color:#6c757d}
+.warn{background:#fff3bf;border-left:4px solid #f08c00;padding:8px 12px}
 """
 
 
@@ -92,6 +105,7 @@ class ReportSample:
         predicted_mask: (S, S) bool, pixels above the pixel threshold.
         gt_mask: (S, S) bool ground truth, or None.
         depth: (S, S) float32 z of the organized point cloud (0 = no point), or None.
+        verdict: an operator's verdict (``ok`` or ``defect``), or None.
     """
 
     name: str
@@ -105,6 +119,7 @@ class ReportSample:
     predicted_mask: np.ndarray
     gt_mask: np.ndarray | None
     depth: np.ndarray | None
+    verdict: str | None = None
 
     def __post_init__(self) -> None:
         """Reject arrays whose shapes do not fit the (S, S) anomaly map."""
@@ -141,6 +156,9 @@ class ReportData:
         set_aside: (name, path, problem) of every sample that could not be used.
         timings: wall seconds per stage.
         config: configuration fields (``MuscConfig.as_dict()`` and run options).
+        flag_note: why the batch could not set a flag threshold (shown as a warning), or None.
+        drift_note: the drift warning (tonight's scores moved from the bank's), or None.
+        history: location of the line's history page (linked from the header), or None.
     """
 
     line: str
@@ -159,6 +177,9 @@ class ReportData:
     set_aside: list[tuple[str, str, str]]
     timings: dict[str, float]
     config: dict[str, object]
+    flag_note: str | None = None
+    drift_note: str | None = None
+    history: str | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -256,11 +277,6 @@ def _resize_mask(mask: np.ndarray | None, side: int) -> np.ndarray | None:
     return _resize_float(np.asarray(mask, dtype=np.float32), side, nearest=True) > 0.5
 
 
-def _as_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1], the layout ``overlay`` takes."""
-    return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
-
-
 def depth_rendering(depth: np.ndarray) -> np.ndarray:
     """Grey rendering of an organized depth map: near is bright, relief is hill-shaded.
 
@@ -292,9 +308,10 @@ def sample_panels(
 ) -> list[tuple[str, np.ndarray]]:
     """The thumbnails of one sample, with the line's shared colour scale.
 
-    Panels: the image and the heat map over it (2D lines); the heat map over the depth
-    rendering (3D lines); the bare heat map when there is neither. Heat-map panels carry the
-    predicted-mask outline (white) and the ground-truth outline (magenta) when present.
+    Panels: the heat map alpha-blended over the image (2D lines) and over the depth rendering
+    (3D lines), side by side for 2D+3D, then the plain image for comparison; the bare heat map
+    when there is neither. Heat-map panels carry the predicted-mask outline (cyan) and the
+    ground-truth outline (magenta) when present.
 
     Args:
         sample: the sample.
@@ -312,22 +329,24 @@ def sample_panels(
     # (caption, picture under the heat map or None, pixels to leave uncoloured or None)
     bases: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
     panels: list[tuple[str, np.ndarray]] = []
+    image = None
     if sample.image is not None:
         image = _resize_rgb(np.asarray(sample.image, dtype=np.uint8), t)
-        panels.append(("image", image))
-        bases.append(("heat map", image, None))
+        bases.append(("image + heat map", image, None))
     if sample.depth is not None:
         depth = _resize_float(sample.depth, t, nearest=True)
         bases.append(("depth + heat map", depth_rendering(depth), depth <= 0))
     if not bases:
         bases.append(("heat map", None, None))
     for caption, base, no_point in bases:
-        rgb = overlay(None if base is None else _as_tensor(base), heat)
+        rgb = blend_heat(base, heat)
         if no_point is not None:
             rgb[no_point] = NO_POINT_COLOUR
         _draw_contour(rgb, predicted, PREDICTED_COLOUR)
         _draw_contour(rgb, gt, GT_COLOUR)
         panels.append((caption, rgb))
+    if image is not None:
+        panels.append(("image", image))
     return panels
 
 
@@ -537,7 +556,7 @@ def curve_svg(
 
 
 def colour_bar_svg(low: float, high: float, pixel_threshold: float) -> str:
-    """The line's heat-map colour scale (``tasks.outputs.jet``) with the pixel threshold.
+    """The line's heat-map colour scale (inferno, :mod:`tasks.colormap`) with the pixel threshold.
 
     Args:
         low: map value at the bottom of the scale.
@@ -547,7 +566,7 @@ def colour_bar_svg(low: float, high: float, pixel_threshold: float) -> str:
     Returns:
         An inline ``<svg>`` element.
     """
-    stops = jet(np.linspace(0.0, 1.0, 11)[None, :])[0]
+    stops = inferno(np.linspace(0.0, 1.0, 11))
     gradient = "".join(
         f'<stop offset="{i / 10:.1f}" stop-color="rgb({r},{g},{b})"/>'
         for i, (r, g, b) in enumerate(stops.tolist())
@@ -555,9 +574,9 @@ def colour_bar_svg(low: float, high: float, pixel_threshold: float) -> str:
     frame = _Frame((low, high), (0.0, 1.0), size=(420, 76), margins=(64, 24, 20, 24))
     parts = [
         frame.open("Heat-map colour scale of the whole line"),
-        f'<defs><linearGradient id="jet-scale">{gradient}</linearGradient></defs>',
+        f'<defs><linearGradient id="heat-scale">{gradient}</linearGradient></defs>',
         f'<rect x="{frame.left}" y="{frame.top}" width="{frame.x(high) - frame.left:.1f}" '
-        f'height="{frame.y(0) - frame.top:.1f}" fill="url(#jet-scale)"/>',
+        f'height="{frame.y(0) - frame.top:.1f}" fill="url(#heat-scale)"/>',
         f'<text x="{frame.left - 6}" y="{(frame.top + frame.y(0)) / 2 + 3:.1f}" font-size="10" '
         'text-anchor="end">map value</text>',
     ]
@@ -612,10 +631,17 @@ def _header_section(data: ReportData) -> str:
         ("modality", _esc(data.modality)),
     ]
     facts += [(f"backbone {_esc(k)}", _esc(v)) for k, v in data.backbones.items()]
+    if data.history:
+        href = data.history if "://" in data.history else Path(data.history).as_uri()
+        facts.append(("line history", f'<a href="{_esc(href)}">all nights of the line</a>'))
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     banner = ""
+    if data.drift_note:
+        banner += (
+            f'<p class="warn" role="alert"><strong>Drift:</strong> {_esc(data.drift_note)}</p>'
+        )
     if data.random_weights:
-        banner = (
+        banner += (
             '<div class="banner-random" role="alert"><strong>Random backbone weights: results '
             f"are not meaningful.</strong><br>{_esc(RANDOM_WEIGHTS_WARNING)}</div>"
         )
@@ -629,9 +655,15 @@ def _decision_section(data: ReportData, low: float, high: float) -> str:
     """Flag rule, thresholds, histogram of RsCon scores and the colour scale."""
     scores = np.array([s.score_rescored for s in data.samples])
     labels = [s.label for s in data.samples]
+    note = ""
+    if data.flag_note:
+        note = (
+            '<p class="warn" role="alert"><strong>No flag threshold for this batch:</strong> '
+            f"{_esc(data.flag_note)}</p>"
+        )
     return (
         '<section id="decision"><h2>Decision</h2>'
-        f'<p class="rule">{_esc(data.flag_rule)}</p>'
+        f'<p class="rule">{_esc(data.flag_rule)}</p>{note}'
         f"<p>Flag threshold (score after RsCon): <strong>{_esc(_fmt(data.flag_threshold))}"
         f"</strong> · pixel threshold (anomaly map): <strong>"
         f"{_esc(_fmt(data.pixel_threshold))}</strong></p>"
@@ -650,59 +682,107 @@ def _label_text(sample: ReportSample) -> str:
     return _esc(text)
 
 
+def _verdict_badge(sample: ReportSample) -> str:
+    """A badge for an operator's verdict (empty without one)."""
+    if sample.verdict not in ("ok", "defect"):
+        return ""
+    text = "operator: ok" if sample.verdict == "ok" else "operator: defect"
+    return f'<span class="badge {sample.verdict}">{text}</span>'
+
+
 def _sample_card(rank: int, sample: ReportSample, low: float, high: float) -> str:
-    """One suspect sample: scores, label and its thumbnails."""
+    """One sample: scores, label, verdict and its pictures (click one to enlarge it)."""
+    side = FLAGGED_SIZE if sample.flagged else THUMB_SIZE
     figures = "".join(
-        f'<figure><img src="{png_data_uri(rgb)}" alt="{_esc(caption)} of {_esc(sample.name)}"'
-        f' width="{rgb.shape[1]}" height="{rgb.shape[0]}"><figcaption>{_esc(caption)}'
+        f'<figure><label class="zoom" title="click to enlarge"><input type="checkbox">'
+        f'<img src="{png_data_uri(rgb)}" alt="{_esc(caption)} of {_esc(sample.name)}"'
+        f' width="{rgb.shape[1]}" height="{rgb.shape[0]}"></label><figcaption>{_esc(caption)}'
         "</figcaption></figure>"
-        for caption, rgb in sample_panels(sample, low, high)
+        for caption, rgb in sample_panels(sample, low, high, side)
     )
     badge = '<span class="badge flag">flagged</span>' if sample.flagged else ""
     return (
         f'<div class="card{" flagged" if sample.flagged else ""}"><h3>#{rank} '
-        f"{_esc(sample.name)} {badge}</h3><p>score after RsCon "
+        f"{_esc(sample.name)} {badge} {_verdict_badge(sample)}</h3><p>score after RsCon "
         f"<strong>{_esc(_fmt(sample.score_rescored))}</strong> · map maximum "
         f"{_esc(_fmt(sample.score))} · label {_label_text(sample)}</p>"
         f'<div class="panels">{figures}</div></div>'
     )
 
 
+def _no_flag_text(data: ReportData) -> str:
+    """What the flagged section says when nothing is flagged."""
+    if data.flag_note:
+        return (
+            f'<p class="none warn">No sample flagged: the batch could not set a flag threshold '
+            f"({_esc(data.flag_note)}).</p>"
+        )
+    return (
+        f'<p class="none">No sample flagged: every score after RsCon is at or below the flag '
+        f"threshold {_esc(_fmt(data.flag_threshold))}.</p>"
+    )
+
+
 def _samples_section(
     data: ReportData, order: list[int], max_samples: int, low: float, high: float
 ) -> str:
-    """Thumbnails of the first ``max_samples`` ranked samples and a table of all of them."""
+    """Flagged samples first and large; the others and the ranked table collapsed.
+
+    Pictures are drawn for the first ``max_samples`` samples of the ranking (flagged first).
+    """
     shown = order[:max_samples]
-    cards = "".join(
-        _sample_card(rank, data.samples[i], low, high) for rank, i in enumerate(shown, 1)
+    flagged = [i for i in order if data.samples[i].flagged]
+    others = [i for i in order if not data.samples[i].flagged]
+    rank = {i: r for r, i in enumerate(order, 1)}
+    legend = (
+        '<p class="muted">Heat map (inferno, one colour scale for the whole line, see the '
+        "Decision section) blended over the picture; outlines: cyan = predicted defect (pixel "
+        "rule), magenta = ground truth. Click a picture to enlarge it.</p>"
+    )
+    flagged_cards = "".join(
+        _sample_card(rank[i], data.samples[i], low, high) for i in flagged if i in shown
+    )
+    if not flagged:
+        flagged_cards = _no_flag_text(data)
+    elif len(flagged) > len([i for i in flagged if i in shown]):
+        flagged_cards += (
+            f'<p class="muted">Pictures of the first {max_samples} flagged samples; all are in '
+            "the table below.</p>"
+        )
+    other_cards = "".join(
+        _sample_card(rank[i], data.samples[i], low, high) for i in others if i in shown
+    )
+    pictured = len([i for i in others if i in shown])
+    other_note = (
+        f'<p class="muted">Pictures of the {pictured} most suspect of them.</p>'
+        if pictured < len(others)
+        else ""
     )
     rows = [
         [
-            str(rank),
+            str(rank[i]),
             _esc(data.samples[i].name),
             _esc(_fmt(data.samples[i].score_rescored)),
             _esc(_fmt(data.samples[i].score)),
             "yes" if data.samples[i].flagged else "",
+            _esc(data.samples[i].verdict or ""),
             _label_text(data.samples[i]),
         ]
-        for rank, i in enumerate(order, 1)
+        for i in order
     ]
-    legend = (
-        '<p class="muted">Heat maps share one colour scale for the whole line. Outlines: white ='
-        " predicted defect (pixel rule), magenta = ground truth.</p>"
-    )
-    more = ""
-    if len(order) > len(shown):
-        more = f'<p class="muted">Thumbnails of the first {len(shown)} of {len(order)}.</p>'
     table = _table(
-        ["rank", "name", "score after RsCon", "map maximum", "flagged", "label"],
+        ["rank", "name", "score after RsCon", "map maximum", "flagged", "verdict", "label"],
         rows,
         numeric=(0, 2, 3),
     )
     return (
-        f'<section id="suspects"><h2>Suspect samples</h2>{legend}{more}<div class="cards">'
-        f'{cards}</div></section><section id="ranking"><h2>All samples, ranked</h2>{table}'
-        "</section>"
+        f'<section id="suspects"><h2>Flagged samples: {len(flagged)} of {len(order)}</h2>'
+        f'{legend}<div class="cards">{flagged_cards}</div></section>'
+        f'<section id="others"><details><summary>Other samples ({len(others)}, not flagged), '
+        f'most suspect first</summary>{other_note}<div class="cards">{other_cards}</div>'
+        "</details></section>"
+        f'<section id="ranking"><details><summary>All {len(order)} samples, ranked</summary>'
+        f"{table}</details></section>"
     )
 
 
@@ -819,8 +899,8 @@ def render_report(data: ReportData, max_samples: int = 40) -> str:
     body = "".join(
         [
             _header_section(data),
-            _decision_section(data, low, high),
             _samples_section(data, order, max_samples, low, high),
+            _decision_section(data, low, high),
             _metrics_section(data),
             _set_aside_section(data),
             _timings_section(data),

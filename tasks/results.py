@@ -22,25 +22,36 @@ import torch
 from prefect import task
 
 from musc_core.config import MuscConfig
-from musc_core.decisions import flag_samples, pixel_threshold, predicted_masks
+from musc_core.decisions import (
+    flag_outliers,
+    flag_samples,
+    pixel_threshold,
+    predicted_masks,
+    score_drift,
+)
 from musc_core.metrics import f1_optimal_threshold
 from musc_core.rescoring import rscon
 from tasks.artifacts import publish_artifacts
 from tasks.cache import FeatureCache
 from tasks.evaluate import line_metrics
+from tasks.history import history_location
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, overlay, unique_stems
 from tasks.plan import PoolSample
 from tasks.prepare import SetAside
 from tasks.report import ReportData, ReportSample, rank_samples, render_report
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS
+from tasks.verdicts import latest_verdicts, read_verdicts
 
 #: Samples shown with thumbnails in the HTML report (the ranked table lists all of them).
 REPORT_THUMBNAILS = 40
 FLAG_RULE = (
     "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
-    "run's scores after RsCon (k = {k}); a pixel is predicted defective when its map value "
-    "exceeds median + k · 1.4826 · MAD of the run's per-sample map maxima."
+    "run's normal-looking scores after RsCon (k = {k}): the set starts as the lower half of "
+    "the scores and grows to every score under the threshold until it stops changing, so many "
+    "defects in one batch do not lift the threshold past them (docs/decisions.md). A pixel is "
+    "predicted defective when its map value exceeds median + k · 1.4826 · MAD of the run's "
+    "per-sample map maxima."
 )
 FLAG_RULE_BANK = (
     "New parts are scored against the line's reference bank. A part is flagged when its score "
@@ -197,7 +208,7 @@ def report_line(
         decision = bank._replace(flags=after > bank.threshold)
         pixel_cut = pixel_threshold(scores[current:].numpy(), config.flag_mad_k)
     else:
-        decision = flag_samples(after, config.flag_mad_k)
+        decision = flag_outliers(after, config.flag_mad_k)
         pixel_cut = pixel_threshold(before, config.flag_mad_k)
     masks = [_prepared_array(cache, s.keys.prepared, "mask") for s in tonight]
     masks = [None if m is None else m.astype(bool) for m in masks]
@@ -221,6 +232,17 @@ def report_line(
         outputs["metrics"] = store.write_json("metrics.json", payload)
         f1_cut = f1_optimal_threshold(np.asarray(labels, dtype=np.int64), after)
         f1_cut = None if math.isnan(f1_cut) else float(f1_cut)
+    verdicts = _batch_verdicts(info)
+    drift = None
+    if len(pool) > current:
+        shift, drifted, limit = score_drift(before, scores[current:].numpy())
+        drift = {"shift": shift, "drifted": drifted, "limit": limit}
+    storage = info.settings.get("storage")
+    history = (
+        ResultStore(storage).location(history_location(storage, info.line))
+        if isinstance(storage, str)
+        else None
+    )
     samples = [
         ReportSample(
             name=sample.name,
@@ -234,6 +256,7 @@ def report_line(
             predicted_mask=predicted_masks(maps[i], pixel_cut),
             gt_mask=masks[i],
             depth=None,
+            verdict=verdicts.get(sample.name),
         )
         for i, sample in enumerate(tonight)
     ]
@@ -256,6 +279,9 @@ def report_line(
         flag_threshold=decision.threshold,
         pixel_threshold=pixel_cut,
         flag_rule=(FLAG_RULE_BANK if against_bank else FLAG_RULE).format(k=config.flag_mad_k),
+        flag_note=decision.reason,
+        drift_note=_drift_note(drift),
+        history=history,
         metrics=metrics,
         f1_threshold=f1_cut,
         set_aside=[(a.name, a.path, a.problem) for a in set_aside],
@@ -278,6 +304,8 @@ def report_line(
         "scored": len(tonight),
         "pool": len(pool),
         "flag_threshold": decision.threshold,
+        "flag_note": decision.reason,
+        "drift": drift,
         "pixel_threshold": pixel_cut,
         "flagged": [tonight[i].name for i in np.flatnonzero(decision.flags)],
         "set_aside": [{"name": a.name, "path": a.path, "problem": a.problem} for a in set_aside],
@@ -294,6 +322,29 @@ def report_line(
         metrics=metrics,
         outputs=outputs,
     )
+
+
+def _drift_note(drift: dict | None) -> str | None:
+    """The report's drift warning, or None when tonight's scores did not drift."""
+    if not drift or not drift["drifted"]:
+        return None
+    return (
+        f"tonight's median score is {drift['shift']:+.1f} robust sigmas from the reference "
+        f"bank's (limit {drift['limit']:g}): check the parts, the camera and the lighting "
+        "before trusting the flags"
+    )
+
+
+def _batch_verdicts(info: RunInfo) -> dict[str, str]:
+    """Operators' verdicts on this batch's samples, by name (none without a storage root)."""
+    storage = info.settings.get("storage")
+    if not isinstance(storage, str):
+        return {}
+    try:
+        latest = latest_verdicts(read_verdicts(storage, info.line))
+    except ValueError:
+        return {}
+    return {name: v["verdict"] for (batch, name), v in latest.items() if batch == info.batch}
 
 
 def _rgb(image: np.ndarray | None) -> np.ndarray | None:

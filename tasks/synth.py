@@ -584,7 +584,11 @@ _DEFECT_FUNCTIONS = {"colour": _colour_defect, "dent": _dent_defect, "crack": _c
 
 
 def render_sample(
-    model: LineModel, spec: SampleSpec, *, apply_defect: bool = True
+    model: LineModel,
+    spec: SampleSpec,
+    *,
+    apply_defect: bool = True,
+    defect_seed: int | None = None,
 ) -> RenderedSample:
     """Render one sample (what :func:`generate_line` writes for it).
 
@@ -593,6 +597,9 @@ def render_sample(
         spec: the sample spec (from :func:`plan_line`).
         apply_defect: False renders the same sample without its defect (same pose, lighting
             and noise): a debugging / testing hook.
+        defect_seed: draw the defect's size and placement from this index instead of the
+            sample's: samples of one kind rendered with the same ``defect_seed`` carry the same
+            defect (a recurring defect, e.g. a worn tool), each in its own pose and noise.
 
     Returns:
         The RGB image, XYZ map and ground-truth mask (all False when no defect is applied).
@@ -628,9 +635,10 @@ def render_sample(
     variant = ""
     if apply_defect and spec.defect_type != "good":
         top = height > TOP_HEIGHT
-        area_px = float(_rng(model.seed, 2, spec.index).uniform(*DEFECT_AREA)) * footprint.sum()
+        where = spec.index if defect_seed is None else defect_seed
+        area_px = float(_rng(model.seed, 2, where).uniform(*DEFECT_AREA)) * footprint.sum()
         defect = _DEFECT_FUNCTIONS[spec.defect_type](
-            rows, cols, top, area_px, model, _rng(model.seed, 3, spec.index)
+            rows, cols, top, area_px, model, _rng(model.seed, 3, where)
         )
         _mix(albedo, defect.colour, defect.weight * footprint)
         mask = defect.mask & footprint

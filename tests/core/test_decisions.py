@@ -13,10 +13,12 @@ from musc_core.decisions import (
     MAD_TO_SIGMA,
     MEAN_AD_TO_SIGMA,
     Decision,
+    flag_outliers,
     flag_samples,
     pixel_threshold,
     predicted_masks,
     robust_threshold,
+    score_drift,
 )
 from musc_core.metrics import f1_optimal_threshold, image_metrics
 
@@ -224,3 +226,96 @@ def test_config_default_and_validation():
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="flag_mad_k"):
             MuscConfig(flag_mad_k=bad)
+
+
+# ------------------------------------------------------------------------------------------
+# flag_outliers: the threshold grown from the lower half
+
+
+def brute_outliers(scores, k):
+    """Literal loop of the documented steps, with the standard library."""
+    values = [float(x) for x in scores]
+    if len(values) < 5 or len(set(values)) == 1:
+        return math.inf
+    cut = sorted(values)[(len(values) + 1) // 2 - 1]
+    inliers = [x for x in values if x <= cut]
+    threshold = brute_threshold(inliers, k)
+    for _ in range(len(values)):
+        grown = [x for x in values if x <= threshold]
+        if sorted(grown) == sorted(inliers):
+            break
+        inliers = grown
+        threshold = brute_threshold(inliers, k)
+    return threshold
+
+
+def test_outliers_match_the_literal_steps_on_random_inputs():
+    rng = np.random.default_rng(6)
+    for trial in range(60):
+        n = int(rng.integers(5, 60))
+        if trial % 3 == 0:
+            scores = rng.integers(0, 4, size=n).astype(float)  # ties
+        else:
+            bad = int(rng.integers(0, n // 2))
+            scores = np.concatenate([rng.normal(size=n - bad), rng.uniform(2, 8, size=bad)])
+        k = float(rng.uniform(1.0, 4.0))
+        decision = flag_outliers(scores, k)
+        assert decision.threshold == pytest.approx(brute_outliers(scores, k))
+        np.testing.assert_array_equal(decision.flags, scores > decision.threshold)
+
+
+def test_outliers_hold_where_the_mad_rule_flags_nothing():
+    # the issue's case: 12 parts, 5 clearly defective -> MAD of all scores is inflated
+    normal = [0.10, 0.14, 0.18, 0.20, 0.22, 0.25, 0.28]
+    defective = [0.60, 0.64, 0.68, 0.70, 0.72]
+    scores = np.array(normal + defective)
+    assert flag_samples(scores, 3.0).threshold > 0.9  # above the top score: nothing flagged
+    decision = flag_outliers(scores, 3.0)
+    assert decision.flags.tolist() == [False] * 7 + [True] * 5
+    assert decision.reason is None
+    # the threshold is the robust threshold of the normal scores alone
+    assert decision.threshold == pytest.approx(brute_threshold(normal, 3.0))
+
+
+def test_outliers_on_a_clean_batch_equal_the_mad_rule():
+    scores = np.random.default_rng(7).normal(size=300)
+    assert flag_outliers(scores, 3.0).threshold == pytest.approx(robust_threshold(scores, 3.0))
+
+
+def test_outliers_decline_small_or_constant_batches_and_say_why():
+    small = flag_outliers([0.1, 0.2, 0.9, 0.3], 3.0)
+    assert small.threshold == math.inf and not small.flags.any()
+    assert "at least 5" in small.reason
+    constant = flag_outliers(np.full(8, 0.4), 3.0)
+    assert constant.threshold == math.inf and "same" in constant.reason
+    assert flag_samples([0.1, 0.2, 0.9, 0.3], 3.0).reason is None
+
+
+# ------------------------------------------------------------------------------------------
+# drift
+
+
+def test_drift_is_the_median_shift_in_robust_sigmas():
+    reference = [1.0, 2.0, 3.0, 4.0, 100.0]  # median 3, MAD 1
+    drift = score_drift([9.0, 10.0, 11.0], reference)
+    assert drift.shift == pytest.approx((10.0 - 3.0) / 1.4826)
+    assert drift.drifted and drift.limit == 3.0
+    assert not score_drift([2.5, 3.0, 3.5], reference).drifted
+    assert score_drift([0.0], reference, limit=2.0).shift == pytest.approx(-3.0 / 1.4826)
+
+
+def test_drift_matches_a_literal_computation():
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        ref = rng.normal(size=int(rng.integers(3, 40)))
+        now = rng.normal(rng.uniform(-3, 3), size=int(rng.integers(1, 20)))
+        spread = 1.4826 * statistics.median([abs(x - statistics.median(ref)) for x in ref])
+        expected = (statistics.median(now) - statistics.median(ref)) / spread
+        assert score_drift(now, ref).shift == pytest.approx(expected)
+
+
+def test_drift_with_a_constant_reference():
+    assert score_drift([1.0, 1.0], [1.0, 1.0, 1.0]).shift == 0.0
+    assert score_drift([2.0], [1.0, 1.0, 1.0]).shift == math.inf
+    with pytest.raises(ValueError, match="limit"):
+        score_drift([1.0], [1.0, 2.0], limit=0.0)

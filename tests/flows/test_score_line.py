@@ -172,7 +172,7 @@ def test_rolling_bank_night_two_equals_in_memory_union(line, tmp_path, monkeypat
     counter = ForwardCounter(monkeypatch)
     summary = score_line(
         data=str(night2), storage=store, cluster="threads", batch="n2", shard_size=3,
-        reference_nights=1, **SMALL,
+        reference_nights=1, clean_bank=False, **SMALL,
     )
     assert counter.counts == {"2d": 5, "3d": 5}, "only night 2's samples go through backbones"
     assert summary["bank"] == ["n1"] and summary["scored"] == 5 and summary["pool"] == 13

@@ -12,9 +12,9 @@ import pytest
 from scipy import ndimage
 
 from infra.browser import chromium_paths, full_page_png, start_chromium
-from musc_core.decisions import flag_samples, pixel_threshold, predicted_masks
+from musc_core.decisions import flag_outliers, pixel_threshold, predicted_masks
 from musc_core.metrics import f1_optimal_threshold, image_metrics
-from tasks.outputs import jet
+from tasks.colormap import inferno
 from tasks.report import (
     GT_COLOUR,
     PREDICTED_COLOUR,
@@ -64,7 +64,7 @@ def synthetic_report(
     )
     scores = maps.reshape(num_samples, -1).max(axis=1)
     rescored = (scores - scores.min()) / (scores.max() - scores.min())
-    decision = flag_samples(rescored, 3.0)
+    decision = flag_outliers(rescored, 3.0)
     pixel_t = pixel_threshold(scores, 3.0)
     masks = predicted_masks(maps, pixel_t)
     truth = np.array([int(r.mask.any()) for r in rendered])
@@ -185,7 +185,9 @@ def test_random_weights_banner_iff_random():
 
 def test_all_sections_present():
     page = render_report(synthetic_report(6))
-    for section_id in ("decision", "suspects", "ranking", "metrics", "set-aside", "timings"):
+    for section_id in (
+        "decision", "suspects", "others", "ranking", "metrics", "set-aside", "timings"
+    ):
         assert f'<section id="{section_id}">' in page
     assert '<section id="config">' in page
     assert "musc run report — part" in page
@@ -213,9 +215,14 @@ def test_flagged_samples_are_ranked_first():
     ]
     assert rank_samples(samples) == [3, 1, 0, 2]
     page = render_report(tiny_report(samples))
-    cards = section(page, "suspects")
-    positions = [cards.index(name) for name in ("top-flagged", "low-flagged", "high-unflagged")]
-    assert positions == sorted(positions)
+    flagged = section(page, "suspects")
+    assert flagged.index("top-flagged") < flagged.index("low-flagged")
+    assert "high-unflagged" not in flagged and "mid" not in flagged
+    assert "Flagged samples: 2 of 4" in flagged
+    others = section(page, "others")
+    assert others.startswith("<details>") and "open" not in others.split(">")[0]
+    assert others.index("high-unflagged") < others.index("mid")
+    assert page.index('id="suspects"') < page.index('id="others"') < page.index('id="decision"')
     ranking = section(page, "ranking")
     assert ranking.index("low-flagged") < ranking.index("high-unflagged") < ranking.index("mid")
 
@@ -255,14 +262,19 @@ def test_page_is_self_contained():
 
 
 def test_thumbnails_are_png_data_uris_of_the_right_size():
-    page = render_report(synthetic_report(2, size=224), max_samples=1)
-    uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
-    assert len(uris) == 3
-    for uri in uris:
-        png = base64.b64decode(uri)
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-        assert (width, height) == (160, 160)  # downscaled from 224
+    flagged = tiny_sample("flagged", 0.9, True, size=600)
+    quiet = tiny_sample("quiet", 0.1, False, size=600)
+    page = render_report(tiny_report([flagged, quiet]))
+    sizes = {}
+    for section_id in ("suspects", "others"):
+        uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', section(page, section_id))
+        assert len(uris) == 2  # image + heat map, image
+        for uri in uris:
+            png = base64.b64decode(uri)
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+            sizes[section_id] = (width, height)
+    assert sizes == {"suspects": (512, 512), "others": (160, 160)}  # both downscaled from 600
 
 
 def test_contour_is_the_mask_minus_its_erosion():
@@ -280,10 +292,10 @@ def test_panels_share_the_line_colour_scale_and_draw_outlines():
     ((caption, rgb),) = sample_panels(sample, low=0.0, high=2.0)
     assert caption == "heat map"
     inside = ~contour(sample.predicted_mask) & ~sample.predicted_mask
-    np.testing.assert_array_equal(rgb[0, 0], jet(np.zeros((1, 1)))[0, 0])
+    np.testing.assert_array_equal(rgb[0, 0], inferno(np.zeros(1))[0])
     assert (rgb[contour(sample.predicted_mask)] == PREDICTED_COLOUR).all()
     # the map only reaches 1.0 of a 0..2 scale: no pixel gets the top colour of the scale
-    top = jet(np.ones((1, 1)))[0, 0]
+    top = inferno(np.ones(1))[0]
     assert not (rgb[inside] == top).all(axis=-1).any()
     with_gt = ReportSample(**{**sample.__dict__, "gt_mask": sample.predicted_mask.copy()})
     ((_, rgb_gt),) = sample_panels(with_gt, 0.0, 2.0)
@@ -351,7 +363,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     browser, driver_path = _chromium_paths()
     data = synthetic_report(10, size=96, random_weights=True)
     data.set_aside.append((EVIL, "/data/part/test/good/rgb/" + EVIL, "empty file (0 bytes)"))
-    page_path = Path(write_report(data, tmp_path / "report.html", max_samples=6))
+    flagged = sum(s.flagged for s in data.samples)
+    assert 0 < flagged < 8
+    page_path = Path(write_report(data, tmp_path / "report.html", max_samples=8))
 
     driver = start_chromium(browser, driver_path, tmp_path / "profile", 900, console_log=True)
     try:
@@ -360,7 +374,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);"
         )
-        assert len(images) == 6 * 3
+        assert len(images) == 8 * 3
         assert all(complete and width > 0 for complete, width in images)
         severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert severe == []
@@ -374,10 +388,70 @@ def test_report_renders_in_headless_chromium(tmp_path):
             "return [b.textContent, getComputedStyle(b).backgroundColor];"
         )
         assert "not meaningful" in banner[0] and banner[1] == "rgb(201, 42, 42)"
+        layout = driver.execute_script(
+            "const f = document.querySelector('#suspects img');"
+            "const o = document.querySelector('#others details');"
+            "return [f.getBoundingClientRect().width, o.open,"
+            " document.querySelector('#others img').checkVisibility()];"
+        )
+        assert layout == [320, False, False]  # flagged large, the others collapsed (hidden)
         png = full_page_png(driver)
+        driver.execute_script("document.querySelector('#suspects img').scrollIntoView()")
+        driver.find_element("css selector", "#suspects label.zoom img").click()
+        zoomed = driver.execute_script(
+            "const r = document.querySelector('#suspects img').getBoundingClientRect();"
+            "return [r.width, window.innerWidth];"
+        )
+        assert zoomed[0] > 0.9 * zoomed[1], "a click enlarges the picture"
     finally:
         driver.quit()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "report-screenshot.png").write_bytes(png)
     if os.environ.get("MUSC_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs" / "report-screenshot.png").write_bytes(png)
+
+
+def test_heat_map_is_blended_over_the_image_and_both_modalities_sit_side_by_side():
+    sample = tiny_sample("both", 1.0, True, image=True, depth=True)
+    panels = sample_panels(sample, low=0.0, high=1.0)
+    assert [c for c, _ in panels] == ["image + heat map", "depth + heat map", "image"]
+    blended = panels[0][1]
+    # pixel (0, 0): map value 0 -> 15 % inferno(0) over the grey (128) image
+    expected = np.round(0.85 * 128 + 0.15 * inferno(np.zeros(1))[0].astype(float))
+    np.testing.assert_array_equal(blended[0, 0], expected.astype(np.uint8))
+    assert (panels[2][1] == 128).all()  # the plain image is untouched
+
+
+def test_nothing_flagged_says_so_with_the_threshold_or_the_reason():
+    samples = [tiny_sample("a", 0.3, False), tiny_sample("b", 0.2, False)]
+    page = render_report(tiny_report(samples, flag_threshold=0.75))
+    assert "Flagged samples: 0 of 2" in page
+    assert "No sample flagged" in section(page, "suspects") and "0.75" in section(page, "suspects")
+    declined = render_report(
+        tiny_report(samples, flag_threshold=math.inf, flag_note="2 sample(s): <too few>")
+    )
+    assert "could not set a flag threshold" in section(declined, "suspects")
+    assert "&lt;too few&gt;" in section(declined, "suspects")
+    assert 'class="warn"' in section(declined, "decision")
+
+
+def test_verdicts_are_shown_as_badges_and_in_the_table():
+    samples = [
+        ReportSample(**{**tiny_sample("a", 0.9, True).__dict__, "verdict": "ok"}),
+        ReportSample(**{**tiny_sample("b", 0.2, False).__dict__, "verdict": "defect"}),
+    ]
+    page = render_report(tiny_report(samples))
+    assert "operator: ok" in section(page, "suspects")
+    assert "operator: defect" in section(page, "others")
+    assert "<td>defect</td>" in section(page, "ranking")
+
+
+def test_drift_warning_and_history_link_in_the_header():
+    samples = [tiny_sample("a", 0.9, True), tiny_sample("b", 0.2, False)]
+    page = render_report(
+        tiny_report(samples, drift_note="median +4.2 <sigmas>", history="/store/results/h.html")
+    )
+    header = page.split("</header>")[0]
+    assert "Drift:" in header and "median +4.2 &lt;sigmas&gt;" in header
+    assert 'href="file:///store/results/h.html"' in header
+    assert "Drift:" not in render_report(tiny_report(samples))

@@ -311,3 +311,21 @@ def test_every_shape_renders_a_textured_object(shape):
 def test_shape_is_drawn_from_the_seed():
     shapes = {plan_line(num_samples=1, image_size=SIZE, seed=s)[0].shape for s in range(12)}
     assert shapes == set(SHAPES)
+
+
+def test_defect_seed_repeats_the_same_defect_on_other_parts():
+    from dataclasses import replace
+
+    from tasks.synth import plan_line, render_sample
+
+    model, specs = plan_line(num_samples=3, image_size=64, defect_rate=0.0, seed=4)
+    first = replace(specs[0], defect_type="crack")
+    other = replace(specs[1], defect_type="crack", shift=first.shift, angle=first.angle)
+    same_a = render_sample(model, first, defect_seed=7).mask
+    same_b = render_sample(model, other, defect_seed=7).mask
+    assert same_a.any() and np.array_equal(same_a, same_b)
+    own_b = render_sample(model, other).mask
+    assert not np.array_equal(same_a, own_b)  # without the seed each part draws its own
+    np.testing.assert_array_equal(
+        render_sample(model, first).mask, render_sample(model, first, defect_seed=0).mask
+    )
