@@ -60,7 +60,7 @@ def rescore_stages(record: dict, options: dict) -> dict:
             options["reference_samples"], record["prep"],
         ).result()
     current = [s for block in tonight for s in block]
-    bank = bank_blocks(bank_records, config, identities, {s.keys.prepared for s in current})
+    bank = bank_blocks(bank_records, config, identities, {s.keys.scored for s in current})
     needed = [
         (s.name, key)
         for block in tonight + bank

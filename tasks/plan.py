@@ -69,10 +69,13 @@ class ScoringPlan:
 
 
 def batch_blocks(samples: Sequence[PoolSample], shard_size: int) -> list[list[PoolSample]]:
-    """A batch's samples ordered by prepared key (a content hash) in blocks of ``shard_size``."""
+    """A batch's samples in blocks of ``shard_size``, ordered by content.
+
+    The order is that of their scored entries' keys (content hashes), then their names.
+    """
     if shard_size <= 0:
         raise ValueError(f"shard size must be positive, got {shard_size}")
-    ordered = sorted(samples, key=lambda s: (s.keys.prepared, s.name))
+    ordered = sorted(samples, key=lambda s: (s.keys.scored, s.name))
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
