@@ -126,3 +126,25 @@ def test_input_below_one_patch_is_set_aside(tmp_path, side):
         _folder(tmp_path, np.full((8, 8, 3), 90, np.uint8)), "folder", CONFIG_2D
     )
     assert len(ok) == 1 and none_aside == []
+
+
+def test_eyecandies_2d_run_prepares_the_images_of_a_2d_3d_run(tmp_path):
+    data = tmp_path / "CandyCane" / "test_public" / "data"
+    data.mkdir(parents=True)
+    v, u = np.mgrid[0:32, 0:32] / 32 - 0.5
+    rgb = np.full((32, 32, 3), 40, np.uint8)
+    rgb[u**2 + v**2 < 0.1] = 220
+    Image.fromarray(rgb).save(data / "000_image_0.png")
+    depth = (30000 - 8000 * (u**2 + v**2 < 0.1)).astype(np.uint16)
+    Image.fromarray(depth).save(data / "000_depth.png")
+    (data / "000_info_depth.yaml").write_text("normalization:\n  min: 0.5\n  max: 1.5\n")
+    np.savetxt(data / "000_pose.txt", np.eye(4))
+    (record,) = read_dataset(tmp_path, "eyecandies", "CandyCane")
+    both = prepare_record(record, "eyecandies", CONFIG_BOTH)
+    only_2d = prepare_record(record, "eyecandies", CONFIG_2D)
+    assert both.info.cleaning == "eyecandies" and both.sample.xyz is not None
+    # Eyecandies cleaning leaves the image as it is: both runs score the same pixels, which
+    # are the uncleaned image's
+    np.testing.assert_array_equal(only_2d.sample.image.numpy(), both.sample.image.numpy())
+    uncleaned = prepare_record(record, "folder", CONFIG_2D).sample.image
+    np.testing.assert_array_equal(only_2d.sample.image.numpy(), uncleaned.numpy())
