@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 from musc_core.config import MuscConfig
 from tasks.batches import config_from_record, list_batches, read_batch_record
-from tasks.keys import Identities, PreparedKeys, pairs_key, reduced_key, sample_keys
+from tasks.keys import (
+    Identities,
+    PairKeys,
+    PreparedKeys,
+    pairs_key,
+    reduced_key,
+    sample_keys,
+)
 from tasks.plan import PoolSample, ScoringPlan, Shard, plan_scoring
 from tasks.scoring import PairSource, ReduceItem
 
@@ -200,7 +207,7 @@ def plan_against_bank(
         raise ValueError("the bank holds no sample to score against")
     used = sorted({b for b, _ in columns})
     shards: list[Shard] = []
-    keys: dict[tuple[int, int], str] = {}
+    keys: dict[tuple[int, int], PairKeys] = {}
     for a in range(first):
         for b in used:
             keys[(a, b)] = pairs_key(

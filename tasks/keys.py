@@ -11,10 +11,11 @@ Chains (→ reads the entry of), one row per stage in ``docs/cache-keys.md``:
 (2D backbone, layers, ViT dtype) ← ``snamd_2d`` (degrees); ``prepared_3d`` (the files the
 point preparation reads, format, size, Eyecandies category) ← ``grouping`` (G, K, K_iter,
 C_thr) ← ``tokens_3d`` (3D backbone, layers, BatchNorm mode) ← ``snamd_3d`` (degrees);
-``mask`` (the mask file, format, size) is read by reports and metrics only; pairs of blocks of
-SNAMD features ← ``pairs`` (GEMM dtype); a sample's pairs to its references ← ``reduced``
-(Interval Average ratio, map settings). The modality enters no per-sample key (a 2D, a 3D
-and a 2D+3D run share their entries); labels and masks enter no feature key.
+``mask`` (the mask file, format, size) is read by reports and metrics only; pairs of blocks
+of one modality's SNAMD features ← ``pairs`` (GEMM dtype); a sample's pairs to its
+references ← ``reduced`` (Interval Average ratio, map settings). The modality enters no
+per-sample or pair key (a 2D, a 3D and a 2D+3D run share those entries), only the reduced
+one; labels and masks enter no feature key.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ STAGE_VERSIONS = {
     "grouping": 1,
     "tokens_3d": 1,
     "snamd_3d": 1,
-    "pairs": 1,
+    "pairs": 2,
     "reduced": 1,
 }
 
@@ -66,15 +67,21 @@ class PreparedKeys:
         image: the prepared image (None without 2D).
         points: the prepared XYZ map (None without 3D).
         mask: the prepared ground-truth mask (None when the sample has no mask file).
+        content: a hash of every input file but the mask, whatever the modality: it orders
+            a batch's samples into blocks, so that the 2D, 3D and 2D+3D runs of a line lay
+            them out alike (and share their pair entries). Not a cache key.
     """
 
     image: str | None
     points: str | None
     mask: str | None
+    content: str = ""
 
     def as_dict(self) -> dict[str, str | None]:
-        """The keys by entry (``image``, ``points``, ``mask``), as batch records store them."""
-        return {"image": self.image, "points": self.points, "mask": self.mask}
+        """The keys by entry, as batch records store them."""
+        return {
+            "image": self.image, "points": self.points, "mask": self.mask, "content": self.content
+        }
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,9 @@ def prepared_keys(
         )
     if "mask" in digests:
         mask = _key("mask", inputs=_inputs(digests, ("mask",)), format=fmt, image_size=size)
-    return PreparedKeys(image, points, mask)
+    scored = sorted(role for role in digests if role != "mask")
+    content = cache_key({"content": _inputs(digests, scored)})
+    return PreparedKeys(image, points, mask, content)
 
 
 def sample_keys(prepared: PreparedKeys, config: MuscConfig, identities: Identities) -> SampleKeys:
@@ -210,16 +219,33 @@ def sample_keys(prepared: PreparedKeys, config: MuscConfig, identities: Identiti
     return SampleKeys(prepared, tokens_2d, snamd_2d, grouping, tokens_3d, snamd_3d)
 
 
+#: A shard's entry keys, one per modality: (2D, 3D), None for a modality not scored.
+PairKeys = tuple[str | None, str | None]
+
+
 def pairs_key(
     block_a: Sequence[SampleKeys], block_b: Sequence[SampleKeys], config: MuscConfig
-) -> str:
-    """Key of the pair distances between two blocks (the same block twice: inside it)."""
-    return _key(
-        "pairs",
-        a=[k.features for k in block_a],
-        b=[k.features for k in block_b],
-        dtype=config.distance_dtype,
-    )
+) -> PairKeys:
+    """Keys of the pair distances between two blocks (the same block twice: inside it).
+
+    One entry per modality: each key lists only that modality's SNAMD keys, so the 2D pairs
+    of a 2D+3D run are those of a 2D run of the same blocks.
+    """
+    keys: list[str | None] = []
+    for slot, modality in enumerate(("2d", "3d")):
+        if block_a[0].features[slot] is None:
+            keys.append(None)
+            continue
+        keys.append(
+            _key(
+                "pairs",
+                modality=modality,
+                a=[k.features[slot] for k in block_a],
+                b=[k.features[slot] for k in block_b],
+                dtype=config.distance_dtype,
+            )
+        )
+    return keys[0], keys[1]
 
 
 def reduced_key(

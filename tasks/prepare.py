@@ -150,6 +150,7 @@ def _read_points(
         depth, depth_min, depth_max, pose = load_eyecandies_depth(
             record.depth_path, record.info_path, record.pose_path
         )
+        _check_side(record.depth_path, depth.shape[:2], "XYZ map")
         xyz = backproject_depth(depth_from_png(depth, depth_min, depth_max), pose)
         _size_check(xyz, rgb, record.depth_path)
         if rgb is None:
@@ -161,6 +162,7 @@ def _read_points(
         return xyz, rgb, mask, "eyecandies", depth.shape[:2]
     xyz = load_xyz(record.xyz_path)
     shape = xyz.shape[:2]
+    _check_side(record.xyz_path, shape, "XYZ map")
     if not np.isfinite(xyz).all():
         raise ValueError(f"{record.xyz_path}: XYZ map holds NaN or infinite coordinates")
     if not foreground_mask(xyz).any():
@@ -193,6 +195,15 @@ def _shape(array: np.ndarray | None) -> tuple[int, int] | None:
     return None if array is None else (int(array.shape[0]), int(array.shape[1]))
 
 
+def _check_side(path: str | None, shape: tuple[int, int] | None, what: str) -> None:
+    """An input must be at least :data:`MIN_INPUT_SIDE` pixels on each side."""
+    if shape is not None and min(shape) < MIN_INPUT_SIDE:
+        raise ValueError(
+            f"{path}: the {what} is {shape[1]}x{shape[0]} pixels; at least "
+            f"{MIN_INPUT_SIDE} on each side are needed (one backbone patch)"
+        )
+
+
 def check_prepared(record: SampleRecord, info: PrepInfo, config: MuscConfig) -> None:
     """The checks of a prepared sample that depend on the run's settings, not on its entries.
 
@@ -203,15 +214,8 @@ def check_prepared(record: SampleRecord, info: PrepInfo, config: MuscConfig) -> 
     Raises:
         ValueError: naming the file and the problem.
     """
-    for path, shape, what in (
-        (record.image_path, info.image_shape, "image"),
-        (record.xyz_path or record.depth_path, info.xyz_shape, "XYZ map"),
-    ):
-        if shape is not None and min(shape) < MIN_INPUT_SIDE:
-            raise ValueError(
-                f"{path}: the {what} is {shape[1]}x{shape[0]} pixels; at least "
-                f"{MIN_INPUT_SIDE} on each side are needed (one backbone patch)"
-            )
+    _check_side(record.image_path, info.image_shape, "image")
+    _check_side(record.xyz_path or record.depth_path, info.xyz_shape, "XYZ map")
     grid = info.image_shape or info.xyz_shape
     if info.mask_shape is not None and grid is not None and info.mask_shape != grid:
         raise ValueError(

@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+import tifffile
 
 from flows.rescore import rescore
 from flows.score_line import score_line
@@ -200,6 +201,18 @@ def test_changed_input_file_recomputes_only_that_sample(line, tmp_path):
     Image.fromarray(pixels).save(image)
     again = score_line(data=str(data), storage=store, cluster="threads", batch="b2", shard_size=4,
                        **SMALL)
-    for stage in ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d"):
+    for stage in ("tokens_2d", "snamd_2d"):
         assert again["counts"][stage] == {"computed": 1, "cached": 7}, stage
+    # MVTec 3D-AD points are made from the XYZ map alone: a new image leaves them as they were
+    for stage in ("grouping", "tokens_3d", "snamd_3d"):
+        assert again["counts"][stage] == {"computed": 0, "cached": 8}, stage
     assert again["counts"]["reduced"]["computed"] == 8  # every sample has a new reference
+    cloud = data / "part" / "test" / "good" / "xyz" / "000.tiff"
+    xyz = tifffile.imread(cloud)
+    xyz[xyz[..., 2] != 0] *= 1.01
+    tifffile.imwrite(cloud, xyz, photometric="rgb")
+    third = score_line(data=str(data), storage=store, cluster="threads", batch="b3", shard_size=4,
+                       **SMALL)
+    # the XYZ map cleans the image (MVTec 3D-AD): both modalities of that sample are new
+    for stage in ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d"):
+        assert third["counts"][stage] == {"computed": 1, "cached": 7}, stage

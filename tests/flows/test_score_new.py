@@ -78,7 +78,9 @@ def test_sample_against_rest_of_its_batch_equals_the_batch_run(
         assert counter.counts == {"2d": 0, "3d": 0}
         assert result["scored"] == 1 and result["pool"] == 8 and result["bank"] == ["b1"]
         assert result["random_weights"]
-        assert result["counts"]["reduced"]["computed"] == 1
+        # the part's reduction is computed unless its references come in the batch run's order
+        # (then the batch run's entry is the same computation, found by its key)
+        assert result["counts"]["reduced"]["computed"] + result["counts"]["reduced"]["cached"] == 1
         assert result["counts"]["pairs"]["computed"] + result["counts"]["pairs"]["cached"] == 3
         row = _assert_like_batch_run(result, summary, rows, name)
         assert row["name"] == name

@@ -140,6 +140,13 @@ def test_pairs_and_reduced_keys_ignore_masks_and_follow_features_and_settings():
     assert {s.key for s in plan_scoring(base.blocks, dtype, None).shards}.isdisjoint(
         s.key for s in base.shards
     )
+    # one entry per modality: the 2D pairs of a 2D+3D run are those of a 2D run, and so on
+    for modality, slot in (("2d", 0), ("3d", 1)):
+        alone = dataclasses.replace(config, modality=modality)
+        single = plan_scoring(batch_blocks(_pool(alone, "abcd"), 2), alone, None)
+        assert [s.key[slot] for s in single.shards] == [s.key[slot] for s in base.shards]
+        assert all(s.key[1 - slot] is None for s in single.shards)
+    assert all(None not in s.key for s in base.shards)
     # the reduction: unrelated RsCon window, related Interval Average ratio
     sample, refs = base.samples[0].keys, [s.keys for s in base.samples[1:]]
     windows = dataclasses.replace(config, rescoring_windows=(1, 5))

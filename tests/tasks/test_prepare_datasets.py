@@ -148,3 +148,14 @@ def test_eyecandies_2d_run_prepares_the_images_of_a_2d_3d_run(tmp_path):
     np.testing.assert_array_equal(only_2d.sample.image.numpy(), both.sample.image.numpy())
     uncleaned = prepare_record(record, "folder", CONFIG_2D).sample.image
     np.testing.assert_array_equal(only_2d.sample.image.numpy(), uncleaned.numpy())
+
+
+def test_xyz_map_below_one_patch_is_set_aside(tmp_path):
+    root = tmp_path / "line"
+    (root / "xyz").mkdir(parents=True)
+    Image.fromarray(np.full((2, 2, 3), 90, np.uint8)).save(root / "s.png")
+    tifffile.imwrite(root / "xyz" / "s.tiff", np.ones((2, 2, 3), np.float32), photometric="rgb")
+    records = read_dataset(root, "folder", "line")
+    for config in (CONFIG_3D, CONFIG_BOTH):
+        prepared, aside = prepare_records(records, "folder", config)
+        assert prepared == [] and "at least 8" in aside[0].problem
