@@ -48,7 +48,10 @@ def read_grouping(cache: FeatureCache, key: str, device: torch.device) -> tuple:
 
 
 def _cached_info(cache: FeatureCache, keys: Sequence[str]) -> PrepInfo | None:
-    """The preparation facts stored with a sample's entries, or None when one is missing."""
+    """The preparation facts stored with a sample's entries, or None when one is missing.
+
+    Where two entries hold a fact, the first one's is taken.
+    """
     info = PrepInfo()
     for key in keys:
         if not cache.has(key):
@@ -100,7 +103,8 @@ def prepare_samples(
     outcomes: list[tuple[str, str | None, str | None]] = []
     for sample, keys in items:
         record = sample.record
-        needed = [k for k in (keys.image, keys.points, keys.mask) if k is not None]
+        # Each entry's own facts first: the mask entry's mask size, the points' foreground.
+        needed = [k for k in (keys.mask, keys.points, keys.image) if k is not None]
         try:
             info = _cached_info(cache, needed)
             if info is None:

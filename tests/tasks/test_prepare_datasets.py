@@ -1,6 +1,8 @@
 """Preparation of real-dataset layouts: pre-cleaned MVTec 3D-AD, 2D runs that see what 2D+3D
 runs see, unusable masks and too-small inputs set aside per sample."""
 
+import shutil
+
 import numpy as np
 import pytest
 import tifffile
@@ -159,3 +161,34 @@ def test_xyz_map_below_one_patch_is_set_aside(tmp_path):
     for config in (CONFIG_3D, CONFIG_BOTH):
         prepared, aside = prepare_records(records, "folder", config)
         assert prepared == [] and "at least 8" in aside[0].problem
+
+
+def test_cached_entries_are_checked_again_under_each_run_s_settings(lines, tmp_path):
+    from tasks.discover import discover_line
+    from tasks.features import prepare_samples
+    from tasks.keys import prepared_keys
+    from tasks.runtime import Runtime
+
+    data = tmp_path / "data"
+    shutil.copytree(lines[0], data)
+    runtime = Runtime(str(tmp_path / "cache"), "cpu")
+
+    def outcomes(config):
+        found, aside = discover_line(str(data), "mvtec3d", "part")
+        assert aside == []
+        items = [(s, prepared_keys(s.digests, "mvtec3d", "part", config)) for s in found]
+        return prepare_samples.fn(items, "mvtec3d", config, runtime)
+
+    first = outcomes(CONFIG_BOTH)
+    assert [problem for _, problem, _ in first] == [None] * 4
+    assert {cleaning for _, _, cleaning in first} == {PLANE_REMOVED}
+    # more groups than the samples have points: the same cached entries, refused now
+    more = MuscConfig(modality="2d+3d", image_size=SIZE, num_groups=4096, group_size=16,
+                      ipg_step=8)
+    assert all("the grouping needs at least 4096" in problem for _, problem, _ in outcomes(more))
+    # a mask replaced by one of another size: that sample alone is set aside
+    mask_file = sorted((data / "part" / "test").glob("*/gt/*.png"))[0]
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask_file)
+    again = outcomes(CONFIG_BOTH)
+    refused = [(name, problem) for name, problem, _ in again if problem]
+    assert len(refused) == 1 and str(mask_file) in refused[0][1]
