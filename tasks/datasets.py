@@ -25,7 +25,7 @@ single category folder, whose folder name is then its category):
   folder, matched by the sample's own path (:func:`folder_mask_key`): a mask belongs to the
   image whose relative path it repeats once its mask folder is taken out and a ``_mask``
   suffix of its stem is dropped, where an image folder ``rgb/``, ``image/``, ``images/`` or
-  ``img/`` counts as absent (``a.png`` ↔ ``masks/a_mask.png``, ``sub/c.png`` ↔
+  ``img/`` counts as absent in either path (``a.png`` ↔ ``masks/a_mask.png``, ``sub/c.png`` ↔
   ``sub/gt/c.png``, ``crack/003.png`` ↔ ``ground_truth/crack/003.png``,
   ``day1/rgb/001.png`` ↔ ``day1/gt/001.png``). A mask in another sample's folder is never
   taken. Two masks for one sample, or one mask for two samples, leave those samples'
@@ -555,12 +555,12 @@ def folder_mask_key(relative: PurePosixPath, is_mask: bool) -> tuple[str, ...]:
         relative: the file's path relative to the line folder, suffix dropped (a sample's
             name).
         is_mask: the file is a mask: its mask folders and a ``_mask`` stem suffix are taken
-            out; otherwise the sample's image folders (``rgb/``, ``image/``, ...) are.
+            out. Image folders (``rgb/``, ``image/``, ...) are taken out of either path.
 
     Returns:
         The folders (lower case kept as written) and the stem.
     """
-    dropped = _FOLDER_MASK_DIRS if is_mask else _FOLDER_IMAGE_DIRS
+    dropped = (*_FOLDER_MASK_DIRS, *_FOLDER_IMAGE_DIRS) if is_mask else _FOLDER_IMAGE_DIRS
     folders = tuple(p for p in relative.parts[:-1] if p.lower() not in dropped)
     stem = relative.name
     if is_mask and stem.lower().endswith(_MASK_SUFFIX) and len(stem) > len(_MASK_SUFFIX):

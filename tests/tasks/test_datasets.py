@@ -335,11 +335,16 @@ def test_folder_masks_follow_the_sample_path_never_a_sibling_folder(tmp_path):
     mask_png(line / "ground_truth" / "dent" / "000_mask.png", True)
     png(line / "day1" / "rgb" / "001.png")
     mask_png(line / "day1" / "gt" / "001.png", True)
+    png(line / "day2" / "rgb" / "001.png")
+    mask_png(line / "day2" / "rgb" / "masks" / "001_mask.png", True)
     records = {r.name: r for r in read_dataset(line, "folder", "line")}
     assert records["good/000"].mask_path is None and records["scratch/000"].mask_path is None
     assert records["crack/000"].mask_path == str(line / "crack" / "masks" / "000.png")
     assert records["dent/000"].mask_path == str(line / "ground_truth" / "dent" / "000_mask.png")
     assert records["day1/rgb/001"].mask_path == str(line / "day1" / "gt" / "001.png")
+    assert records["day2/rgb/001"].mask_path == str(
+        line / "day2" / "rgb" / "masks" / "001_mask.png"
+    )
     assert all(r.mask_problem is None for r in records.values())
     # two same-stem masks in two sibling folders: the line still reads (was an error)
     mask_png(line / "scratch" / "gt" / "000.png", True)
