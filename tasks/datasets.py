@@ -4,7 +4,8 @@ Formats and the layouts they read (``<root>`` is the dataset root; the root may 
 single category folder, whose folder name is then its category):
 
 - ``mvtec3d`` (MVTec 3D-AD): ``<root>/<category>/test/<defect|good>/rgb/<stem>.png``,
-  ``xyz/<stem>.tiff``, ``gt/<stem>.png``. Name ``<defect>/<stem>``; label 0 for ``good``.
+  ``xyz/<stem>.tiff``, ``gt/<stem>.png`` (the mask of the same defect folder and stem only).
+  Name ``<defect>/<stem>``; label 0 for ``good``. Raw and pre-cleaned data alike.
 - ``eyecandies``: ``<root>/<Category>/test_public/data/<id>_image_0.png``, ``<id>_depth.png``,
   ``<id>_info_depth.yaml``, ``<id>_pose.txt``, ``<id>_mask.png``. Name ``<id>``; the label is
   1 when the mask has a non-zero pixel (the mask is read here), None when it is missing or
@@ -31,10 +32,9 @@ single category folder, whose folder name is then its category):
   taken. Two masks for one sample, or one mask for two samples, leave those samples'
   ``mask_problem`` set (discovery sets them aside). When several XYZ candidates share a
   stem, the one sharing the longest folder prefix with the image wins (an exact tie is an
-  error). A
-  TIFF outside those folders with no same-stem image beside it is an image, unless it holds
-  3-channel float data: then it is an XYZ-only (3D) sample. Name: the image's path relative
-  to the root, without suffix.
+  error). A TIFF outside those folders with no same-stem image beside it is an image, unless
+  it holds 3-channel float data: then it is an XYZ-only (3D) sample. Name: the image's path
+  relative to the root, without suffix.
 
 Records are sorted by name. Layout problems raise ``FileNotFoundError`` / ``ValueError``
 naming the path; unreadable individual files are left for the loaders (and the preparation
