@@ -115,13 +115,13 @@ def score_pairs(
         runtime: cache and device.
 
     Returns:
-        The work count (one shard: computed when any of its modalities was, else cached).
+        The work count: one entry per scored modality, computed or found cached.
     """
     cache = feature_cache(runtime.cache_url)
-    todo = [(digit, slot) for digit, slot in MODALITIES
-            if key[slot] is not None and not cache.has(key[slot])]
+    scored = [(digit, slot) for digit, slot in MODALITIES if key[slot] is not None]
+    todo = [(digit, slot) for digit, slot in scored if not cache.has(key[slot])]
     if not todo:
-        return StageCount("pairs", 0, 1)
+        return StageCount("pairs", 0, len(scored))
     device = runtime.torch_device
     dtype = resolve_distance_dtype(config.distance_dtype, device)
     for digit, slot in todo:
@@ -136,7 +136,7 @@ def score_pairs(
         # One sample's row per chunk: a reduction reads only its own rows.
         meta = {"dtype": str(dtype).removeprefix("torch.")}
         cache.write(key[slot], arrays, meta=meta, chunk_rows=1)
-    return StageCount("pairs", 1, 0)
+    return StageCount("pairs", len(todo), len(scored) - len(todo))
 
 
 class ShardReader:

@@ -74,7 +74,7 @@ def test_2d_3d_run_after_a_2d_and_a_3d_run_reuses_every_feature(line, tmp_path, 
     for stage in FEATURE_STAGES:
         assert _counts(both, stage) == {"computed": 0, "cached": 8}, stage
     # one pair entry per modality, blocks laid out alike: every pair distance is cached too
-    assert _counts(both, "pairs") == {"computed": 0, "cached": 1}
+    assert _counts(both, "pairs") == {"computed": 0, "cached": 2}  # one shard, 2 modalities
     # the cross-modal reduction itself is new work
     assert _counts(both, "reduced")["computed"] == 8
     assert both["scored"] == 8 and both["set_aside"] == []

@@ -80,7 +80,8 @@ def test_sample_against_rest_of_its_batch_equals_the_batch_run(
         # the part's reduction is computed unless its references come in the batch run's order
         # (then the batch run's entry is the same computation, found by its key)
         assert result["counts"]["reduced"]["computed"] + result["counts"]["reduced"]["cached"] == 1
-        assert result["counts"]["pairs"]["computed"] + result["counts"]["pairs"]["cached"] == 3
+        # 3 shards (the part's block against the bank's 3 blocks), one entry per modality
+        assert result["counts"]["pairs"]["computed"] + result["counts"]["pairs"]["cached"] == 6
         row = _assert_like_batch_run(result, summary, rows, name)
         assert row["name"] == name
     assert list_batches(store, "part") == ["b1"], "new parts are not recorded as a batch"
