@@ -143,7 +143,7 @@ def bench_e2e(work: Path, sizes: list[int], modalities: list[str]) -> list[dict]
 def _synthetic_pool(cache_url: str, n: int, config, seed: int):
     """Pool samples whose SNAMD features (real 784 × 768 shape) are written to the cache."""
     from tasks.cache import FeatureCache
-    from tasks.keys import Identities, sample_keys
+    from tasks.keys import Identities, PreparedKeys, sample_keys
     from tasks.plan import PoolSample
 
     cache = FeatureCache(cache_url)
@@ -152,14 +152,15 @@ def _synthetic_pool(cache_url: str, n: int, config, seed: int):
     base = rng.standard_normal((1, 784, 768)).astype(np.float32)
     samples = []
     for i in range(n):
-        keys = sample_keys(f"{seed:08x}{i:056x}", config, identities)
+        image_key = f"{seed:08x}{i:056x}"
+        keys = sample_keys(PreparedKeys(image_key, None, None), config, identities)
         if not cache.has(keys.snamd_2d):
             noise = rng.standard_normal((1, 784, 768)).astype(np.float32)
             features = base + 0.3 * noise
             features /= np.linalg.norm(features, axis=-1, keepdims=True)
             cache.write(keys.snamd_2d, {"features": features})
-        if not cache.has(keys.prepared):
-            cache.write(keys.prepared, {"none": np.zeros(1, np.uint8)}, meta={})
+        if not cache.has(image_key):
+            cache.write(image_key, {"none": np.zeros(1, np.uint8)}, meta={})
         samples.append(PoolSample(f"s{i:04d}", "bench", keys))
     return samples
 

@@ -63,7 +63,7 @@ def rescore_stages(record: dict, options: dict) -> dict:
         ).result()
         bank_records, _ = clean_records(bank_records, read_verdicts(storage, line))
     current = [s for block in tonight for s in block]
-    bank = bank_blocks(bank_records, config, identities, {s.keys.prepared for s in current})
+    bank = bank_blocks(bank_records, config, identities, {s.keys.scored for s in current})
     needed = [
         (s.name, key)
         for block in tonight + bank

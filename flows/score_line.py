@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.progress import StageTracker
-from flows.stages import report_run, score_pool, timed, wait_stage
+from flows.stages import preparation_summary, report_run, score_pool, timed, wait_stage
 from infra.cluster import task_runner
 from infra.hub import pretrained_weights_problem
 from musc_core.config import MuscConfig
@@ -32,7 +32,7 @@ from tasks.datasets import list_categories
 from tasks.discover import DiscoveredSample, discover_samples
 from tasks.features import drop_entry, prepare_samples
 from tasks.history import write_history
-from tasks.keys import Identities, prepared_key, sample_keys
+from tasks.keys import Identities, prepared_keys, sample_keys
 from tasks.outputs import safe_file_stem
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
@@ -108,7 +108,10 @@ def prep_settings(request: LineRequest) -> dict[str, object]:
 
 
 def bank_blocks(
-    records: list[dict], config: MuscConfig, identities: Identities, exclude: set[str]
+    records: list[dict],
+    config: MuscConfig,
+    identities: Identities,
+    exclude: set[tuple[str, str]],
 ) -> list[list[PoolSample]]:
     """Pool blocks of earlier batches, as they were stored, without samples seen tonight."""
     return [
@@ -153,7 +156,7 @@ def batch_record(
         "samples": [
             {
                 "name": s.name,
-                "prepared": s.keys.prepared,
+                "prepared": s.keys.prepared.as_dict(),
                 "label": s.label,
                 "defect_type": s.defect_type,
                 "block": b,
@@ -232,7 +235,10 @@ def _score_batch(
     """Prepare, score and report one batch (run again after a corrupted entry was dropped)."""
     config = request.config
     with timed(timings, "prepare"):
-        keys = [prepared_key(s.digest, request.data_format, config) for s in found]
+        keys = [
+            prepared_keys(s.digests, request.data_format, s.record.category, config)
+            for s in found
+        ]
         pairs = list(zip(found, keys, strict=True))
         size = request.shard_size
         chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
@@ -241,12 +247,15 @@ def _score_batch(
         ]
         outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
     current: list[PoolSample] = []
-    for sample, key, (name, problem) in zip(found, keys, outcomes, strict=True):
+    cleaning: dict[str, str] = {}
+    for sample, key, (name, problem, cleaned) in zip(found, keys, outcomes, strict=True):
         record = sample.record
         main = record.image_path or record.xyz_path or record.depth_path or name
         if problem is not None:
             set_aside.append(SetAside(name, str(main), problem))
             continue
+        if cleaned is not None:
+            cleaning[name] = cleaned
         keys_now = sample_keys(key, config, identities)
         current.append(PoolSample(name, request.batch, keys_now, record.label, record.defect_type))
     records = load_bank.submit(
@@ -261,7 +270,7 @@ def _score_batch(
     if request.clean_bank and records:
         records, left_out = clean_records(records, read_verdicts(request.storage, request.line))
     tonight = batch_blocks(current, request.shard_size) if current else []
-    bank = bank_blocks(records, config, identities, {s.keys.prepared for s in current})
+    bank = bank_blocks(records, config, identities, {s.keys.scored for s in current})
     pool_size = len(current) + sum(len(b) for b in bank)
     if len(current) == 0 or pool_size < 2:
         raise LineNotScored(request.line, len(current), set_aside)
@@ -292,7 +301,7 @@ def _score_batch(
     bank_ids = [r["batch"] for r in records]
     result, summary = report_run(
         info, pool, reduced, len(current), set_aside, config, runtime, counts, timings,
-        tracker, bank_ids,
+        tracker, bank_ids, preparation=preparation_summary(cleaning),
     )
     record = batch_record(
         request, identities, tonight, set_aside, bank_ids, result, reduced[: len(current)]

@@ -13,9 +13,10 @@ line's latest N):
   a batch run: only the shards between the new parts and the bank are computed;
 - RsCon runs over the new parts and the bank together; the bank samples' scores and salient
   features are those of their own batch run, read from their cached reductions (the bank is
-  never reduced again). A bank sample with the same content as a new part is left out of the
-  bank, so scoring a sample of a batch against the rest of that batch gives that batch run's
-  map, score and RsCon score for it;
+  never reduced again). A bank sample whose scored inputs (image / XYZ bytes, hence its
+  prepared image and XYZ-map keys) equal a new part's is left out of the bank, whatever its
+  mask or label, so scoring a sample of a batch against the rest of that batch gives that
+  batch run's map, score and RsCon score for it;
 - a part is flagged when its RsCon score exceeds the robust threshold of the bank's RsCon
   scores in the same pool; the pixel threshold comes from the bank's map maxima.
 
@@ -45,6 +46,7 @@ from flows.score_line import (
 )
 from flows.stages import (
     compute_features,
+    preparation_summary,
     reduce_all,
     report_run,
     score_all_pairs,
@@ -57,9 +59,9 @@ from tasks.backbones import BackboneSpec
 from tasks.bank import bank_reductions, choose_bank, plan_against_bank, record_identities
 from tasks.batches import check_batch_id, config_from_record, record_batch
 from tasks.datasets import SampleRecord, list_categories
-from tasks.discover import DiscoveredSample, discover_line, input_digest
+from tasks.discover import DiscoveredSample, discover_line, input_digests
 from tasks.features import missing_features, prepare_samples
-from tasks.keys import Identities, prepared_key, sample_keys
+from tasks.keys import Identities, prepared_keys, sample_keys
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
 from tasks.results import RunInfo
@@ -121,8 +123,8 @@ def part_records(
         category: the line (the records' category).
 
     Returns:
-        One record per part, named by its file stem; parts whose stems repeat are named by
-        their path below the folder the files share (``good/rgb/000``).
+        One record per part, named by its path as given without the suffix (see
+        :func:`part_name`).
 
     Raises:
         ValueError: no file, or images and XYZ maps that do not pair up.
@@ -136,19 +138,29 @@ def part_records(
     pairs = [
         (images[i] if images else None, xyz[i] if xyz else None) for i in range(count)
     ]
-    files = [Path(image or cloud) for image, cloud in pairs]
-    stems = [f.stem for f in files]
-    root = Path(os.path.commonpath([str(f.absolute().parent) for f in files]))
     return [
         SampleRecord(
-            name=stem if stems.count(stem) == 1 else f.absolute().relative_to(root)
-            .with_suffix("").as_posix(),
-            category=category,
-            image_path=image,
-            xyz_path=cloud,
+            name=part_name(image or cloud), category=category, image_path=image, xyz_path=cloud
         )
-        for stem, f, (image, cloud) in zip(stems, files, pairs, strict=True)
+        for image, cloud in pairs
     ]
+
+
+def part_name(path: str) -> str:
+    """A new part's name: its file's path as given, suffix dropped, ``/`` separated.
+
+    A relative path is kept as written (normalized: ``./`` and ``..`` resolved textually);
+    an absolute path below the current folder is taken relative to it, any other absolute
+    path is kept whole (without its leading ``/``). So ``crack/rgb/000.png`` is
+    ``crack/rgb/000``, never just ``000``.
+    """
+    given = Path(os.path.normpath(path))
+    if given.is_absolute():
+        try:
+            given = given.relative_to(Path.cwd())
+        except ValueError:
+            given = given.relative_to(given.anchor)
+    return given.with_suffix("").as_posix()
 
 
 def discover_parts(
@@ -180,7 +192,7 @@ def discover_parts(
     set_aside: list[SetAside] = []
     for record in part_records(images, xyz, request.line):
         try:
-            found.append(DiscoveredSample(record, input_digest(record)))
+            found.append(DiscoveredSample(record, input_digests(record)))
         except OSError as error:
             path = record.image_path or record.xyz_path
             set_aside.append(SetAside(record.name, str(path), f"cannot read: {error}"))
@@ -225,7 +237,7 @@ def score_new_stages(request: NewPartsRequest) -> dict:
         found, set_aside = discover_parts(request)
         identities = identify_backbones.submit(request.spec, config, runtime).result()
     with timed(timings, "prepare"):
-        keys = [prepared_key(s.digest, fmt, config) for s in found]
+        keys = [prepared_keys(s.digests, fmt, s.record.category, config) for s in found]
         pairs = list(zip(found, keys, strict=True))
         size = request.shard_size
         futures = [
@@ -234,12 +246,15 @@ def score_new_stages(request: NewPartsRequest) -> dict:
         ]
         outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
     parts: list[PoolSample] = []
-    for sample, key, (name, problem) in zip(found, keys, outcomes, strict=True):
+    cleaning: dict[str, str] = {}
+    for sample, key, (name, problem, cleaned) in zip(found, keys, outcomes, strict=True):
         record = sample.record
         if problem is not None:
             main = record.image_path or record.xyz_path or record.depth_path or name
             set_aside.append(SetAside(name, str(main), problem))
             continue
+        if cleaned is not None:
+            cleaning[name] = cleaned
         parts.append(
             PoolSample(name, request.run, sample_keys(key, config, identities), record.label,
                        record.defect_type)
@@ -248,7 +263,7 @@ def score_new_stages(request: NewPartsRequest) -> dict:
         problems = "; ".join(f"{a.name}: {a.problem}" for a in set_aside)
         raise ValueError(f"no usable new part ({problems or 'none given'})")
     records = list(request.records)
-    bank = bank_blocks(records, config, identities, {p.keys.prepared for p in parts})
+    bank = bank_blocks(records, config, identities, {p.keys.scored for p in parts})
     by_batch = {r["batch"]: bank_reductions(request.storage, r) for r in records}
     bank_reduced = [by_batch[s.batch][s.name] for block in bank for s in block]
     _check_bank(request, identities, bank, bank_reduced, runtime)
@@ -282,6 +297,7 @@ def score_new_stages(request: NewPartsRequest) -> dict:
     result, summary = report_run(
         info, plan.samples, new_reduced + bank_reduced, len(parts), set_aside, config, runtime,
         counts, timings, tracker, bank_ids, against_bank=True,
+        preparation=preparation_summary(cleaning),
     )
     if request.record_as is not None:
         line_request = LineRequest(

@@ -20,7 +20,7 @@ from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
 from tasks.features import aggregate_2d, aggregate_3d, extract_2d, extract_3d, group_samples
 from tasks.plan import PoolSample, ScoringPlan, plan_scoring
-from tasks.prepare import SetAside
+from tasks.prepare import PLANE_ALREADY_REMOVED, SetAside
 from tasks.results import LineResult, RunInfo, report_line
 from tasks.runtime import Runtime
 from tasks.scoring import reduce_samples, score_pairs
@@ -82,7 +82,7 @@ def compute_features(
         keys = [s.keys for s in block]
         if config.uses_2d:
             tokens = extract_2d.submit(
-                [(k.prepared, k.tokens_2d) for k in keys], spec, config, runtime
+                [(k.prepared.image, k.tokens_2d) for k in keys], spec, config, runtime
             )
             futures += [
                 tokens,
@@ -92,7 +92,7 @@ def compute_features(
             ]
         if config.uses_3d:
             grouped = group_samples.submit(
-                [(k.prepared, k.grouping) for k in keys], config, runtime
+                [(k.prepared.points, k.grouping) for k in keys], config, runtime
             )
             tokens_3d = extract_3d.submit(
                 [(k.grouping, k.tokens_3d) for k in keys], spec, config, runtime, wait_for=[grouped]
@@ -169,6 +169,24 @@ def score_pool(
     return plan.samples, reduced, counts
 
 
+def preparation_summary(cleaning: dict[str, str]) -> dict[str, object]:
+    """What ``run.json`` says about the dataset cleaning of the scored samples.
+
+    Args:
+        cleaning: the cleaning applied (see :class:`tasks.prepare.PrepInfo`) by sample name,
+            for the samples that had one.
+
+    Returns:
+        ``{"cleaning": {step: count}, "pre_cleaned": [names]}``: how many samples got each
+        cleaning, and the MVTec 3D-AD samples found with their support plane already removed.
+    """
+    counts: dict[str, int] = {}
+    for step in cleaning.values():
+        counts[step] = counts.get(step, 0) + 1
+    pre_cleaned = sorted(n for n, step in cleaning.items() if step == PLANE_ALREADY_REMOVED)
+    return {"cleaning": counts, "pre_cleaned": pre_cleaned}
+
+
 def report_run(
     info: RunInfo,
     pool: list[PoolSample],
@@ -182,6 +200,7 @@ def report_run(
     tracker: StageTracker,
     bank: list[str],
     against_bank: bool = False,
+    preparation: dict[str, object] | None = None,
 ) -> tuple[LineResult, dict]:
     """RsCon, decisions, metrics and result files; the run's summary.
 
@@ -199,6 +218,8 @@ def report_run(
         bank: batch ids of the rolling bank.
         against_bank: new parts scored against a reference bank: decisions use the bank's
             thresholds (see :func:`tasks.results.report_line`).
+        preparation: what the dataset cleaning did (:func:`preparation_summary`), for
+            ``run.json``; None to leave it out.
 
     Returns:
         The report task's result and the summary the flow returns (also in ``run.json``).
@@ -210,6 +231,8 @@ def report_run(
         "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
         "bank": bank,
     }
+    if preparation is not None:
+        extra["preparation"] = preparation
     with timed(timings, "report"):
         result = report_line.submit(
             info, pool, reduced, current, set_aside, config, runtime, extra, against_bank

@@ -143,8 +143,51 @@ def _pad_square(array: np.ndarray, side: int) -> np.ndarray:
     return np.pad(array, pad + [(0, 0)] * (array.ndim - 2), mode="constant")
 
 
+def mvtec3d_has_support_plane(xyz: np.ndarray) -> bool:
+    """Whether an MVTec 3D-AD XYZ map still holds its support plane.
+
+    The plane fills the border of a raw scan; the widely used MVTec 3D-AD preprocessing (the
+    authors' script, run in place) zeroes it, which leaves the border empty. The plane is taken
+    as present when the 10-pixel border bands hold at least the 50 valid points the RANSAC fit
+    needs (the count :func:`clean_mvtec3d` would refuse below).
+
+    Args:
+        xyz: (H, W, 3) XYZ map, zeros = no point.
+
+    Returns:
+        True when the support plane is to be fitted and removed.
+    """
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) XYZ map, got shape {xyz.shape}")
+    return _border_points(xyz, _MVTEC_BORDER).shape[0] >= _MVTEC_RANSAC["ransac_n"]
+
+
+def _remove_support_plane(xyz: np.ndarray, rgb: np.ndarray | None) -> None:
+    """Fit the support plane to the border points and zero every pixel near it, in place."""
+    border = _border_points(xyz, _MVTEC_BORDER)
+    if border.shape[0] < _MVTEC_RANSAC["ransac_n"]:
+        raise ValueError(
+            f"support-plane fit needs {_MVTEC_RANSAC['ransac_n']} valid points in the "
+            f"{_MVTEC_BORDER}-pixel border of the XYZ map, found {border.shape[0]}"
+        )
+    o3d = _open3d()
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(border.astype(np.float64)))
+    o3d.utility.random.seed(_OPEN3D_SEED)
+    with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
+        plane, _ = cloud.segment_plane(**_MVTEC_RANSAC)
+    plane = np.asarray(plane, dtype=np.float64).reshape(4)
+    distance = np.abs(xyz.reshape(-1, 3).astype(np.float64) @ plane[:3] + plane[3])
+    on_plane = (distance < _MVTEC_PLANE_DISTANCE).reshape(xyz.shape[:2])
+    xyz[on_plane] = 0
+    if rgb is not None:
+        rgb[on_plane] = 0
+
+
 def clean_mvtec3d(
-    xyz: np.ndarray, rgb: np.ndarray | None, mask: np.ndarray | None
+    xyz: np.ndarray,
+    rgb: np.ndarray | None,
+    mask: np.ndarray | None,
+    remove_plane: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """MVTec 3D-AD cleaning: support-plane removal, square padding, largest cluster.
 
@@ -159,10 +202,14 @@ def clean_mvtec3d(
        is kept (ties: the lower label), other points are zeroed in the map and the image. Noise
        (label −1) is never kept: the reference would keep it if it outnumbered every cluster.
 
+    Step 1 is skipped with ``remove_plane=False`` (data whose plane was already removed, see
+    :func:`mvtec3d_has_support_plane`); steps 2 and 3 always run.
+
     Args:
         xyz: (H, W, 3) XYZ map, zeros = no point.
         rgb: (H, W, 3) image of the same size, or None.
         mask: (H, W) ground-truth mask of the same size, or None.
+        remove_plane: fit and remove the support plane (step 1).
 
     Returns:
         ``(xyz, rgb, mask)`` cleaned and padded to (L, L): float32, same dtype as given, same
@@ -179,23 +226,8 @@ def clean_mvtec3d(
     xyz = np.array(xyz, dtype=np.float32)
     rgb = None if rgb is None else np.array(rgb)
 
-    border = _border_points(xyz, _MVTEC_BORDER)
-    if border.shape[0] < _MVTEC_RANSAC["ransac_n"]:
-        raise ValueError(
-            f"support-plane fit needs {_MVTEC_RANSAC['ransac_n']} valid points in the "
-            f"{_MVTEC_BORDER}-pixel border of the XYZ map, found {border.shape[0]}"
-        )
-    o3d = _open3d()
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(border.astype(np.float64)))
-    o3d.utility.random.seed(_OPEN3D_SEED)
-    with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
-        plane, _ = cloud.segment_plane(**_MVTEC_RANSAC)
-    plane = np.asarray(plane, dtype=np.float64).reshape(4)
-    distance = np.abs(xyz.reshape(-1, 3).astype(np.float64) @ plane[:3] + plane[3])
-    on_plane = (distance < _MVTEC_PLANE_DISTANCE).reshape(shape)
-    xyz[on_plane] = 0
-    if rgb is not None:
-        rgb[on_plane] = 0
+    if remove_plane:
+        _remove_support_plane(xyz, rgb)
 
     side = max(math.ceil(shape[0] / 100) * 100, math.ceil(shape[1] / 100) * 100)
     xyz = _pad_square(xyz, side)

@@ -4,7 +4,9 @@
 (the *bank*) without touching the bank's samples again:
 
 - every bank sample's SNAMD features and grouping are found in the cache by the keys its
-  batch record implies (:func:`tasks.keys.sample_keys` of its prepared key);
+  batch record implies (:func:`tasks.keys.sample_keys` of its prepared keys);
+- a bank sample whose scored inputs equal a new part's (same prepared image / XYZ-map keys,
+  whatever its mask or label) is left out, so a part is never scored against itself;
 - a new part's references are the bank samples, so only the pair shards between the new
   parts' blocks and the bank's blocks are computed (:func:`plan_against_bank`);
 - the bank samples' scores and salient features for RsCon are those of their own batch run:
@@ -21,7 +23,14 @@ from collections.abc import Sequence
 
 from musc_core.config import MuscConfig
 from tasks.batches import config_from_record, list_batches, read_batch_record
-from tasks.keys import Identities, pairs_key, reduced_key, sample_keys
+from tasks.keys import (
+    Identities,
+    PairKeys,
+    PreparedKeys,
+    pairs_key,
+    reduced_key,
+    sample_keys,
+)
 from tasks.plan import PoolSample, ScoringPlan, Shard, plan_scoring
 from tasks.scoring import PairSource, ReduceItem
 
@@ -89,31 +98,45 @@ def record_identities(record: dict) -> Identities:
 
 
 def record_blocks(
-    record: dict, config: MuscConfig, identities: Identities, exclude: set[str]
+    record: dict, config: MuscConfig, identities: Identities, exclude: set[tuple[str, str]]
 ) -> list[list[PoolSample]]:
-    """A batch's samples in the blocks they were scored in, without the excluded prepared keys.
+    """A batch's samples in the blocks they were scored in, without the excluded ones.
+
+    Samples of records written before prepared entries were split by modality (a single
+    prepared key) are skipped with a warning: their entries are not reachable any more.
 
     Args:
         record: the batch record.
         config: its configuration.
         identities: its backbone identities.
-        exclude: prepared keys to leave out (the new parts themselves).
+        exclude: scored-entry keys (:attr:`tasks.keys.SampleKeys.scored`) to leave out: the
+            new parts themselves, whatever their masks and labels.
 
     Returns:
         The blocks (possibly fewer or smaller than recorded).
     """
     grouped: dict[int, list[PoolSample]] = {}
+    old = 0
     for sample in record["samples"]:
-        if sample["prepared"] in exclude:
+        if not isinstance(sample["prepared"], dict):
+            old += 1
+            continue
+        keys = sample_keys(PreparedKeys(**sample["prepared"]), config, identities)
+        if keys.scored in exclude:
             continue
         grouped.setdefault(int(sample["block"]), []).append(
             PoolSample(
                 name=sample["name"],
                 batch=record["batch"],
-                keys=sample_keys(sample["prepared"], config, identities),
+                keys=keys,
                 label=sample.get("label"),
                 defect_type=sample.get("defect_type"),
             )
+        )
+    if old:
+        log.warning(
+            "batch %s: %d sample(s) recorded with old cache keys are left out; score the batch "
+            "again to use them", record["batch"], old,
         )
     return [grouped[b] for b in sorted(grouped)]
 
@@ -137,11 +160,11 @@ def bank_reductions(storage: str, record: dict) -> dict[str, str]:
     config = config_from_record(record)
     identities = record_identities(record)
     own = record_blocks(record, config, identities, set())
-    prepared = {s.keys.prepared for block in own for s in block}
+    scored = {s.keys.scored for block in own for s in block}
     older: list[list[PoolSample]] = []
     for batch in record.get("bank", []):
         older += record_blocks(
-            read_batch_record(storage, record["line"], batch), config, identities, prepared
+            read_batch_record(storage, record["line"], batch), config, identities, scored
         )
     plan = plan_scoring(own + older, config, record.get("reference_budget"))
     count = sum(len(b) for b in own)
@@ -184,7 +207,7 @@ def plan_against_bank(
         raise ValueError("the bank holds no sample to score against")
     used = sorted({b for b, _ in columns})
     shards: list[Shard] = []
-    keys: dict[tuple[int, int], str] = {}
+    keys: dict[tuple[int, int], PairKeys] = {}
     for a in range(first):
         for b in used:
             keys[(a, b)] = pairs_key(

@@ -4,7 +4,8 @@ Formats and the layouts they read (``<root>`` is the dataset root; the root may 
 single category folder, whose folder name is then its category):
 
 - ``mvtec3d`` (MVTec 3D-AD): ``<root>/<category>/test/<defect|good>/rgb/<stem>.png``,
-  ``xyz/<stem>.tiff``, ``gt/<stem>.png``. Name ``<defect>/<stem>``; label 0 for ``good``.
+  ``xyz/<stem>.tiff``, ``gt/<stem>.png`` (the mask of the same defect folder and stem only).
+  Name ``<defect>/<stem>``; label 0 for ``good``. Raw and pre-cleaned data alike.
 - ``eyecandies``: ``<root>/<Category>/test_public/data/<id>_image_0.png``, ``<id>_depth.png``,
   ``<id>_info_depth.yaml``, ``<id>_pose.txt``, ``<id>_mask.png``. Name ``<id>``; the label is
   1 when the mask has a non-zero pixel (the mask is read here), None when it is missing or
@@ -21,12 +22,19 @@ single category folder, whose folder name is then its category):
 - ``folder``: any directory of images (searched recursively, hidden entries skipped), no
   labels (label None), category = the folder name. Optional XYZ maps are TIFFs with the
   image's stem inside any ``xyz/`` folder below the root, or float TIFFs next to the image;
-  optional masks are images named ``<stem>`` or ``<stem>_mask`` inside any ``masks/``,
-  ``mask/``, ``gt/`` or ``ground_truth/`` folder. When several candidates share a stem, the
-  one sharing the longest folder prefix with the image wins (an exact tie is an error). A
-  TIFF outside those folders with no same-stem image beside it is an image, unless it holds
-  3-channel float data: then it is an XYZ-only (3D) sample. Name: the image's path relative
-  to the root, without suffix.
+  optional masks are images inside a ``masks/``, ``mask/``, ``gt/`` or ``ground_truth/``
+  folder, matched by the sample's own path (:func:`folder_mask_key`): a mask belongs to the
+  image whose relative path it repeats once its mask folder is taken out and a ``_mask``
+  suffix of its stem is dropped, where an image folder ``rgb/``, ``image/``, ``images/`` or
+  ``img/`` counts as absent in either path (``a.png`` ↔ ``masks/a_mask.png``, ``sub/c.png`` ↔
+  ``sub/gt/c.png``, ``crack/003.png`` ↔ ``ground_truth/crack/003.png``,
+  ``day1/rgb/001.png`` ↔ ``day1/gt/001.png``). A mask in another sample's folder is never
+  taken. Two masks for one sample, or one mask for two samples, leave those samples'
+  ``mask_problem`` set (discovery sets them aside). When several XYZ candidates share a
+  stem, the one sharing the longest folder prefix with the image wins (an exact tie is an
+  error). A TIFF outside those folders with no same-stem image beside it is an image, unless
+  it holds 3-channel float data: then it is an XYZ-only (3D) sample. Name: the image's path
+  relative to the root, without suffix.
 
 Records are sorted by name. Layout problems raise ``FileNotFoundError`` / ``ValueError``
 naming the path; unreadable individual files are left for the loaders (and the preparation
@@ -43,7 +51,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import tifffile
@@ -73,6 +81,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VISA_SPLIT_CSV = ("split_csv", "1cls.csv")
 _FOLDER_XYZ_DIRS = ("xyz",)
 _FOLDER_MASK_DIRS = ("masks", "mask", "gt", "ground_truth")
+_FOLDER_IMAGE_DIRS = ("rgb", "image", "images", "img")
+_MASK_SUFFIX = "_mask"
 _MARKERS = {
     "mvtec3d": ("test",),
     "mvtec": ("test",),
@@ -99,6 +109,8 @@ class SampleRecord:
         depth_path: Eyecandies 16-bit depth PNG, or None.
         info_path: Eyecandies ``info_depth.yaml``, or None.
         pose_path: Eyecandies ``pose.txt``, or None.
+        mask_problem: why the sample's mask cannot be told (two candidate masks, or a mask
+            that fits two samples), or None; such a sample is set aside by discovery.
     """
 
     name: str
@@ -111,6 +123,7 @@ class SampleRecord:
     depth_path: str | None = None
     info_path: str | None = None
     pose_path: str | None = None
+    mask_problem: str | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -509,15 +522,11 @@ def _read_folder(root: Path, category: str) -> list[SampleRecord]:
     xyz_index: dict[str, list[Path]] = {}
     for path in xyzs:
         xyz_index.setdefault(path.stem, []).append(path)
-    mask_index: dict[str, list[Path]] = {}
-    for path in masks:
-        mask_index.setdefault(path.stem, []).append(path)
 
     records = []
     used_xyz: set[Path] = set()
     for image in sorted(images):
         xyz = _closest(image, (image.stem,), xyz_index, line_dir, "XYZ")
-        mask = _closest(image, (image.stem, f"{image.stem}_mask"), mask_index, line_dir, "mask")
         if xyz is not None:
             used_xyz.add(xyz)
         records.append(
@@ -526,25 +535,69 @@ def _read_folder(root: Path, category: str) -> list[SampleRecord]:
                 category=category,
                 image_path=str(image),
                 xyz_path=_str(xyz),
-                mask_path=_str(mask),
             )
         )
     for xyz in sorted(set(xyzs) - used_xyz):
         relative = xyz.relative_to(line_dir).with_suffix("")
         kept = [p for p in relative.parts[:-1] if p.lower() not in _FOLDER_XYZ_DIRS]
-        fake_image = line_dir.joinpath(*kept, xyz.name)
-        mask = _closest(fake_image, (xyz.stem, f"{xyz.stem}_mask"), mask_index, line_dir, "mask")
         records.append(
-            SampleRecord(
-                name="/".join([*kept, xyz.stem]),
-                category=category,
-                xyz_path=str(xyz),
-                mask_path=_str(mask),
-            )
+            SampleRecord(name="/".join([*kept, xyz.stem]), category=category, xyz_path=str(xyz))
         )
     if not records:
         raise ValueError(f"{line_dir}: no images or XYZ TIFFs found (folder format)")
-    return _sorted_records(records, line_dir, "folder")
+    return _sorted_records(_with_masks(records, masks, line_dir), line_dir, "folder")
+
+
+def folder_mask_key(relative: PurePosixPath, is_mask: bool) -> tuple[str, ...]:
+    """The path a folder-format sample and its mask share (see the module's rule).
+
+    Args:
+        relative: the file's path relative to the line folder, suffix dropped (a sample's
+            name).
+        is_mask: the file is a mask: its mask folders and a ``_mask`` stem suffix are taken
+            out. Image folders (``rgb/``, ``image/``, ...) are taken out of either path.
+
+    Returns:
+        The folders (lower case kept as written) and the stem.
+    """
+    dropped = (*_FOLDER_MASK_DIRS, *_FOLDER_IMAGE_DIRS) if is_mask else _FOLDER_IMAGE_DIRS
+    folders = tuple(p for p in relative.parts[:-1] if p.lower() not in dropped)
+    stem = relative.name
+    if is_mask and stem.lower().endswith(_MASK_SUFFIX) and len(stem) > len(_MASK_SUFFIX):
+        stem = stem[: -len(_MASK_SUFFIX)]
+    return (*folders, stem)
+
+
+def _with_masks(
+    records: list[SampleRecord], masks: list[Path], line_dir: Path
+) -> list[SampleRecord]:
+    """The records with their masks found by :func:`folder_mask_key`; ambiguities noted."""
+    index: dict[tuple[str, ...], list[Path]] = {}
+    for mask in sorted(masks):
+        relative = PurePosixPath(mask.relative_to(line_dir).with_suffix("").as_posix())
+        index.setdefault(folder_mask_key(relative, is_mask=True), []).append(mask)
+    found = [index.get(folder_mask_key(PurePosixPath(r.name), False), []) for r in records]
+    owners: dict[Path, list[str]] = {}
+    for record, candidates in zip(records, found, strict=True):
+        for mask in candidates:
+            owners.setdefault(mask, []).append(record.name)
+    out = []
+    for record, candidates in zip(records, found, strict=True):
+        problem = None
+        if len(candidates) > 1:
+            listed = ", ".join(str(p) for p in candidates)
+            problem = (
+                f"several masks match sample {record.name!r}: {listed}; keep one (folder "
+                "format: the mask repeats the sample's path inside a masks/ or gt/ folder)"
+            )
+        elif candidates and len(owners[candidates[0]]) > 1:
+            problem = (
+                f"mask {candidates[0]} matches several samples ({', '.join(owners[candidates[0]])})"
+                "; give each sample its own mask"
+            )
+        mask = candidates[0] if len(candidates) == 1 and problem is None else None
+        out.append(replace(record, mask_path=_str(mask), mask_problem=problem))
+    return out
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,42 +11,50 @@ from tasks.datasets import SampleRecord, inside_root, read_dataset
 from tasks.prepare import SetAside, main_file, record_files, split_duplicates
 from tasks.stage import TASK_OPTIONS
 
-#: Record fields naming input files, in the order they enter a sample's digest.
-FILE_ROLES = ("image_path", "xyz_path", "mask_path", "depth_path", "info_path", "pose_path")
+#: Record fields naming input files, and the role each file's digest is filed under.
+FILE_ROLES = {
+    "image_path": "image",
+    "xyz_path": "xyz",
+    "mask_path": "mask",
+    "depth_path": "depth",
+    "info_path": "info",
+    "pose_path": "pose",
+}
 
 
 @dataclass(frozen=True)
 class DiscoveredSample:
-    """A sample's files and the SHA-256 of their bytes.
+    """A sample's files and the SHA-256 of each file's bytes.
 
     Attributes:
         record: where the files are, label and defect type when known.
-        digest: hex SHA-256 over every input file's role and bytes (image, XYZ map, mask,
-            Eyecandies depth/info/pose): equal digests mean equal inputs.
+        digests: hex SHA-256 of each input file's bytes by role (``image``, ``xyz``,
+            ``mask``, ``depth``, ``info``, ``pose``; absent files left out). Each prepared
+            entry's key takes the digests of the files it is made from
+            (:func:`tasks.keys.prepared_keys`), so a new mask never changes a feature key.
     """
 
     record: SampleRecord
-    digest: str
+    digests: dict[str, str]
 
 
-def input_digest(record: SampleRecord, chunk: int = 1 << 22) -> str:
-    """SHA-256 over a record's input files (role, size and bytes of each), hex.
+def input_digests(record: SampleRecord, chunk: int = 1 << 22) -> dict[str, str]:
+    """SHA-256 of each of a record's input files, hex, by role.
 
     Raises:
         OSError: a file cannot be read (the message names it).
     """
-    digest = hashlib.sha256()
-    for role in FILE_ROLES:
-        path = getattr(record, role)
+    digests: dict[str, str] = {}
+    for field, role in FILE_ROLES.items():
+        path = getattr(record, field)
         if path is None:
             continue
-        digest.update(role.encode())
         file_hash = hashlib.sha256()
         with open(path, "rb") as handle:
             while block := handle.read(chunk):
                 file_hash.update(block)
-        digest.update(file_hash.digest())
-    return digest.hexdigest()
+        digests[role] = file_hash.hexdigest()
+    return digests
 
 
 def discover_line(
@@ -55,7 +63,8 @@ def discover_line(
     """Every sample of a line with its input digest; bad ones set aside with their problem.
 
     Set aside here: samples sharing a name (all of them, see
-    :func:`tasks.prepare.split_duplicates`), samples with a file that resolves outside the
+    :func:`tasks.prepare.split_duplicates`), samples whose mask is ambiguous (the reader's
+    ``mask_problem``), samples with a file that resolves outside the
     dataset root (a symlink to elsewhere: not read), and files that cannot be read.
 
     Args:
@@ -69,13 +78,16 @@ def discover_line(
     found: list[DiscoveredSample] = []
     records, set_aside = split_duplicates(read_dataset(data, fmt, category))
     for record in records:
+        if record.mask_problem is not None:
+            set_aside.append(SetAside(record.name, main_file(record), record.mask_problem))
+            continue
         outside = [f for f in record_files(record) if not inside_root(f, data)]
         if outside:
             problem = f"{outside[0]}: links outside the dataset root {data}; not read"
             set_aside.append(SetAside(record.name, main_file(record), problem))
             continue
         try:
-            found.append(DiscoveredSample(record, input_digest(record)))
+            found.append(DiscoveredSample(record, input_digests(record)))
         except OSError as error:
             set_aside.append(SetAside(record.name, main_file(record), f"cannot read: {error}"))
     return found, set_aside

@@ -20,7 +20,8 @@ from musc_core.pipeline import POINT_BATCH, prepare_points, vit_autocast
 from tasks.backbones import BackboneSpec
 from tasks.cache import FeatureCache
 from tasks.discover import DiscoveredSample
-from tasks.prepare import prepare_record
+from tasks.keys import PreparedKeys
+from tasks.prepare import PreparedSample, PrepInfo, check_prepared, prepare_record
 from tasks.runtime import Runtime, extractor_2d, extractor_3d, feature_cache
 from tasks.stage import TASK_OPTIONS, StageCount
 
@@ -46,11 +47,46 @@ def read_grouping(cache: FeatureCache, key: str, device: torch.device) -> tuple:
     return arrays["points"], arrays["pixel_index"], grouping
 
 
+def _cached_info(cache: FeatureCache, keys: Sequence[str]) -> PrepInfo | None:
+    """The preparation facts stored with a sample's entries, or None when one is missing.
+
+    Where two entries hold a fact, the first one's is taken.
+    """
+    info = PrepInfo()
+    for key in keys:
+        if not cache.has(key):
+            return None
+        info = info.merged(PrepInfo.from_meta(cache.meta(key)))
+    return info
+
+
+def _write_prepared(cache: FeatureCache, keys: PreparedKeys, prepared: PreparedSample) -> None:
+    """One entry per prepared part (image, XYZ map, mask) that is not cached yet."""
+    meta = prepared.info.as_meta()
+    parts = (
+        (keys.image, "image", prepared.sample.image),
+        (keys.points, "xyz", prepared.sample.xyz),
+        (keys.mask, "mask", prepared.mask),
+    )
+    for key, name, tensor in parts:
+        if key is None or tensor is None or cache.has(key):
+            continue
+        array = tensor.numpy()
+        cache.write(key, {name: array.astype(np.uint8) if name == "mask" else array}, meta=meta)
+
+
 @task(name="prepare", **TASK_OPTIONS)
 def prepare_samples(
-    items: list[tuple[DiscoveredSample, str]], fmt: str, config: MuscConfig, runtime: Runtime
-) -> list[tuple[str, str | None]]:
+    items: list[tuple[DiscoveredSample, PreparedKeys]],
+    fmt: str,
+    config: MuscConfig,
+    runtime: Runtime,
+) -> list[tuple[str, str | None, str | None]]:
     """Load, clean and resize samples into the cache; unusable ones are reported, not raised.
+
+    A sample is read again only when one of its entries (image, XYZ map, mask) is missing;
+    the checks that depend on the run's settings (:func:`tasks.prepare.check_prepared`) run
+    every time, on the facts stored with the entries.
 
     Args:
         items: samples and the keys of their prepared entries.
@@ -59,30 +95,27 @@ def prepare_samples(
         runtime: cache location.
 
     Returns:
-        Per sample ``(name, None)`` when its entry is valid, or ``(name, problem)`` naming the
-        file and what is wrong with it (the flow sets such samples aside).
+        Per sample ``(name, problem, cleaning)``: problem None when its entries are valid,
+        else naming the file and what is wrong with it (the flow sets such samples aside);
+        cleaning the dataset cleaning applied (see :class:`tasks.prepare.PrepInfo`).
     """
     cache = feature_cache(runtime.cache_url)
-    outcomes: list[tuple[str, str | None]] = []
-    for sample, key in items:
-        name = sample.record.name
-        if cache.has(key):
-            outcomes.append((name, None))
-            continue
+    outcomes: list[tuple[str, str | None, str | None]] = []
+    for sample, keys in items:
+        record = sample.record
+        # Each entry's own facts first: the mask entry's mask size, the points' foreground.
+        needed = [k for k in (keys.mask, keys.points, keys.image) if k is not None]
         try:
-            prepared = prepare_record(sample.record, fmt, config)
+            info = _cached_info(cache, needed)
+            if info is None:
+                prepared = prepare_record(record, fmt, config)
+                _write_prepared(cache, keys, prepared)
+                info = prepared.info
+            check_prepared(record, info, config)
         except (ValueError, OSError) as error:
-            outcomes.append((name, str(error)))
+            outcomes.append((record.name, str(error), None))
             continue
-        arrays: dict[str, np.ndarray] = {}
-        if prepared.sample.image is not None:
-            arrays["image"] = prepared.sample.image.numpy()
-        if prepared.sample.xyz is not None:
-            arrays["xyz"] = prepared.sample.xyz.numpy()
-        if prepared.mask is not None:
-            arrays["mask"] = prepared.mask.numpy().astype(np.uint8)
-        cache.write(key, arrays, meta={"has_mask": prepared.mask is not None})
-        outcomes.append((name, None))
+        outcomes.append((record.name, None, info.cleaning))
     return outcomes
 
 
@@ -93,7 +126,7 @@ def extract_2d(
     """ViT patch tokens of the configured layers for a chunk of prepared samples.
 
     Args:
-        items: ``(prepared key, tokens key)`` per sample.
+        items: ``(prepared image key, tokens key)`` per sample.
         spec: the 2D backbone.
         config: layers, image size, ViT dtype.
         runtime: cache and device.
@@ -155,7 +188,7 @@ def group_samples(
     ``members``, ``curvature``), so another 3D backbone reuses them.
 
     Args:
-        items: ``(prepared key, grouping key)`` per sample.
+        items: ``(prepared XYZ-map key, grouping key)`` per sample.
         config: G, K, K_iter, C_thr.
         runtime: cache and device.
 

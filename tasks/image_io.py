@@ -216,7 +216,9 @@ def load_mask(path: PathLike) -> np.ndarray:
     """Read a ground-truth mask: any non-zero pixel is anomalous.
 
     Colour masks count a pixel when any colour channel is non-zero (an alpha channel is
-    ignored); palette masks are judged by their colours.
+    ignored); palette masks are judged by their colours. A colour mask must be binary: at
+    most two colours, one of them black (a photo or an overlay saved as the mask is refused
+    rather than read as "everything anomalous").
 
     Args:
         path: mask image file.
@@ -226,11 +228,19 @@ def load_mask(path: PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: ``"{path}: <problem>"`` for empty, truncated or non-image files.
+        ValueError: ``"{path}: <problem>"`` for empty, truncated or non-image files, and
+            colour masks that are not binary.
     """
-    _, array = _decode(path, "mask")
+    p, array = _decode(path, "mask")
     if array.ndim == 3:
         colour = array[:, :, : 1 if array.shape[2] == 2 else 3]
+        colours = np.unique(colour.reshape(-1, colour.shape[2]), axis=0)
+        foreground = colours[np.any(colours != 0, axis=1)]
+        if foreground.shape[0] > 1:
+            raise ValueError(
+                f"{p}: not a binary mask ({colours.shape[0]} colours); save it with black for "
+                "normal pixels and one colour (e.g. white) for defect pixels"
+            )
         return np.any(colour != 0, axis=2)
     return array != 0
 

@@ -6,17 +6,21 @@ preprocessing setting or backbone (name + weights digest) gives a new key, and a
 finds the entry a previous run wrote. The flow derives every key up front from the samples'
 input digests and the settings, so tasks receive keys and never large arrays.
 
-Chains (→ reads the entry of):
-``prepared`` (input bytes, format, size, modality) ← ``tokens_2d`` (2D backbone, layers) ←
-``snamd_2d`` (degrees); ``prepared`` ← ``grouping`` (G, K, K_iter, C_thr) ← ``tokens_3d``
-(3D backbone, layers, BatchNorm mode) ← ``snamd_3d`` (degrees); pairs of blocks of SNAMD
-features ← ``pairs`` (GEMM dtype); a sample's pairs to its references ← ``reduced``
-(Interval Average ratio, map settings).
+Chains (→ reads the entry of), one row per stage in ``docs/cache-keys.md``:
+``prepared_2d`` (the files the image preparation reads, format, size) ← ``tokens_2d``
+(2D backbone, layers, ViT dtype) ← ``snamd_2d`` (degrees); ``prepared_3d`` (the files the
+point preparation reads, format, size, Eyecandies category) ← ``grouping`` (G, K, K_iter,
+C_thr) ← ``tokens_3d`` (3D backbone, layers, BatchNorm mode) ← ``snamd_3d`` (degrees);
+``mask`` (the mask file, format, size) is read by reports and metrics only; pairs of blocks
+of one modality's SNAMD features ← ``pairs`` (GEMM dtype); a sample's pairs to its
+references ← ``reduced`` (Interval Average ratio, map settings). The modality enters no
+per-sample or pair key (a 2D, a 3D and a 2D+3D run share those entries), only the reduced
+one; labels and masks enter no feature key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from musc_core.config import MuscConfig
@@ -24,13 +28,15 @@ from tasks.cache import cache_key
 
 #: Bump when a stage's computation changes so that old entries are no longer used.
 STAGE_VERSIONS = {
-    "prepared": 1,
+    "prepared_2d": 1,
+    "prepared_3d": 1,
+    "mask": 1,
     "tokens_2d": 1,
     "snamd_2d": 1,
     "grouping": 1,
     "tokens_3d": 1,
     "snamd_3d": 1,
-    "pairs": 1,
+    "pairs": 2,
     "reduced": 1,
 }
 
@@ -54,17 +60,42 @@ class Identities:
 
 
 @dataclass(frozen=True)
+class PreparedKeys:
+    """Keys of a sample's prepared entries under one configuration.
+
+    Attributes:
+        image: the prepared image (None without 2D).
+        points: the prepared XYZ map (None without 3D).
+        mask: the prepared ground-truth mask (None when the sample has no mask file).
+        content: a hash of every input file but the mask, whatever the modality: it orders
+            a batch's samples into blocks, so that the 2D, 3D and 2D+3D runs of a line lay
+            them out alike (and share their pair entries). Not a cache key.
+    """
+
+    image: str | None
+    points: str | None
+    mask: str | None
+    content: str = ""
+
+    def as_dict(self) -> dict[str, str | None]:
+        """The keys by entry, as batch records store them."""
+        return {
+            "image": self.image, "points": self.points, "mask": self.mask, "content": self.content
+        }
+
+
+@dataclass(frozen=True)
 class SampleKeys:
     """Cache keys of one sample's entries under one configuration.
 
     Attributes:
-        prepared: the preprocessed sample.
+        prepared: the prepared image, XYZ map and mask.
         tokens_2d, snamd_2d: raw ViT tokens and their SNAMD aggregation (None without 2D).
         grouping, tokens_3d, snamd_3d: IPG grouping, Point-MAE tokens and their SNAMD
             aggregation (None without 3D).
     """
 
-    prepared: str
+    prepared: PreparedKeys
     tokens_2d: str | None
     snamd_2d: str | None
     grouping: str | None
@@ -76,35 +107,83 @@ class SampleKeys:
         """The SNAMD keys pair scoring reads: (2D, 3D)."""
         return self.snamd_2d, self.snamd_3d
 
+    @property
+    def scored(self) -> tuple[str, str]:
+        """The prepared entries that are scored (image, XYZ map; ``""`` for an unused one).
+
+        Two samples with equal ``scored`` have equal scored inputs, whatever their masks or
+        labels; it also orders a batch's samples (a content hash).
+        """
+        return self.prepared.image or "", self.prepared.points or ""
+
 
 def _key(stage: str, **parts: object) -> str:
     return cache_key({"stage": stage, "version": STAGE_VERSIONS[stage], **parts})
 
 
-def prepared_key(input_digest: str, fmt: str, config: MuscConfig) -> str:
-    """Key of a preprocessed sample: its files' bytes, the format's cleaning, size, modality.
+#: Input file roles each prepared entry reads, per format (others: ``DEFAULT_READS``).
+#: MVTec 3D-AD images are cleaned with their XYZ map (background zeroed); Eyecandies points
+#: pick their cluster by image brightness; masks are padded by the image grid only.
+IMAGE_READS = {"mvtec3d": ("image", "xyz")}
+POINT_READS = {"eyecandies": ("depth", "info", "pose", "image")}
+DEFAULT_IMAGE_READS = ("image",)
+DEFAULT_POINT_READS = ("xyz", "depth", "info", "pose")
 
-    The modality matters because 3D cleaning (MVTec 3D-AD) also blanks image pixels.
+
+def _inputs(digests: Mapping[str, str], roles: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """(role, digest) of the roles present, in the given order."""
+    return tuple((role, digests[role]) for role in roles if role in digests)
+
+
+def prepared_keys(
+    digests: Mapping[str, str], fmt: str, category: str, config: MuscConfig
+) -> PreparedKeys:
+    """Keys of a sample's prepared entries.
+
+    Each key hashes the digests of the files its entry is made from (see :data:`IMAGE_READS`
+    and :data:`POINT_READS`), the format (its cleaning), the image size and, for Eyecandies
+    points, the category (its plane rule). The modality only decides which entries exist.
+
+    Args:
+        digests: SHA-256 of each input file by role (``image``, ``xyz``, ``mask``, ``depth``,
+            ``info``, ``pose``; see :func:`tasks.discover.input_digests`).
+        fmt: dataset format.
+        category: the sample's category.
+        config: image size and modality.
+
+    Returns:
+        The keys (None for an entry the configuration does not use or a missing mask).
     """
-    return _key(
-        "prepared",
-        input=input_digest,
-        format=fmt,
-        image_size=config.image_size,
-        uses_2d=config.uses_2d,
-        uses_3d=config.uses_3d,
-    )
+    size = config.image_size
+    image = points = mask = None
+    if config.uses_2d:
+        reads = IMAGE_READS.get(fmt, DEFAULT_IMAGE_READS)
+        image = _key("prepared_2d", inputs=_inputs(digests, reads), format=fmt, image_size=size)
+    if config.uses_3d:
+        reads = POINT_READS.get(fmt, DEFAULT_POINT_READS)
+        rule = category.lower() if fmt == "eyecandies" else ""
+        points = _key(
+            "prepared_3d", inputs=_inputs(digests, reads), format=fmt, image_size=size,
+            category=rule,
+        )
+    if "mask" in digests:
+        mask = _key("mask", inputs=_inputs(digests, ("mask",)), format=fmt, image_size=size)
+    scored = sorted(role for role in digests if role != "mask")
+    content = cache_key({"content": _inputs(digests, scored)})
+    return PreparedKeys(image, points, mask, content)
 
 
-def sample_keys(prepared: str, config: MuscConfig, identities: Identities) -> SampleKeys:
-    """Every feature key of a sample, from its prepared key, the config and the backbones."""
+def sample_keys(prepared: PreparedKeys, config: MuscConfig, identities: Identities) -> SampleKeys:
+    """Every feature key of a sample, from its prepared keys, the config and the backbones."""
     tokens_2d = snamd_2d = grouping = tokens_3d = snamd_3d = None
     if config.uses_2d:
         if identities.backbone_2d is None:
             raise ValueError("2D scoring needs the 2D backbone identity")
+        if prepared.image is None:
+            raise ValueError("2D scoring needs the prepared image's key")
         tokens_2d = _key(
             "tokens_2d",
-            prepared=prepared,
+            prepared=prepared.image,
             backbone=identities.backbone_2d,
             layers=config.layers_2d,
             dtype=config.vit_dtype,
@@ -113,9 +192,11 @@ def sample_keys(prepared: str, config: MuscConfig, identities: Identities) -> Sa
     if config.uses_3d:
         if identities.backbone_3d is None:
             raise ValueError("3D scoring needs the 3D backbone identity")
+        if prepared.points is None:
+            raise ValueError("3D scoring needs the prepared XYZ map's key")
         grouping = _key(
             "grouping",
-            prepared=prepared,
+            prepared=prepared.points,
             groups=config.num_groups,
             size=config.group_size,
             step=config.ipg_step,
@@ -138,16 +219,33 @@ def sample_keys(prepared: str, config: MuscConfig, identities: Identities) -> Sa
     return SampleKeys(prepared, tokens_2d, snamd_2d, grouping, tokens_3d, snamd_3d)
 
 
+#: A shard's entry keys, one per modality: (2D, 3D), None for a modality not scored.
+PairKeys = tuple[str | None, str | None]
+
+
 def pairs_key(
     block_a: Sequence[SampleKeys], block_b: Sequence[SampleKeys], config: MuscConfig
-) -> str:
-    """Key of the pair distances between two blocks (the same block twice: inside it)."""
-    return _key(
-        "pairs",
-        a=[k.features for k in block_a],
-        b=[k.features for k in block_b],
-        dtype=config.distance_dtype,
-    )
+) -> PairKeys:
+    """Keys of the pair distances between two blocks (the same block twice: inside it).
+
+    One entry per modality: each key lists only that modality's SNAMD keys, so the 2D pairs
+    of a 2D+3D run are those of a 2D run of the same blocks.
+    """
+    keys: list[str | None] = []
+    for slot, modality in enumerate(("2d", "3d")):
+        if block_a[0].features[slot] is None:
+            keys.append(None)
+            continue
+        keys.append(
+            _key(
+                "pairs",
+                modality=modality,
+                a=[k.features[slot] for k in block_a],
+                b=[k.features[slot] for k in block_b],
+                dtype=config.distance_dtype,
+            )
+        )
+    return keys[0], keys[1]
 
 
 def reduced_key(

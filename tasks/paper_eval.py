@@ -80,8 +80,8 @@ def collect_run(summary: dict, storage: str, cache: FeatureCache) -> dict[str, l
 
     Args:
         summary: the run's summary (its ``out``, ``line`` and ``batch``).
-        storage: the run's storage root (its batch record names each sample's prepared key).
-        cache: the feature cache (prepared entries hold the ground-truth masks).
+        storage: the run's storage root (its batch record names each sample's prepared keys).
+        cache: the feature cache (mask entries hold the ground-truth masks).
 
     Returns:
         ``{"names", "labels", "scores", "rescored", "maps", "masks"}``, one entry per sample
@@ -96,13 +96,16 @@ def collect_run(summary: dict, storage: str, cache: FeatureCache) -> dict[str, l
     out: dict[str, list] = {k: [] for k in ("names", "labels", "scores", "rescored", "maps",
                                             "masks")}
     for row in body:
-        arrays, _ = cache.read(prepared[row["name"]])
+        mask_key = prepared[row["name"]].get("mask")
+        mask = None if mask_key is None else cache.read_array(mask_key, "mask").astype(bool)
         out["names"].append(row["name"])
         out["labels"].append(None if row["label"] == "" else int(row["label"]))
         out["scores"].append(float(row["score"]))
         out["rescored"].append(float(row["score_rescored"]))
         out["maps"].append(np.load(io.BytesIO(store.read_bytes(row["map_file"]))))
-        out["masks"].append(arrays["mask"].astype(bool) if "mask" in arrays else None)
+        if mask is None and out["labels"][-1] == 0:  # labelled normal without a mask file
+            mask = np.zeros(out["maps"][-1].shape, dtype=bool)
+        out["masks"].append(mask)
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from musc_core.config import MuscConfig
 from musc_core.references import reference_plan
-from tasks.keys import SampleKeys, pairs_key, reduced_key
+from tasks.keys import PairKeys, SampleKeys, pairs_key, reduced_key
 from tasks.scoring import PairSource, ReduceItem
 
 
@@ -43,7 +43,7 @@ class Shard:
 
     a: int
     b: int | None
-    key: str
+    key: PairKeys
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,14 @@ class ScoringPlan:
 
 
 def batch_blocks(samples: Sequence[PoolSample], shard_size: int) -> list[list[PoolSample]]:
-    """A batch's samples ordered by prepared key (a content hash) in blocks of ``shard_size``."""
+    """A batch's samples in blocks of ``shard_size``, ordered by content.
+
+    The order is that of their input files' hash (:attr:`tasks.keys.PreparedKeys.content`,
+    the same whatever the modality), then their names.
+    """
     if shard_size <= 0:
         raise ValueError(f"shard size must be positive, got {shard_size}")
-    ordered = sorted(samples, key=lambda s: (s.keys.prepared, s.name))
+    ordered = sorted(samples, key=lambda s: (s.keys.prepared.content, s.name))
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
@@ -92,7 +96,7 @@ def plan_scoring(
     plan = reference_plan([len(b) for b in blocks], budget)
     flat = [s for block in blocks for s in block]
     position = [(b, row) for b, block in enumerate(blocks) for row in range(len(block))]
-    shard_keys: dict[tuple[int, int], str] = {}
+    shard_keys: dict[tuple[int, int], PairKeys] = {}
     for a, b in plan.block_pairs:
         shard_keys[(a, b)] = pairs_key(
             [s.keys for s in blocks[a]], [s.keys for s in blocks[b]], config

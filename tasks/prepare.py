@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,11 +17,74 @@ from musc_core.preprocess_points import (
     clean_mvtec3d,
     depth_from_png,
     foreground_mask,
+    mvtec3d_has_support_plane,
     normalize_unit_sphere,
     organized_to_points,
     resize_xyz_nearest,
 )
 from tasks.datasets import SampleRecord, load_eyecandies_depth, load_image, load_mask, load_xyz
+
+#: Smallest image or XYZ-map side accepted, in pixels: one patch of the default backbone (DINO
+#: ViT-B/8). A smaller input holds less than one patch of detail; upscaling it to the image
+#: size would invent the rest.
+MIN_INPUT_SIDE = 8
+
+#: ``PrepInfo.cleaning`` values of MVTec 3D-AD samples.
+PLANE_REMOVED = "support plane removed"
+PLANE_ALREADY_REMOVED = "support plane already removed (pre-cleaned data)"
+
+
+@dataclass(frozen=True)
+class PrepInfo:
+    """What was read and done to prepare a sample (stored in its entries' metadata).
+
+    Attributes:
+        image_shape: (H, W) of the image file, or None when not read.
+        xyz_shape: (H, W) of the XYZ map or depth map, or None when not read.
+        mask_shape: (H, W) of the mask file, or None without a mask.
+        foreground: foreground points of the XYZ map at the image size, or None.
+        cleaning: the dataset cleaning applied (``PLANE_REMOVED``, ``PLANE_ALREADY_REMOVED``,
+            ``"eyecandies"``), or None.
+    """
+
+    image_shape: tuple[int, int] | None = None
+    xyz_shape: tuple[int, int] | None = None
+    mask_shape: tuple[int, int] | None = None
+    foreground: int | None = None
+    cleaning: str | None = None
+
+    def as_meta(self) -> dict[str, object]:
+        """JSON-ready form (for cache metadata)."""
+        return {
+            "image_shape": None if self.image_shape is None else list(self.image_shape),
+            "xyz_shape": None if self.xyz_shape is None else list(self.xyz_shape),
+            "mask_shape": None if self.mask_shape is None else list(self.mask_shape),
+            "foreground": self.foreground,
+            "cleaning": self.cleaning,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> PrepInfo:
+        """The inverse of :meth:`as_meta` (missing fields are None)."""
+
+        def shape(name: str) -> tuple[int, int] | None:
+            value = meta.get(name)
+            return None if value is None else (int(value[0]), int(value[1]))
+
+        return cls(
+            shape("image_shape"), shape("xyz_shape"), shape("mask_shape"),
+            meta.get("foreground"), meta.get("cleaning"),
+        )
+
+    def merged(self, other: PrepInfo) -> PrepInfo:
+        """The fields of both (this one's where both have one)."""
+        return PrepInfo(
+            self.image_shape or other.image_shape,
+            self.xyz_shape or other.xyz_shape,
+            self.mask_shape or other.mask_shape,
+            self.foreground if self.foreground is not None else other.foreground,
+            self.cleaning or other.cleaning,
+        )
 
 
 @dataclass(frozen=True)
@@ -32,11 +95,13 @@ class PreparedSample:
         record: where the sample came from.
         sample: the core sample (image and/or XYZ map at the config's size).
         mask: (S, S) bool ground truth, or None when the dataset has none.
+        info: what was read and done.
     """
 
     record: SampleRecord
     sample: Sample
     mask: torch.Tensor | None
+    info: PrepInfo = PrepInfo()
 
 
 @dataclass(frozen=True)
@@ -71,34 +136,46 @@ def _naming(path: str | None, error: ValueError) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
-def _read_points(record: SampleRecord, fmt: str, rgb: np.ndarray | None) -> tuple:
-    """Read and clean the organized point cloud of a record (full resolution)."""
+def _read_points(
+    record: SampleRecord, fmt: str, rgb: np.ndarray | None, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str | None, tuple[int, int]]:
+    """Read and clean the organized point cloud of a record (full resolution).
+
+    Returns:
+        ``(xyz, rgb, mask, cleaning, source shape)``: the cleaned map, the image and mask as
+        the cleaning leaves them (MVTec 3D-AD pads them and blanks image pixels), the cleaning
+        applied and the (H, W) of the file read.
+    """
     if fmt == "eyecandies":
         depth, depth_min, depth_max, pose = load_eyecandies_depth(
             record.depth_path, record.info_path, record.pose_path
         )
+        _check_side(record.depth_path, depth.shape[:2], "XYZ map")
         xyz = backproject_depth(depth_from_png(depth, depth_min, depth_max), pose)
         _size_check(xyz, rgb, record.depth_path)
-        if rgb is not None:
-            try:
-                xyz, rgb = clean_eyecandies(xyz, rgb, record.category)
-            except ValueError as error:
-                raise _naming(record.depth_path, error) from error
-        return xyz, rgb, None
+        if rgb is None:
+            return xyz, rgb, mask, None, depth.shape[:2]
+        try:
+            xyz, rgb = clean_eyecandies(xyz, rgb, record.category)
+        except ValueError as error:
+            raise _naming(record.depth_path, error) from error
+        return xyz, rgb, mask, "eyecandies", depth.shape[:2]
     xyz = load_xyz(record.xyz_path)
+    shape = xyz.shape[:2]
+    _check_side(record.xyz_path, shape, "XYZ map")
     if not np.isfinite(xyz).all():
         raise ValueError(f"{record.xyz_path}: XYZ map holds NaN or infinite coordinates")
     if not foreground_mask(xyz).any():
         raise ValueError(f"{record.xyz_path}: XYZ map has no valid point (all zeros)")
     _size_check(xyz, rgb, record.xyz_path)
-    if fmt == "mvtec3d":
-        mask = load_mask(record.mask_path) if record.mask_path else None
-        try:
-            xyz, rgb, mask = clean_mvtec3d(xyz, rgb, mask)
-        except ValueError as error:
-            raise _naming(record.xyz_path, error) from error
-        return xyz, rgb, mask
-    return xyz, rgb, None
+    if fmt != "mvtec3d":
+        return xyz, rgb, mask, None, shape
+    plane = mvtec3d_has_support_plane(xyz)
+    try:
+        xyz, rgb, mask = clean_mvtec3d(xyz, rgb, mask, remove_plane=plane)
+    except ValueError as error:
+        raise _naming(record.xyz_path, error) from error
+    return xyz, rgb, mask, PLANE_REMOVED if plane else PLANE_ALREADY_REMOVED, shape
 
 
 def _check_normalizable(resized: np.ndarray, path: str | None) -> None:
@@ -114,8 +191,55 @@ def _check_normalizable(resized: np.ndarray, path: str | None) -> None:
         )
 
 
+def _shape(array: np.ndarray | None) -> tuple[int, int] | None:
+    return None if array is None else (int(array.shape[0]), int(array.shape[1]))
+
+
+def _check_side(path: str | None, shape: tuple[int, int] | None, what: str) -> None:
+    """An input must be at least :data:`MIN_INPUT_SIDE` pixels on each side."""
+    if shape is not None and min(shape) < MIN_INPUT_SIDE:
+        raise ValueError(
+            f"{path}: the {what} is {shape[1]}x{shape[0]} pixels; at least "
+            f"{MIN_INPUT_SIDE} on each side are needed (one backbone patch)"
+        )
+
+
+def check_prepared(record: SampleRecord, info: PrepInfo, config: MuscConfig) -> None:
+    """The checks of a prepared sample that depend on the run's settings, not on its entries.
+
+    Run on every preparation, fresh or cached: the input sides (at least
+    :data:`MIN_INPUT_SIDE`), the mask's size (that of the image, else of the XYZ map) and,
+    for 3D, the foreground points the grouping needs.
+
+    Raises:
+        ValueError: naming the file and the problem.
+    """
+    _check_side(record.image_path, info.image_shape, "image")
+    _check_side(record.xyz_path or record.depth_path, info.xyz_shape, "XYZ map")
+    grid = info.image_shape or info.xyz_shape
+    if info.mask_shape is not None and grid is not None and info.mask_shape != grid:
+        raise ValueError(
+            f"{record.mask_path}: the mask is {info.mask_shape[1]}x{info.mask_shape[0]} but "
+            f"the sample is {grid[1]}x{grid[0]}; the mask must cover the sample pixel for pixel"
+        )
+    if config.uses_3d and info.foreground is not None:
+        size = config.image_size
+        needed = max(config.num_groups, 2 * config.group_size)
+        if info.foreground < needed:
+            raise ValueError(
+                f"{record.xyz_path or record.depth_path}: {info.foreground} foreground points "
+                f"at {size}x{size}, the grouping needs at least {needed}"
+            )
+
+
 def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> PreparedSample:
     """Load, clean and resize one sample.
+
+    The image is prepared the same way whatever the modality: MVTec 3D-AD images are always
+    cleaned with their XYZ map (read for that alone in a 2D run), so a 2D and a 2D+3D run see
+    the same pixels. MVTec 3D-AD maps whose support plane was already removed (the usual
+    preprocessing, done in place) skip the plane fit; padding and the largest cluster still
+    apply (:attr:`PrepInfo.cleaning` says which was done).
 
     Args:
         record: the sample's files.
@@ -131,32 +255,35 @@ def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> Prepar
     """
     size = config.image_size
     rgb = load_image(record.image_path) if record.image_path else None
-    mask = None
+    raw_mask = load_mask(record.mask_path) if record.mask_path else None
+    info = PrepInfo(image_shape=_shape(rgb), mask_shape=_shape(raw_mask))
+    mask = raw_mask
     xyz_tensor = None
-    if config.uses_3d:
-        if record.xyz_path is None and record.depth_path is None:
-            raise ValueError(f"{record.image_path}: no XYZ map for this sample")
-        xyz, rgb, cleaned_mask = _read_points(record, fmt, rgb)
-        _size_check(xyz, rgb, record.xyz_path or record.depth_path)
-        if cleaned_mask is not None:
-            mask = cleaned_mask
-        resized = resize_xyz_nearest(xyz.astype(np.float32), size)
-        count = int(foreground_mask(resized).sum())
-        needed = max(config.num_groups, 2 * config.group_size)
-        if count < needed:
+    has_points = record.xyz_path is not None or record.depth_path is not None
+    cleans_image = fmt == "mvtec3d" and config.uses_2d
+    if config.uses_3d or cleans_image:
+        if not has_points:
+            if config.uses_3d:
+                raise ValueError(f"{record.image_path}: no XYZ map for this sample")
             raise ValueError(
-                f"{record.xyz_path or record.depth_path}: {count} foreground points at "
-                f"{size}x{size}, the grouping needs at least {needed}"
+                f"{record.image_path}: no XYZ map for this sample; MVTec 3D-AD images are "
+                "prepared with their XYZ map (the background it marks is zeroed)"
             )
-        _check_normalizable(resized, record.xyz_path or record.depth_path)
-        xyz_tensor = torch.from_numpy(np.ascontiguousarray(resized))
+        check_prepared(record, info, config)  # the mask's size before the cleaning pads it
+        xyz, rgb, mask, cleaning, source = _read_points(record, fmt, rgb, raw_mask)
+        info = replace(info, xyz_shape=source, cleaning=cleaning)
+        if config.uses_3d:
+            resized = resize_xyz_nearest(xyz.astype(np.float32), size)
+            info = replace(info, foreground=int(foreground_mask(resized).sum()))
+            check_prepared(record, info, config)
+            _check_normalizable(resized, record.xyz_path or record.depth_path)
+            xyz_tensor = torch.from_numpy(np.ascontiguousarray(resized))
+    check_prepared(record, info, config)
     image_tensor = None
     if config.uses_2d:
         if rgb is None:
             raise ValueError(f"{record.name}: no image for this sample")
         image_tensor = resize_image(to_rgb_uint8(rgb), size)
-    if mask is None and record.mask_path:
-        mask = load_mask(record.mask_path)
     if mask is not None:
         mask_tensor = resize_mask(mask, size)
     elif record.label == 0:  # normal samples of MVTec AD, VisA, BTAD, MPDD ship no mask
@@ -167,6 +294,7 @@ def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> Prepar
         record=record,
         sample=Sample(name=record.name, image=image_tensor, xyz=xyz_tensor),
         mask=mask_tensor,
+        info=info,
     )
 
 

@@ -104,12 +104,26 @@ class LineResult:
     outputs: dict[str, str]
 
 
-def _prepared_array(cache: FeatureCache, key: str, name: str) -> np.ndarray | None:
-    """One array of a prepared sample, or None when the sample has none (no mask, no XYZ)."""
+def _prepared_array(cache: FeatureCache, key: str | None, name: str) -> np.ndarray | None:
+    """One array of a prepared entry, or None when the sample has none (no mask, no XYZ)."""
+    if key is None:
+        return None
     try:
         return cache.read_array(key, name)
     except KeyError:
         return None
+
+
+def _ground_truth(cache: FeatureCache, sample: PoolSample, size: int) -> np.ndarray | None:
+    """A sample's (S, S) bool ground truth, or None when it has none.
+
+    Its mask entry; all normal for a labelled normal sample without a mask file (MVTec AD,
+    VisA, BTAD and MPDD ship none).
+    """
+    mask = _prepared_array(cache, sample.keys.prepared.mask, "mask")
+    if mask is not None:
+        return mask.astype(bool)
+    return np.zeros((size, size), dtype=bool) if sample.label == 0 else None
 
 
 def _write_sample_files(
@@ -127,7 +141,7 @@ def _write_sample_files(
     scale = (high - low) or 1.0
     for index, (sample, stem) in enumerate(zip(tonight, stems, strict=True)):
         store.write_npy(f"maps/{stem}.npy", maps[index].astype(np.float32))
-        image = _prepared_array(cache, sample.keys.prepared, "image")
+        image = _prepared_array(cache, sample.keys.prepared.image, "image")
         heat = (maps[index] - low) / scale
         picture = overlay(None if image is None else torch.from_numpy(image), heat)
         store.write_png(f"overlays/{stem}.png", picture)
@@ -210,8 +224,7 @@ def report_line(
     else:
         decision = flag_outliers(after, config.flag_mad_k)
         pixel_cut = pixel_threshold(before, config.flag_mad_k)
-    masks = [_prepared_array(cache, s.keys.prepared, "mask") for s in tonight]
-    masks = [None if m is None else m.astype(bool) for m in masks]
+    masks = [_ground_truth(cache, s, config.image_size) for s in tonight]
     labels = [s.label for s in tonight]
     metrics = None if against_bank else line_metrics(labels, before, after, masks, maps)
     stems = unique_stems([s.name for s in tonight])
@@ -261,11 +274,11 @@ def report_line(
         for i, sample in enumerate(tonight)
     ]
     for i in rank_samples(samples)[:REPORT_THUMBNAILS]:  # pictures for the shown ones only
-        key = tonight[i].keys.prepared
+        keys = tonight[i].keys.prepared
         samples[i] = replace(
             samples[i],
-            image=_rgb(_prepared_array(cache, key, "image")),
-            depth=_depth(_prepared_array(cache, key, "xyz")),
+            image=_rgb(_prepared_array(cache, keys.image, "image")),
+            depth=_depth(_prepared_array(cache, keys.points, "xyz")),
         )
     report = ReportData(
         line=info.line,

@@ -1,7 +1,8 @@
 """Mutual scoring as Prefect tasks: pair-distance shards and per-sample reduction (SPEC §4).
 
 A *shard* is the pair distances between two blocks of samples (or inside one block), for every
-layer and modality, in one cache entry. It reads only the SNAMD features of its blocks, so a
+layer, in one cache entry per modality (a 2D+3D run shares its 2D entries with a 2D run of the
+same blocks, and its 3D ones with a 3D run). It reads only the SNAMD features of its blocks, so a
 worker's memory is bounded by the block size, never by N. The *reduction* of a sample gathers
 its distances to its references from the shards, applies CAE, Interval Average and the layer
 mean (``musc_core.patch_scoring``), builds its anomaly maps and picks its anomaly-salient
@@ -30,12 +31,13 @@ from musc_core.mutual_scoring import block_pair_minima, pair_distances, resolve_
 from musc_core.patch_scoring import sample_patch_scores
 from tasks.cache import EntryReader, FeatureCache
 from tasks.features import read_grouping
-from tasks.keys import SampleKeys
+from tasks.keys import PairKeys, SampleKeys
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS, StageCount
 
 #: Modality digit in shard array names, and its slot in ``SampleKeys.features``.
 MODALITIES = (("2", 0), ("3", 1))
+_SLOTS = dict(MODALITIES)
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,13 @@ class PairSource:
     """Where some of a sample's reference distances are stored.
 
     Attributes:
-        key: the shard's cache key.
+        key: the shard's cache keys, per modality (2D, 3D).
         array: ``"d"`` (inside the sample's own block), ``"d_ab"`` or ``"d_ba"``.
         row: the sample's row in that array.
         columns: the columns (reference samples of the other block) to take, in order.
     """
 
-    key: str
+    key: PairKeys
     array: str
     row: int
     columns: tuple[int, ...]
@@ -99,41 +101,42 @@ def _layer_pairs(
 def score_pairs(
     block_a: list[SampleKeys],
     block_b: list[SampleKeys] | None,
-    key: str,
+    key: PairKeys,
     config: MuscConfig,
     runtime: Runtime,
 ) -> StageCount:
-    """Pair distances of one shard, every layer and modality (SPEC §4.1).
+    """Pair distances of one shard, every layer, one entry per scored modality (SPEC §4.1).
 
     Args:
         block_a: keys of the first block's samples.
         block_b: keys of the second block's samples, or None for the pairs inside block a.
-        key: the shard's cache key.
-        config: modality, GEMM tile and dtype.
+        key: the shard's cache keys, per modality (2D, 3D; None for one not scored).
+        config: GEMM tile and dtype.
         runtime: cache and device.
 
     Returns:
-        The work count (one shard).
+        The work count: one entry per scored modality, computed or found cached.
     """
     cache = feature_cache(runtime.cache_url)
-    if cache.has(key):
-        return StageCount("pairs", 0, 1)
+    scored = [(digit, slot) for digit, slot in MODALITIES if key[slot] is not None]
+    todo = [(digit, slot) for digit, slot in scored if not cache.has(key[slot])]
+    if not todo:
+        return StageCount("pairs", 0, len(scored))
     device = runtime.torch_device
     dtype = resolve_distance_dtype(config.distance_dtype, device)
-    arrays: dict[str, np.ndarray] = {}
-    for digit, slot in MODALITIES:
-        keys_a = [k.features[slot] for k in block_a]
-        if keys_a[0] is None:
-            continue
-        a = _features(cache, keys_a, device)
+    for digit, slot in todo:
+        a = _features(cache, [k.features[slot] for k in block_a], device)
         b = None
         if block_b is not None:
             b = _features(cache, [k.features[slot] for k in block_b], device)
-        for name, array in _layer_pairs(a, b, config, dtype).items():
-            arrays[name.replace("d", f"d{digit}", 1)] = array
-    # One sample's row per chunk: a reduction reads only its own rows.
-    cache.write(key, arrays, meta={"dtype": str(dtype).removeprefix("torch.")}, chunk_rows=1)
-    return StageCount("pairs", 1, 0)
+        arrays = {
+            name.replace("d", f"d{digit}", 1): array
+            for name, array in _layer_pairs(a, b, config, dtype).items()
+        }
+        # One sample's row per chunk: a reduction reads only its own rows.
+        meta = {"dtype": str(dtype).removeprefix("torch.")}
+        cache.write(key[slot], arrays, meta=meta, chunk_rows=1)
+    return StageCount("pairs", len(todo), len(scored) - len(todo))
 
 
 class ShardReader:
@@ -150,9 +153,10 @@ class ShardReader:
 
     def rows(self, source: PairSource, digit: str) -> np.ndarray:
         """The sample's row of one shard array, restricted to its columns: (Y, L, len(columns))."""
-        entry = self._entries.get(source.key)
+        key = source.key[_SLOTS[digit]]
+        entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[source.key] = self.cache.open_entry(source.key)
+            entry = self._entries[key] = self.cache.open_entry(key)
         name = source.array.replace("d", f"d{digit}", 1)
         row = entry.read_array(name, source.row)  # (Y, L, B)
         return row[:, :, list(source.columns)]

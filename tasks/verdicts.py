@@ -122,6 +122,17 @@ def record_verdict(
     return stored
 
 
+def _content(prepared: dict | str) -> str:
+    """What identifies a sample's content in a batch record, whatever its labels.
+
+    Records store the prepared keys by entry (:meth:`tasks.keys.PreparedKeys.as_dict`), whose
+    ``content`` hashes every input file but the mask; older records held a single key.
+    """
+    if isinstance(prepared, dict):
+        return prepared.get("content") or f"{prepared.get('image')}|{prepared.get('points')}"
+    return prepared
+
+
 def left_out_of_bank(record: dict, verdicts: list[dict]) -> dict[str, str]:
     """The samples of a batch record the clean bank leaves out, with the reason.
 
@@ -133,13 +144,13 @@ def left_out_of_bank(record: dict, verdicts: list[dict]) -> dict[str, str]:
         ``{sample name: reason}``.
     """
     latest = latest_verdicts(verdicts)
-    defects = {v["prepared"] for v in latest.values() if v["verdict"] == "defect"}
+    defects = {_content(v["prepared"]) for v in latest.values() if v["verdict"] == "defect"}
     flagged = set(record.get("flagged", []))
     out: dict[str, str] = {}
     for sample in record["samples"]:
         name = sample["name"]
         verdict = latest.get((record["batch"], name), {}).get("verdict")
-        if verdict == "defect" or sample["prepared"] in defects:
+        if verdict == "defect" or _content(sample["prepared"]) in defects:
             out[name] = "confirmed defect"
         elif name in flagged and verdict != "ok":
             out[name] = "flagged, not cleared"

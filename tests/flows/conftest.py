@@ -10,7 +10,7 @@ from musc_core.config import MuscConfig
 from musc_core.pipeline import score
 from tasks.backbones import BackboneSpec, backbone_identities, build_backbones
 from tasks.discover import discover_line
-from tasks.keys import prepared_key
+from tasks.keys import prepared_keys
 from tasks.prepare import prepare_records
 from tasks.synth import generate_line
 
@@ -59,12 +59,13 @@ def read_scores(path) -> dict[str, dict[str, str]]:
 
 def pool_order(roots_and_batches, config) -> list[tuple[str, str]]:
     """(root, name) of the pool's samples in the order the flow lays them out: each batch in
-    the order given, its samples sorted by prepared key (a content hash)."""
+    the order given, its samples sorted by the hash of their input files."""
     order = []
     for root in roots_and_batches:
         found, _ = discover_line(str(root), "mvtec3d", "part")
         keyed = sorted(
-            (prepared_key(s.digest, "mvtec3d", config), s.record.name) for s in found
+            (prepared_keys(s.digests, "mvtec3d", "part", config).content, s.record.name)
+            for s in found
         )
         order += [(str(root), name) for _, name in keyed]
     return order

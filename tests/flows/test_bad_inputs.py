@@ -287,7 +287,7 @@ def test_unusual_formats_and_names_are_accepted_and_scored(runs, chaos_record):
         (runs["top"] / "store-bad" / "lines" / "part" / "batches" / "b1.json").read_text()
     )
     cache = FeatureCache(str(runs["top"] / "store-bad" / "cache"))
-    prepared = {s["name"]: cache.read(s["prepared"])[0] for s in record["samples"]}
+    prepared = {s["name"]: cache.read(s["prepared"]["image"])[0] for s in record["samples"]}
     good = sorted(n for n in prepared if n.startswith("good/00"))
     for name, what in ACCEPTED.items():
         assert name in scored, name

@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+import tifffile
 
 from flows.rescore import rescore
 from flows.score_line import score_line
@@ -67,7 +68,8 @@ def test_one_shard_one_worker_equals_in_memory_pipeline(line, tmp_path):
     order = pool_order([line], config)
     reference = in_memory(order, config)
     assert summary["scored"] == 8 and summary["pool"] == 8 and summary["random_weights"]
-    assert summary["counts"]["pairs"] == {"computed": 1, "cached": 0}
+    # one shard, one entry per modality
+    assert summary["counts"]["pairs"] == {"computed": 2, "cached": 0}
     assert_matches(summary, reference, [n for _, n in order], map_atol=1e-5, score_atol=1e-5)
 
 
@@ -81,7 +83,7 @@ def test_many_shards_two_dask_workers_equal_in_memory_pipeline(line, tmp_path):
     order = pool_order([line], config)
     reference = in_memory(order, config)
     # 4 blocks of 2: 4 inside-block shards + 6 between blocks.
-    assert summary["counts"]["pairs"] == {"computed": 10, "cached": 0}
+    assert summary["counts"]["pairs"] == {"computed": 20, "cached": 0}  # 10 shards × 2
     span = float(reference.maps.max() - reference.maps.min())
     # Tiles of different shapes sum in a different order (last-bit differences), which CAE's
     # rank remapping can turn into a swap of two neighbouring values: hence a tolerance.
@@ -154,8 +156,8 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(line, tmp_path, mo
     resumed = score_line(data=str(line), storage=store, cluster="threads", workers=1,
                          shard_size=2, batch="b1", **SMALL)
     pairs = resumed["counts"]["pairs"]
-    assert pairs["computed"] + pairs["cached"] == 10
-    assert pairs["cached"] >= 3 and pairs["computed"] == 10 - pairs["cached"]
+    assert pairs["computed"] + pairs["cached"] == 20  # 10 shards, one entry per modality
+    assert pairs["cached"] >= 3 and pairs["computed"] == 20 - pairs["cached"]
     for stage in ("tokens_2d", "tokens_3d", "grouping", "snamd_2d", "snamd_3d"):
         assert resumed["counts"][stage] == {"computed": 0, "cached": 8}, stage
     reference = score_line(data=str(line), storage=str(tmp_path / "clean"), cluster="threads",
@@ -200,6 +202,18 @@ def test_changed_input_file_recomputes_only_that_sample(line, tmp_path):
     Image.fromarray(pixels).save(image)
     again = score_line(data=str(data), storage=store, cluster="threads", batch="b2", shard_size=4,
                        **SMALL)
-    for stage in ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d"):
+    for stage in ("tokens_2d", "snamd_2d"):
         assert again["counts"][stage] == {"computed": 1, "cached": 7}, stage
+    # MVTec 3D-AD points are made from the XYZ map alone: a new image leaves them as they were
+    for stage in ("grouping", "tokens_3d", "snamd_3d"):
+        assert again["counts"][stage] == {"computed": 0, "cached": 8}, stage
     assert again["counts"]["reduced"]["computed"] == 8  # every sample has a new reference
+    cloud = data / "part" / "test" / "good" / "xyz" / "000.tiff"
+    xyz = tifffile.imread(cloud)
+    xyz[xyz[..., 2] != 0] *= 1.01
+    tifffile.imwrite(cloud, xyz, photometric="rgb")
+    third = score_line(data=str(data), storage=store, cluster="threads", batch="b3", shard_size=4,
+                       **SMALL)
+    # the XYZ map cleans the image (MVTec 3D-AD): both modalities of that sample are new
+    for stage in ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d"):
+        assert third["counts"][stage] == {"computed": 1, "cached": 7}, stage

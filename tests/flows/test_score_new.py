@@ -40,6 +40,24 @@ def _as_folder(line, name, root):
     return root
 
 
+def _assert_like_batch_run(result, summary, rows, name):
+    (row,) = read_scores(result["outputs"]["scores"]).values()
+    expected = rows[name]
+    # Same pair distances (bit for bit) but the references in another order: CAE's rank
+    # remapping breaks ties by position, which moves a few map values by ~0.1 % of the
+    # map's range (the same tolerance as a batch laid out in other shards).
+    reference = np.load(f"{summary['out']}/{expected['map_file']}")
+    span = float(reference.max() - reference.min())
+    np.testing.assert_allclose(
+        np.load(f"{result['out']}/{row['map_file']}"), reference, atol=0.005 * span
+    )
+    assert float(row["score"]) == pytest.approx(float(expected["score"]), abs=1e-3)
+    assert float(row["score_rescored"]) == pytest.approx(
+        float(expected["score_rescored"]), abs=1e-3
+    )
+    return row
+
+
 @pytest.mark.slow
 def test_sample_against_rest_of_its_batch_equals_the_batch_run(
     batch, line, tmp_path, monkeypatch
@@ -59,24 +77,53 @@ def test_sample_against_rest_of_its_batch_equals_the_batch_run(
         assert counter.counts == {"2d": 0, "3d": 0}
         assert result["scored"] == 1 and result["pool"] == 8 and result["bank"] == ["b1"]
         assert result["random_weights"]
-        assert result["counts"]["reduced"]["computed"] == 1
-        assert result["counts"]["pairs"]["computed"] + result["counts"]["pairs"]["cached"] == 3
-        (row,) = read_scores(result["outputs"]["scores"]).values()
-        expected = rows[name]
+        # the part's reduction is computed unless its references come in the batch run's order
+        # (then the batch run's entry is the same computation, found by its key)
+        assert result["counts"]["reduced"]["computed"] + result["counts"]["reduced"]["cached"] == 1
+        # 3 shards (the part's block against the bank's 3 blocks), one entry per modality
+        assert result["counts"]["pairs"]["computed"] + result["counts"]["pairs"]["cached"] == 6
+        row = _assert_like_batch_run(result, summary, rows, name)
         assert row["name"] == name
-        # Same pair distances (bit for bit) but the references in another order: CAE's rank
-        # remapping breaks ties by position, which moves a few map values by ~0.1 % of the
-        # map's range (the same tolerance as a batch laid out in other shards).
-        reference = np.load(f"{summary['out']}/{expected['map_file']}")
-        span = float(reference.max() - reference.min())
-        np.testing.assert_allclose(
-            np.load(f"{result['out']}/{row['map_file']}"), reference, atol=0.005 * span
-        )
-        assert float(row["score"]) == pytest.approx(float(expected["score"]), abs=1e-3)
-        assert float(row["score_rescored"]) == pytest.approx(
-            float(expected["score_rescored"]), abs=1e-3
-        )
     assert list_batches(store, "part") == ["b1"], "new parts are not recorded as a batch"
+
+
+def _files(line, name):
+    defect, stem = name.split("/")
+    base = line / "part" / "test" / defect
+    return str(base / "rgb" / f"{stem}.png"), str(base / "xyz" / f"{stem}.tiff")
+
+
+@pytest.mark.slow
+def test_part_files_without_masks_leave_their_masked_bank_copies_out(
+    batch, line, tmp_path, monkeypatch
+):
+    # The bank's samples have masks (gt/*.png); parts given as files have none. The bank copy
+    # of a part is left out all the same: its scored inputs equal the part's.
+    store, summary = batch
+    rows = read_scores(summary["outputs"]["scores"])
+    assert all((line / "part" / "test" / n.split("/")[0] / "gt").is_dir() for n in rows)
+    top = max(rows, key=lambda n: float(rows[n]["score_rescored"]))
+    image, cloud = _files(line, top)
+    counter = ForwardCounter(monkeypatch)
+    result = score_new(
+        line="part", inputs=[image], xyz=[cloud], storage=store, out=str(tmp_path / "one"),
+    )
+    assert counter.counts == {"2d": 0, "3d": 0}
+    assert result["scored"] == 1 and result["pool"] == 8
+    row = _assert_like_batch_run(result, summary, rows, top)
+    defect, stem = top.split("/")
+    assert row["name"].endswith(f"part/test/{defect}/rgb/{stem}"), "the folder is kept"
+    # The reported case: a part and a copy of another bank sample, under another file name.
+    normal = next(n for n in sorted(rows) if n.startswith("good/") and n != top)
+    copy_image, copy_cloud = tmp_path / "copy.png", tmp_path / "copy.tiff"
+    shutil.copy(_files(line, normal)[0], copy_image)
+    shutil.copy(_files(line, normal)[1], copy_cloud)
+    both = score_new(
+        line="part", inputs=[image, str(copy_image)], xyz=[cloud, str(copy_cloud)],
+        storage=store, out=str(tmp_path / "two"),
+    )
+    assert both["scored"] == 2 and both["pool"] == 8, "both bank copies are left out"
+    assert counter.counts == {"2d": 0, "3d": 0}
 
 
 def test_reductions_of_an_old_record_are_derived_again(batch):
@@ -105,6 +152,7 @@ def test_cli_scores_new_part_files_against_the_latest_batch(
         shutil.copy(cloud, tmp_path / f"{name}.tiff")
     out = tmp_path / "out"
     counter = ForwardCounter(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # parts are named by their path below the current folder
     status = main(
         ["score-new", "part", *[str(tmp_path / f"{n}.png") for n in names], "--xyz",
          *[str(tmp_path / f"{n}.tiff") for n in names], "--storage", store, "--out", str(out),
@@ -128,13 +176,17 @@ def test_cli_scores_new_part_files_against_the_latest_batch(
     assert record["scored_against_bank"] and len(record["samples"]) == 2
 
 
-def test_part_files_are_named_by_stem_or_by_path_where_stems_repeat():
+def test_part_files_are_named_by_their_path_as_given(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     records = part_records(
-        ["/l/good/rgb/000.png", "/l/crack/rgb/000.png", "/l/crack/rgb/001.png"],
-        ["/l/good/xyz/000.tiff", "/l/crack/xyz/000.tiff", "/l/crack/xyz/001.tiff"],
+        ["l/good/rgb/000.png", "./l/crack/rgb/000.png", str(tmp_path / "l/crack/rgb/001.png"),
+         "/elsewhere/rgb/002.png"],
+        ["l/good/xyz/000.tiff", "l/crack/xyz/000.tiff", "l/crack/xyz/001.tiff", "/e/002.tiff"],
         "part",
     )
-    assert [r.name for r in records] == ["good/rgb/000", "crack/rgb/000", "001"]
-    assert records[1].xyz_path == "/l/crack/xyz/000.tiff" and records[0].category == "part"
+    assert [r.name for r in records] == [
+        "l/good/rgb/000", "l/crack/rgb/000", "l/crack/rgb/001", "elsewhere/rgb/002"
+    ]
+    assert records[1].xyz_path == "l/crack/xyz/000.tiff" and records[0].category == "part"
     with pytest.raises(ValueError, match="one per image"):
         part_records(["/l/a.png", "/l/b.png"], ["/l/a.tiff"], "part")

@@ -14,6 +14,7 @@ from tasks.datasets import (
     load_xyz,
     read_dataset,
 )
+from tasks.discover import discover_line
 
 RNG = np.random.default_rng(0)
 
@@ -322,6 +323,59 @@ def test_folder_prefers_the_closest_match_and_reports_ties(tmp_path):
     png(line / "002.png")
     with pytest.raises(ValueError, match="002.png.*several XYZ"):
         read_dataset(line, "folder", "line")
+
+
+def test_folder_masks_follow_the_sample_path_never_a_sibling_folder(tmp_path):
+    line = tmp_path / "line"
+    for folder in ("good", "crack", "dent", "scratch"):
+        png(line / folder / "000.png")
+    # one same-stem mask in a sibling folder: it is crack's, never good's
+    mask_png(line / "crack" / "masks" / "000.png", True)
+    # mirrored tree at the line root, and an rgb/ image folder beside gt/
+    mask_png(line / "ground_truth" / "dent" / "000_mask.png", True)
+    png(line / "day1" / "rgb" / "001.png")
+    mask_png(line / "day1" / "gt" / "001.png", True)
+    png(line / "day2" / "rgb" / "001.png")
+    mask_png(line / "day2" / "rgb" / "masks" / "001_mask.png", True)
+    records = {r.name: r for r in read_dataset(line, "folder", "line")}
+    assert records["good/000"].mask_path is None and records["scratch/000"].mask_path is None
+    assert records["crack/000"].mask_path == str(line / "crack" / "masks" / "000.png")
+    assert records["dent/000"].mask_path == str(line / "ground_truth" / "dent" / "000_mask.png")
+    assert records["day1/rgb/001"].mask_path == str(line / "day1" / "gt" / "001.png")
+    assert records["day2/rgb/001"].mask_path == str(
+        line / "day2" / "rgb" / "masks" / "001_mask.png"
+    )
+    assert all(r.mask_problem is None for r in records.values())
+    # two same-stem masks in two sibling folders: the line still reads (was an error)
+    mask_png(line / "scratch" / "gt" / "000.png", True)
+    records = {r.name: r for r in read_dataset(line, "folder", "line")}
+    assert records["good/000"].mask_path is None
+    assert records["scratch/000"].mask_path == str(line / "scratch" / "gt" / "000.png")
+
+
+def test_ambiguous_folder_masks_set_only_their_samples_aside(tmp_path):
+    line = tmp_path / "line"
+    for stem in ("a", "b", "c"):
+        png(line / f"{stem}.png")
+    mask_png(line / "masks" / "a.png", True)
+    mask_png(line / "gt" / "a_mask.png", True)  # a second mask for a
+    mask_png(line / "masks" / "b.png", True)
+    png(line / "rgb" / "b.png")  # b.png and rgb/b.png both repeat masks/b.png's path
+    found, aside = discover_line(str(line), "folder", "line")
+    assert [s.record.name for s in found] == ["c"]
+    problems = {a.name: a.problem for a in aside}
+    assert sorted(problems) == ["a", "b", "rgb/b"]
+    assert "several masks match sample 'a'" in problems["a"] and "a_mask.png" in problems["a"]
+    assert "matches several samples" in problems["b"] and "rgb/b" in problems["b"]
+
+
+def test_colour_masks_must_be_binary(tmp_path):
+    two = np.zeros((4, 5, 3), dtype=np.uint8)
+    two[1, 1] = (255, 0, 0)
+    assert load_mask(png(tmp_path / "two.png", two)).sum() == 1
+    many = RNG.integers(0, 255, (4, 5, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="many.png: not a binary mask"):
+        load_mask(png(tmp_path / "many.png", many))
 
 
 def test_folder_errors(tmp_path):

@@ -26,13 +26,13 @@ def png(path, suffix_format=None):
 def hashed(monkeypatch):
     """The files whose bytes discovery reads (through its digest)."""
     seen: list[str] = []
-    original = discover.input_digest
+    original = discover.input_digests
 
     def spy(record, *args, **kwargs):
         seen.extend(p for p in (record.image_path, record.xyz_path, record.mask_path) if p)
         return original(record, *args, **kwargs)
 
-    monkeypatch.setattr(discover, "input_digest", spy)
+    monkeypatch.setattr(discover, "input_digests", spy)
     return seen
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from musc_core.config import MuscConfig
 from tasks.cache import FeatureCache
-from tasks.keys import Identities, prepared_key, sample_keys
+from tasks.keys import Identities, prepared_keys, sample_keys
 from tasks.plan import PoolSample, batch_blocks, plan_scoring
 from tasks.scoring import ShardReader, gather_distances
 
@@ -16,7 +16,9 @@ IDS = Identities("vit:test", None)
 def _pool(n):
     samples = [
         PoolSample(
-            f"s{i}", "b", sample_keys(prepared_key(f"{i:064x}", "folder", CONFIG), CONFIG, IDS)
+            f"s{i}",
+            "b",
+            sample_keys(prepared_keys({"image": f"{i:064x}"}, "folder", "l", CONFIG), CONFIG, IDS),
         )
         for i in range(n)
     ]
@@ -30,11 +32,11 @@ def _write_shards(cache, plan, full, chunk_rows=None):
         a = slice(starts[shard.a], starts[shard.a + 1])
         if shard.b is None:
             inside = full[a][:, :, :, a].copy()
-            cache.write(shard.key, {"d2": inside}, chunk_rows=chunk_rows)
+            cache.write(shard.key[0], {"d2": inside}, chunk_rows=chunk_rows)
         else:
             b = slice(starts[shard.b], starts[shard.b + 1])
             cache.write(
-                shard.key,
+                shard.key[0],
                 {"d2_ab": full[a][:, :, :, b].copy(), "d2_ba": full[b][:, :, :, a].copy()},
                 chunk_rows=chunk_rows,
             )
@@ -66,7 +68,7 @@ def test_blocks_are_ordered_by_content_key_not_by_name():
     pool = _pool(5)
     reversed_names = [PoolSample(f"z{4 - i}", s.batch, s.keys) for i, s in enumerate(pool)]
     blocks = batch_blocks(reversed_names, 2)
-    flat = [s.keys.prepared for b in blocks for s in b]
+    flat = [s.keys.prepared.content for b in blocks for s in b]
     assert flat == sorted(flat) and [len(b) for b in blocks] == [2, 2, 1]
 
 
