@@ -376,8 +376,10 @@ def test_a_finished_run_under_load_is_a_success_when_closing_the_cluster_times_o
     timed_out: list[str] = []
 
     def close_timing_out(self, *exc):
-        close(self, *exc)
-        timed_out.append(type(self).__name__)
+        try:  # on a loaded machine the real close may time out by itself first
+            close(self, *exc)
+        finally:
+            timed_out.append(type(self).__name__)
         raise TimeoutError("SpecCluster._correct_state_internal: Worker process still alive")
 
     monkeypatch.setattr(Cluster, "__exit__", close_timing_out)
