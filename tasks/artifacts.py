@@ -81,13 +81,18 @@ def publish_artifacts(summary: dict, ranked: list[dict], warning: str | None) ->
         report = summary["outputs"].get("report")
         if report:
             create_link_artifact(
-                report if "://" in report else f"file://{report}",
+                _link_url(report),
                 link_text="run report",
                 key=artifact_key(line, "report"),
                 description=f"HTML report of line {line}, batch {summary['batch']}",
             )
     except Exception as error:  # artifacts are informative: never fail a run on them
         log.warning("could not create the run's Prefect artifacts: %s", error)
+
+
+def _link_url(location: str) -> str:
+    """A link artifact's URL for a result location: URLs as they are, paths as ``file://``."""
+    return location if "://" in location else f"file://{location}"
 
 
 def publish_history(line: str, location: str) -> None:
@@ -99,7 +104,7 @@ def publish_history(line: str, location: str) -> None:
     """
     try:
         create_link_artifact(
-            location if "://" in location else f"file://{location}",
+            _link_url(location),
             link_text="line history",
             key=artifact_key(line, "history"),
             description=f"History page of line {line}: every night",
