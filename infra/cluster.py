@@ -110,6 +110,7 @@ def task_runner(cluster: str = "local", workers: int = 1) -> TaskRunner:
     runner_class = bounded_dask_runner()
     if cluster == "local":
         threads = str(threads_per_worker(workers))
+        configure_worker_spawn(threads)
         return runner_class(
             cluster_class="distributed.LocalCluster",
             cluster_kwargs={
@@ -121,6 +122,33 @@ def task_runner(cluster: str = "local", workers: int = 1) -> TaskRunner:
             },
         )
     return runner_class(address=cluster)
+
+
+#: Thread variables every local worker process starts with (read when the math libraries load).
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def configure_worker_spawn(threads: str) -> None:
+    """Set the environment Dask's nannies give a local worker process before it starts.
+
+    Dask's defaults (``distributed.nanny.pre-spawn-environ``) start every worker with one
+    math-library thread and ``MALLOC_TRIM_THRESHOLD_=65536``. The threads are raised to the
+    worker's share of the cores here. The malloc variable is removed: setting it switches off
+    glibc's adaptive mmap threshold, so every tensor above 128 KiB is mapped and unmapped
+    anew, and the kernel zeroes its pages on each first touch; on 2 cores that made the
+    backbones 10-40 % slower in a worker than in the flow process (``benchmarks/RESULTS.md``).
+    A worker's memory is still bounded by its tasks: every cache entry is written and released
+    per chunk.
+
+    Args:
+        threads: math-library threads per worker process, as a string.
+    """
+    import dask
+    import distributed  # noqa: F401  (loads Dask's defaults, which this then changes)
+
+    environ = {name: threads for name in _THREAD_VARIABLES}
+    environ["MALLOC_TRIM_THRESHOLD_"] = None
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()})
 
 
 def check_cluster(cluster: str, workers: int) -> None:
