@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -66,6 +66,7 @@ from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
 from tasks.results import RunInfo
 from tasks.runtime import Runtime, identify_backbones
+from tasks.sources import is_folder, is_url
 
 
 class BankNotUsable(RuntimeError):
@@ -152,8 +153,11 @@ def part_name(path: str) -> str:
     A relative path is kept as written (normalized: ``./`` and ``..`` resolved textually);
     an absolute path below the current folder is taken relative to it, any other absolute
     path is kept whole (without its leading ``/``). So ``crack/rgb/000.png`` is
-    ``crack/rgb/000``, never just ``000``.
+    ``crack/rgb/000``, never just ``000``. An object's URL gives its path in the store
+    (``s3://bucket/day/000.png`` is ``bucket/day/000``).
     """
+    if is_url(path):
+        return PurePosixPath(path.partition("://")[2].strip("/")).with_suffix("").as_posix()
     given = Path(os.path.normpath(path))
     if given.is_absolute():
         try:
@@ -168,7 +172,7 @@ def discover_parts(
 ) -> tuple[list[DiscoveredSample], list[SetAside]]:
     """The new parts with their input digests; unreadable ones set aside."""
     inputs = list(request.inputs)
-    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+    if len(inputs) == 1 and is_folder(inputs[0]):
         if request.xyz:
             raise ValueError("with a folder, XYZ maps are found in it: do not pass --xyz")
         category = request.category
