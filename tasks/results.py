@@ -35,7 +35,7 @@ from tasks.artifacts import publish_artifacts
 from tasks.cache import FeatureCache
 from tasks.colormap import blend_heat
 from tasks.evaluate import line_metrics
-from tasks.history import history_location
+from tasks.history import history_link
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, unique_stems
 from tasks.plan import PoolSample
 from tasks.prepare import SetAside
@@ -258,11 +258,7 @@ def report_line(
         shift, drifted, limit = score_drift(before, scores[current:].numpy())
         drift = {"shift": shift, "drifted": drifted, "limit": limit}
     storage = info.settings.get("storage")
-    history = (
-        ResultStore(storage).location(history_location(storage, info.line))
-        if isinstance(storage, str)
-        else None
-    )
+    history = history_link(storage, info.line, info.out) if isinstance(storage, str) else None
     samples = [
         ReportSample(
             name=sample.name,

@@ -15,7 +15,7 @@ from tasks.datasets import SampleRecord, list_categories, read_dataset
 from tasks.discover import discover_line
 from tasks.prepare import prepare_records
 from tasks.synth import generate_line
-from tests.flows.conftest import small_config
+from tests.flows.conftest import small_config, upload_tree
 from tests.tasks.test_datasets import png, tiff
 from tests.tasks.test_discover import hashed  # noqa: F401  (fixture)
 
@@ -51,18 +51,6 @@ def _eyecandies_sample(data, sample_id, anomalous, mask=True, info="normalizatio
     np.savetxt(data / f"{sample_id}_pose.txt", np.eye(4))
     if mask:
         mask_png(data / f"{sample_id}_mask.png", anomalous)
-
-
-def upload(local_root, url):
-    """Every file below ``local_root`` as an object below ``url`` (same relative keys)."""
-    fs, root = open_filesystem(url)
-    for folder, _, names in os.walk(local_root):
-        for name in names:
-            path = os.path.join(folder, name)
-            key = os.path.relpath(path, local_root).replace(os.sep, "/")
-            with open(path, "rb") as handle:
-                fs.pipe_file(f"{root}/{key}", handle.read())
-    return url
 
 
 def as_url(record, local_root, url):
@@ -143,7 +131,7 @@ def test_a_bucket_reads_as_the_same_tree_on_disk(fmt, tmp_path, s3_env):
     local = tmp_path / "data"
     category = LAYOUTS[fmt](local)
     root = local / category if fmt == "folder" else local
-    url = upload(root, f"{s3_env}/{fmt}-data/{category}" if fmt == "folder" else
+    url = upload_tree(root, f"{s3_env}/{fmt}-data/{category}" if fmt == "folder" else
                  f"{s3_env}/{fmt}-data")
 
     assert list_categories(url, fmt) == list_categories(root, fmt)
@@ -176,8 +164,8 @@ def test_nothing_outside_the_prefix_is_listed_or_read(tmp_path, s3_env, hashed):
     local = tmp_path / "line"
     image(local / "a.png")
     image(local / "b.png")
-    line = upload(local, f"{s3_env}/line")
-    sibling = upload(local, f"{s3_env}/line2")  # shares the prefix's first characters
+    line = upload_tree(local, f"{s3_env}/line")
+    sibling = upload_tree(local, f"{s3_env}/line2")  # shares the prefix's first characters
     # An object whose key climbs out of the prefix by its segments, and a literal dot.
     with open(local / "a.png", "rb") as handle:
         fs.pipe_file(f"{base}/line/x/../../line2/escape.png", handle.read())
@@ -201,7 +189,7 @@ def test_visa_rows_climbing_out_of_the_bucket_prefix_are_set_aside(
         "candle,test,normal,candle/Data/Images/Normal/0000.png,\n"
         "candle,test,normal,candle/../../secret.png,\n"
     )
-    url = upload(local, f"{s3_env}/visa")
+    url = upload_tree(local, f"{s3_env}/visa")
     fs, base = open_filesystem(s3_env)
     with open(tmp_path / "secret.png", "rb") as handle:
         fs.pipe_file(f"{base}/secret.png", handle.read())  # where the row climbs to
