@@ -9,7 +9,7 @@ from prefect import task
 
 from tasks.datasets import SampleRecord, inside_root, read_dataset
 from tasks.prepare import SetAside, main_file, record_files, split_duplicates
-from tasks.sources import is_url, read_bytes
+from tasks.sources import content_digest, is_url
 from tasks.stage import TASK_OPTIONS
 
 #: Record fields naming input files, and the role each file's digest is filed under.
@@ -54,7 +54,7 @@ def input_digests(record: SampleRecord, chunk: int = 1 << 22) -> dict[str, str]:
         if path is None:
             continue
         if is_url(path):
-            digests[role] = hashlib.sha256(read_bytes(path)).hexdigest()
+            digests[role] = content_digest(path)
             continue
         file_hash = hashlib.sha256()
         with open(path, "rb") as handle:

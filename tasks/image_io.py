@@ -18,6 +18,8 @@ its ``Image.MAX_IMAGE_PIXELS`` (about 179 million pixels) whatever the limit.
 
 A path may also be an object's URL (``s3://bucket/key``, see :mod:`tasks.sources`): its bytes
 are fetched once and decoded from memory, with the same checks and messages (the URL named).
+An object larger than :data:`MAX_BYTES_PER_PIXEL` times the pixel limit (512 MiB by default)
+is refused before it is fetched.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from musc_core.preprocess_image import to_rgb_uint8
-from tasks.sources import is_url, local_path, read_bytes
+from tasks.sources import is_url, local_path, object_size, read_bytes
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Largest image (width x height) decoded by default: 32 Mi pixels, e.g. 8192 x 4096.
 DEFAULT_MAX_IMAGE_PIXELS = 32 * 1024 * 1024
 #: Environment variable that overrides :data:`DEFAULT_MAX_IMAGE_PIXELS`.
 MAX_PIXELS_ENV = "MUSC_MAX_IMAGE_PIXELS"
+#: Bytes per pixel an uncompressed file can need (4 float32 channels): an object larger than
+#: this times the pixel limit is refused before it is fetched.
+MAX_BYTES_PER_PIXEL = 16
 _PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 PathLike = str | os.PathLike
@@ -124,10 +129,20 @@ def _existing_file(path: PathLike | None, what: str) -> Source:
     if path is None:
         raise ValueError(f"no {what} file given")
     if is_url(str(path)):
-        fetched = _Fetched(str(path), read_bytes(str(path)))
-        if not fetched.data:
-            raise ValueError(f"{fetched}: empty file")
-        return fetched
+        url = str(path)
+        size = object_size(url)
+        if size is None:
+            raise ValueError(f"{url}: not a regular file")
+        if size == 0:
+            raise ValueError(f"{url}: empty file")
+        limit = MAX_BYTES_PER_PIXEL * max_image_pixels()
+        if size > limit:
+            raise ValueError(
+                f"{url}: {size:,} bytes, more than any file within the pixel limit can hold "
+                f"({limit:,} bytes: {MAX_BYTES_PER_PIXEL} bytes per pixel, {MAX_PIXELS_ENV}); "
+                "refusing to fetch it"
+            )
+        return _Fetched(url, read_bytes(url))
     p = Path(local_path(os.fspath(path)))
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")

@@ -19,6 +19,7 @@ a local symlink that leads out of the dataset. Object stores have no links.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import threading
@@ -62,18 +63,17 @@ def local_path(location: str) -> str:
 
 
 def split(url: str) -> tuple[str, str]:
-    """``(protocol, path)`` of a URL, the path without trailing ``/``.
+    """``(protocol, path)`` of a URL: the path as its filesystem writes it, no trailing ``/``.
 
     Raises:
-        ValueError: a URL without a path (``s3://``), naming it.
+        ValueError: a URL without a path (``s3://``), naming it, or a protocol that cannot be
+            read.
     """
     protocol, _, rest = url.partition("://")
     protocol = protocol.lower()
-    path = rest.rstrip("/")
-    if protocol in STORAGE_PROTOCOLS:
-        path = path.lstrip("/")
-    if not path.strip("/"):
+    if not rest.strip("/"):
         raise ValueError(f"{url!r}: a URL needs a bucket or folder (e.g. s3://bucket/line)")
+    path = filesystem(protocol)._strip_protocol(url).rstrip("/")
     return protocol, path
 
 
@@ -118,11 +118,15 @@ def url_inside(url: str, root: str) -> bool:
     if not (is_url(url) and is_url(root)):
         return False
     protocol, path = url.partition("://")[0].lower(), url.partition("://")[2]
-    root_protocol, root_path = split(root)
+    try:
+        root_protocol, root_path = split(root)
+    except ValueError:
+        return False
     if protocol != root_protocol:
         return False
-    if protocol in STORAGE_PROTOCOLS:
-        path = path.lstrip("/")
+    path = path.lstrip("/")
+    if root_path.startswith("/"):
+        path = "/" + path
     if not path.startswith(root_path + "/"):
         return False
     rest = path[len(root_path) + 1 :].split("/")
@@ -154,6 +158,26 @@ def is_folder(location: str) -> bool:
     protocol, path = split(location)
     fs = filesystem(protocol)
     return bool(_retried(lambda: fs.isdir(path), f"looking up {location}"))
+
+
+def content_digest(url: str, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of the object's bytes, read in chunks (never the store's ETag).
+
+    Raises:
+        FileNotFoundError: no object there.
+        OSError: the store refused the read.
+    """
+    protocol, path = split(url)
+    fs = filesystem(protocol)
+
+    def digest() -> str:
+        hashed = hashlib.sha256()
+        with fs.open(path, "rb", block_size=chunk) as handle:
+            while block := handle.read(chunk):
+                hashed.update(block)
+        return hashed.hexdigest()
+
+    return _retried(digest, f"reading {url}")
 
 
 def read_bytes(url: str) -> bytes:

@@ -221,3 +221,52 @@ def test_a_missing_bucket_or_prefix_is_an_error_naming_data(s3_env):
         check_dataset(f"{s3_env}/empty-prefix", "folder", None)
     with pytest.raises(UsageError, match="argument data: .*a bucket or folder"):
         check_dataset("s3://", "folder", None)
+
+
+def test_any_fsspec_url_reads_like_the_folder_on_disk(tmp_path):
+    import fsspec
+
+    local = tmp_path / "data"
+    category = _folder(local)
+    url = f"memory://musc-test-{tmp_path.name}/{category}"
+    fs = fsspec.filesystem("memory")
+    for folder, _, names in os.walk(local / category):
+        for name in names:
+            path = os.path.join(folder, name)
+            key = os.path.relpath(path, local / category).replace(os.sep, "/")
+            with open(path, "rb") as handle:
+                fs.pipe_file(f"{url}/{key}", handle.read())
+    try:
+        found_disk, _ = discover_line(str(local / category), "folder", category)
+        found_mem, aside = discover_line(url, "folder", category)
+        assert not aside and [s.record.name for s in found_mem] == [
+            s.record.name for s in found_disk
+        ]
+        assert [s.digests for s in found_mem] == [s.digests for s in found_disk]
+        assert all(s.record.image_path is None or s.record.image_path.startswith("memory://")
+                   for s in found_mem)
+        assert not sources.url_inside("memory:///elsewhere/a.png", url)
+    finally:
+        fs.rm(url, recursive=True)
+
+
+def test_objects_too_large_for_the_pixel_limit_are_not_fetched(tmp_path, monkeypatch):
+    import fsspec
+
+    from tasks import image_io
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://musc-test-{tmp_path.name}/big.png"
+    fs.pipe_file(url, image(tmp_path / "big.png").read_bytes())
+    fetched = []
+    monkeypatch.setattr(image_io, "read_bytes", lambda u: fetched.append(u) or b"")
+    monkeypatch.setenv("MUSC_MAX_IMAGE_PIXELS", "10")  # 160 bytes at 16 bytes per pixel
+    try:
+        with pytest.raises(ValueError, match=r"big.png: .* bytes, more than .*refusing to fetch"):
+            image_io.load_image(url)
+        assert fetched == []
+        fs.pipe_file(url, b"")
+        with pytest.raises(ValueError, match="big.png: empty file"):
+            image_io.load_image(url)
+    finally:
+        fs.rm(url)
