@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.machine import machine_info, machine_line
 from musc_core.config import MuscConfig
 from musc_core.decisions import flag_outliers
 from musc_core.metrics import image_metrics, pixel_metrics
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.2 <= args.rate <= 0.3:
         parser.error("--rate: the recurring-defect scenario is 20-30 % of the parts")
+    machine = machine_info()
     start = time.perf_counter()
     torch.manual_seed(0)
     config = MuscConfig(
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload = {
         "note": RANDOM_NOTE,
+        "machine": machine,
         "parts": args.parts,
         "rate": args.rate,
         "kind": args.kind,
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(table(results))
+    print(table(results) + "\n" + machine_line(machine))
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.machine import machine_info, machine_line
 from musc_core.config import MuscConfig
 from musc_core.decisions import Decision, flag_outliers, flag_samples
 from musc_core.rescoring import rscon
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args(argv)
+    machine = machine_info()
     start = time.perf_counter()
     pool = score_pool(Path(args.pool), args.pool_size, args.seed, args.modality)
     scored = time.perf_counter() - start
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload = {
         "note": RANDOM_NOTE,
+        "machine": machine,
         "pool": {
             "size": int(pool["labels"].size),
             "defective": int(pool["labels"].sum()),
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    text = table(results)
+    text = table(results) + "\n" + machine_line(machine) + "\n"
     if args.table:
         Path(args.table).write_text(text, encoding="utf-8")
     print(text)

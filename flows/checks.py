@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from musc_core.config import MuscConfig
+
+if TYPE_CHECKING:
+    from tasks.sources import ObjectPath
 
 #: MuscConfig fields and the options that set them, longest names first (for messages).
 CONFIG_OPTIONS = {
@@ -216,15 +220,48 @@ def _patch_size(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _dataset_folder(data: str) -> Path | ObjectPath:
+    """The dataset root as a folder (a URL root listed once), or a UsageError naming DATA."""
+    from tasks.sources import ObjectTree, is_url, local_path
+
+    if not is_url(data):
+        root = Path(local_path(data))
+        if not root.is_dir():
+            raise UsageError("data", f"no such folder {data!r}")
+        return root
+    from infra.storage import StorageUnreachable, redact, s3_endpoint_url, tcp_reachable
+
+    if data.partition("://")[0].lower() in ("s3", "s3a"):
+        endpoint = s3_endpoint_url() or "https://s3.amazonaws.com"
+        if not tcp_reachable(endpoint):
+            raise UsageError(
+                "data",
+                f"{data!r}: the S3 endpoint {endpoint} refuses connections or does not "
+                "resolve; start it or point MUSC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL at it",
+            )
+    try:
+        return ObjectTree.list(data).path()
+    except FileNotFoundError:
+        raise UsageError(
+            "data",
+            f"no objects below {data!r}: check the bucket and prefix (the credentials are "
+            "those of --storage: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+        ) from None
+    except (PermissionError, StorageUnreachable, ValueError) as error:
+        raise UsageError("data", f"{data!r} cannot be listed ({redact(str(error))})") from None
+
+
 def check_dataset(data: str, data_format: str, category: str | None) -> None:
     """The dataset root exists and, for a named category, holds it.
 
+    A URL root (``s3://bucket/prefix``) must hold objects; it is listed with the storage
+    layer's credentials (:mod:`tasks.sources`).
+
     Raises:
-        UsageError: no such folder, or no such category (the ones present are listed).
+        UsageError: no such folder (no object below the URL), or no such category (the ones
+            present are listed).
     """
-    root = Path(data)
-    if not root.is_dir():
-        raise UsageError("data", f"no such folder {data!r}")
+    root = _dataset_folder(data)
     if category in (None, "all") or data_format in ("folder", "visa"):
         return
     if (root / category).is_dir() or root.name == category:

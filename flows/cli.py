@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch ids forming the bank (default: the latest --bank-nights)")
     new.add_argument("--bank-nights", type=int, default=1,
                      help="how many of the line's latest batches form the bank (1)")
+    new.add_argument("--naive-bank", action="store_true",
+                     help="keep every bank sample as a reference, flagged ones included "
+                     "(default: flagged, not cleared, and confirmed defects are left out)")
     new.add_argument("--out", default=None,
                      help="output folder or s3:// prefix (default <storage>/results/<line>/new-…)")
     new.add_argument("--reference-budget", type=int, default=None,
@@ -728,6 +731,7 @@ def _run_score_new(args: argparse.Namespace) -> int:
             workers=args.workers,
             device=args.device,
             record_as=args.record_as,
+            clean_bank=not args.naive_bank,
         )
     )
     if summary.get("random_weights"):

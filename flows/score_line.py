@@ -59,7 +59,7 @@ class LineRequest:
     """Everything one run of a line needs, resolved from the flow's parameters.
 
     Attributes:
-        data: dataset root (local path).
+        data: dataset root (local path, or an ``s3://bucket/prefix`` or other fsspec URL).
         data_format: dataset format.
         category: the category to read (the line's samples).
         line: the production line's name (for batch records and results).
@@ -374,7 +374,7 @@ def score_line(
     """Score one production line: every sample against the others (and the rolling bank).
 
     Args:
-        data: dataset root (local path).
+        data: dataset root (local path, or an ``s3://bucket/prefix`` or other fsspec URL).
         data_format: ``mvtec3d``, ``eyecandies``, ``mvtec``, ``visa``, ``btad``, ``mpdd`` or
             ``folder``.
         category: the category to score; default: the dataset's only one (``folder``: the

@@ -15,8 +15,11 @@ line's latest N):
   features are those of their own batch run, read from their cached reductions (the bank is
   never reduced again). A bank sample whose scored inputs (image / XYZ bytes, hence its
   prepared image and XYZ-map keys) equal a new part's is left out of the bank, whatever its
-  mask or label, so scoring a sample of a batch against the rest of that batch gives that
-  batch run's map, score and RsCon score for it;
+  mask or label, so scoring a sample of a batch against the rest of that batch with the
+  naive bank (``clean_bank=False``) gives that batch run's map, score and RsCon score for it;
+- the bank is clean by default, like the batch run's rolling bank: a bank sample flagged in
+  its night is no reference unless an operator cleared it (``musc verdict LINE SAMPLE ok``),
+  and a confirmed defect never is (:func:`tasks.verdicts.clean_records`);
 - a part is flagged when its RsCon score exceeds the robust threshold of the bank's RsCon
   scores in the same pool; the pixel threshold comes from the bank's map maxima.
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -66,6 +69,8 @@ from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
 from tasks.results import RunInfo
 from tasks.runtime import Runtime, identify_backbones
+from tasks.sources import is_folder, is_url
+from tasks.verdicts import clean_records, read_verdicts
 
 
 class BankNotUsable(RuntimeError):
@@ -109,6 +114,8 @@ class NewPartsRequest:
     reference_budget: int | None
     device: str
     record_as: str | None
+    clean_bank: bool
+    bank_left_out: dict[str, dict[str, str]]
 
 
 def part_records(
@@ -152,8 +159,11 @@ def part_name(path: str) -> str:
     A relative path is kept as written (normalized: ``./`` and ``..`` resolved textually);
     an absolute path below the current folder is taken relative to it, any other absolute
     path is kept whole (without its leading ``/``). So ``crack/rgb/000.png`` is
-    ``crack/rgb/000``, never just ``000``.
+    ``crack/rgb/000``, never just ``000``. An object's URL gives its path in the store
+    (``s3://bucket/day/000.png`` is ``bucket/day/000``).
     """
+    if is_url(path):
+        return PurePosixPath(path.partition("://")[2].strip("/")).with_suffix("").as_posix()
     given = Path(os.path.normpath(path))
     if given.is_absolute():
         try:
@@ -168,7 +178,7 @@ def discover_parts(
 ) -> tuple[list[DiscoveredSample], list[SetAside]]:
     """The new parts with their input digests; unreadable ones set aside."""
     inputs = list(request.inputs)
-    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+    if len(inputs) == 1 and is_folder(inputs[0]):
         if request.xyz:
             raise ValueError("with a folder, XYZ maps are found in it: do not pass --xyz")
         category = request.category
@@ -292,6 +302,8 @@ def score_new_stages(request: NewPartsRequest) -> dict:
             "format": fmt,
             "storage": request.storage,
             "reference_budget": request.reference_budget,
+            "bank_policy": "clean" if request.clean_bank else "every sample",
+            "bank_left_out": request.bank_left_out,
         },
     )
     result, summary = report_run(
@@ -310,7 +322,10 @@ def score_new_stages(request: NewPartsRequest) -> dict:
         record = batch_record(
             line_request, identities, new_blocks, set_aside, bank_ids, result, new_reduced
         )
-        record_batch.submit(request.storage, {**record, "scored_against_bank": True}).result()
+        record_batch.submit(
+            request.storage,
+            {**record, "scored_against_bank": True, "bank_left_out": request.bank_left_out},
+        ).result()
         summary["recorded"] = request.record_as
     return summary
 
@@ -335,6 +350,7 @@ def score_new(
     workers: int = 1,
     device: str = "auto",
     record_as: str | None = None,
+    clean_bank: bool = True,
 ) -> dict:
     """Score new parts of a line against its recorded batches' cached entries.
 
@@ -361,11 +377,18 @@ def score_new(
         device: ``auto``, ``cpu`` or ``cuda:N``.
         record_as: record the new parts as a batch of the line under this id (default: no
             record; new parts are not a night's batch).
+        clean_bank: leave out of the bank the samples flagged in their night (unless an
+            operator cleared them with a verdict ``ok``) and those confirmed defective, as the
+            batch run's rolling bank does (:func:`tasks.verdicts.clean_records`); what was
+            left out is in ``run.json`` (``bank_left_out``).
 
     Returns:
         The run summary (as ``score_line``'s; ``bank`` lists the bank's batches).
     """
     records = choose_bank(storage, line, bank, bank_nights)
+    left_out: dict[str, dict[str, str]] = {}
+    if clean_bank:
+        records, left_out = clean_records(records, read_verdicts(storage, line))
     latest = records[0]
     config = config_from_record(latest)
     if flag_mad_k is not None:
@@ -395,6 +418,8 @@ def score_new(
         reference_budget=reference_budget,
         device=device,
         record_as=record_as,
+        clean_bank=clean_bank,
+        bank_left_out=left_out,
     )
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")

@@ -44,6 +44,11 @@ and ``a.jpg``) give two records of that name: discovery sets both aside.
 Links: a run reads only below its dataset root. Folder symlinks are not followed when a
 folder is searched recursively; a file symlink is read only when it resolves inside the
 root (:func:`inside_root`; discovery sets the others aside with a message).
+
+Object storage: the root may be an fsspec URL (``s3://bucket/prefix``, see
+:mod:`tasks.sources`). The objects below it are listed once and read through the same
+readers; records then hold the objects' URLs, and a URL counts as inside the root only when
+it lies below the prefix with no empty, ``.`` or ``..`` segment (:func:`tasks.sources.url_inside`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from tasks.image_io import (
     load_mask,
     load_xyz,
 )
+from tasks.sources import ObjectPath, ObjectTree, is_url, local_path, url_inside
 
 __all__ = [
     "FORMATS",
@@ -135,8 +141,22 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
 
 
-def _check_root(root: PathLike) -> Path:
-    path = Path(root)
+#: A dataset file or folder: a local path, or a path in an object listing (a URL root).
+DataPath = Path | ObjectPath
+
+
+def _check_root(root: PathLike) -> DataPath:
+    """The dataset root as a folder; a URL root is listed here (once).
+
+    Raises:
+        FileNotFoundError: no such folder, or no object below the URL.
+        NotADirectoryError: a local root that is a file.
+    """
+    if isinstance(root, ObjectPath):
+        return root
+    if is_url(str(root)):
+        return ObjectTree.list(str(root)).path()
+    path = Path(local_path(str(root)))
     if not path.exists():
         raise FileNotFoundError(f"{path}: dataset root not found")
     if not path.is_dir():
@@ -144,15 +164,15 @@ def _check_root(root: PathLike) -> Path:
     return path
 
 
-def _visible(path: Path) -> bool:
+def _visible(path: DataPath) -> bool:
     return not path.name.startswith(".")
 
 
-def _subdirs(path: Path) -> list[Path]:
+def _subdirs(path: DataPath) -> list[DataPath]:
     return sorted(p for p in path.iterdir() if p.is_dir() and _visible(p))
 
 
-def _files(path: Path, suffixes: Iterable[str]) -> list[Path]:
+def _files(path: DataPath, suffixes: Iterable[str]) -> list[DataPath]:
     """Visible regular files of a folder with one of the suffixes (any case), sorted."""
     if not path.is_dir():
         return []
@@ -162,8 +182,14 @@ def _files(path: Path, suffixes: Iterable[str]) -> list[Path]:
     )
 
 
-def inside_root(path: PathLike, root: PathLike) -> bool:
-    """Whether a file, links resolved, lies below the (resolved) dataset root."""
+def inside_root(path: PathLike | ObjectPath, root: PathLike | ObjectPath) -> bool:
+    """Whether a file, links resolved, lies below the (resolved) dataset root.
+
+    For URLs (object storage), by the literal path: :func:`tasks.sources.url_inside`.
+    """
+    if is_url(str(root)) or is_url(str(path)):
+        return url_inside(str(path), str(root))
+    root = local_path(str(root))
     try:
         Path(path).resolve().relative_to(Path(root).resolve())
     except ValueError:
@@ -171,7 +197,7 @@ def inside_root(path: PathLike, root: PathLike) -> bool:
     return True
 
 
-def _all_by_stem(files: Iterable[Path]) -> dict[str, list[Path]]:
+def _all_by_stem(files: Iterable[DataPath]) -> dict[str, list[DataPath]]:
     """Every file (sorted order) of each stem."""
     out: dict[str, list[Path]] = {}
     for path in sorted(files):
@@ -179,7 +205,7 @@ def _all_by_stem(files: Iterable[Path]) -> dict[str, list[Path]]:
     return out
 
 
-def _by_stem(files: Iterable[Path]) -> dict[str, Path]:
+def _by_stem(files: Iterable[DataPath]) -> dict[str, DataPath]:
     """First file (sorted order) of each stem."""
     out: dict[str, Path] = {}
     for path in sorted(files):
@@ -187,11 +213,11 @@ def _by_stem(files: Iterable[Path]) -> dict[str, Path]:
     return out
 
 
-def _root_name(root: Path) -> str:
+def _root_name(root: DataPath) -> str:
     return root.resolve().name
 
 
-def _category_dir(root: Path, fmt: str, category: str) -> Path:
+def _category_dir(root: DataPath, fmt: str, category: str) -> DataPath:
     """The folder of one category: ``<root>/<category>``, or the root itself if it is one."""
     marker = Path(*_MARKERS[fmt])
     candidate = root / category
@@ -206,11 +232,11 @@ def _category_dir(root: Path, fmt: str, category: str) -> Path:
     raise FileNotFoundError(f"{candidate}: category folder not found ({fmt} layout)")
 
 
-def _str(path: Path | None) -> str | None:
+def _str(path: DataPath | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _sorted_records(records: list[SampleRecord], where: Path, fmt: str) -> list[SampleRecord]:
+def _sorted_records(records: list[SampleRecord], where: DataPath, fmt: str) -> list[SampleRecord]:
     if not records:
         raise ValueError(f"{where}: no samples found ({fmt} layout)")
     return sorted(records, key=lambda r: (r.name, r.image_path or "", r.xyz_path or ""))
@@ -220,7 +246,7 @@ def _sorted_records(records: list[SampleRecord], where: Path, fmt: str) -> list[
 # MVTec 3D-AD
 
 
-def _read_mvtec3d(root: Path, category: str) -> list[SampleRecord]:
+def _read_mvtec3d(root: DataPath, category: str) -> list[SampleRecord]:
     test = _category_dir(root, "mvtec3d", category) / "test"
     defects = _subdirs(test)
     if not defects:
@@ -259,16 +285,16 @@ def _read_mvtec3d(root: Path, category: str) -> list[SampleRecord]:
 # Eyecandies
 
 
-def _mask_label(path: Path | None, root: Path) -> int | None:
+def _mask_label(path: DataPath | None, root: DataPath) -> int | None:
     if path is None or not inside_root(path, root):
         return None
     try:
-        return int(load_mask(path).any())
+        return int(load_mask(str(path)).any())
     except (ValueError, OSError):
         return None
 
 
-def _read_eyecandies(root: Path, category: str) -> list[SampleRecord]:
+def _read_eyecandies(root: DataPath, category: str) -> list[SampleRecord]:
     data = _category_dir(root, "eyecandies", category) / "test_public" / "data"
     image_suffix, depth_suffix = "_image_0.png", "_depth.png"
     names = [p.name for p in data.iterdir() if p.is_file() and _visible(p)]
@@ -278,7 +304,7 @@ def _read_eyecandies(root: Path, category: str) -> list[SampleRecord]:
     )
     present = set(names)
 
-    def file(sample_id: str, suffix: str) -> Path | None:
+    def file(sample_id: str, suffix: str) -> DataPath | None:
         name = f"{sample_id}{suffix}"
         return data / name if name in present else None
 
@@ -305,7 +331,7 @@ def _read_eyecandies(root: Path, category: str) -> list[SampleRecord]:
 
 
 def _read_mvtec_like(
-    root: Path,
+    root: DataPath,
     fmt: str,
     category: str,
     good_names: tuple[str, ...],
@@ -352,12 +378,12 @@ _VISA_LABELS = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "anomalous": 1, "b
 _VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
 
-def _visa_rows(root: Path) -> tuple[Path, list[tuple[int, dict[str, str]]]]:
+def _visa_rows(root: DataPath) -> tuple[DataPath, list[tuple[int, dict[str, str]]]]:
     """The split CSV path and its test rows with their line numbers."""
     csv_path = root.joinpath(*VISA_SPLIT_CSV)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: VisA split CSV not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+    with csv_path.open("r", newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = [h.strip() for h in reader.fieldnames or []]
         missing = [c for c in _VISA_COLUMNS if c not in header]
@@ -380,7 +406,7 @@ def _visa_name(image: str, obj: str) -> str:
     return "/".join(parts)
 
 
-def _list_visa(root: Path) -> list[str]:
+def _list_visa(root: DataPath) -> list[str]:
     csv_path, rows = _visa_rows(root)
     objects = sorted({row["object"] for _, row in rows})
     if not objects:
@@ -388,7 +414,7 @@ def _list_visa(root: Path) -> list[str]:
     return objects
 
 
-def _read_visa(root: Path, category: str) -> list[SampleRecord]:
+def _read_visa(root: DataPath, category: str) -> list[SampleRecord]:
     csv_path, rows = _visa_rows(root)
     records = []
     for line, row in rows:
@@ -419,7 +445,7 @@ def _read_visa(root: Path, category: str) -> list[SampleRecord]:
 # generic folder
 
 
-def _is_xyz_tiff(path: Path, root: Path) -> bool:
+def _is_xyz_tiff(path: DataPath, root: DataPath) -> bool:
     """True for a TIFF whose first series is (H, W, 3) or (3, H, W) floating-point data.
 
     A link to a file outside the root is not opened (it is taken as an image, which
@@ -428,7 +454,8 @@ def _is_xyz_tiff(path: Path, root: Path) -> bool:
     if not inside_root(path, root):
         return False
     try:
-        with tifffile.TiffFile(path) as tif:
+        source = path.open("rb") if isinstance(path, ObjectPath) else path
+        with tifffile.TiffFile(source) as tif:
             series = tif.series[0]
             shape, dtype = tuple(series.shape), series.dtype
     except Exception:  # unreadable: treat as an image; the loader will report it
@@ -451,8 +478,12 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
 
 
 def _closest(
-    image: Path, stems: tuple[str, ...], index: dict[str, list[Path]], root: Path, what: str
-) -> Path | None:
+    image: DataPath,
+    stems: tuple[str, ...],
+    index: dict[str, list[DataPath]],
+    root: DataPath,
+    what: str,
+) -> DataPath | None:
     """The candidate with one of the stems sharing the longest folder prefix with the image."""
     candidates = [p for s in stems for p in index.get(s, [])]
     if not candidates:
@@ -467,12 +498,21 @@ def _closest(
     return winners[0]
 
 
-def _walk(line_dir: Path) -> list[Path]:
+def _walk(line_dir: DataPath) -> list[DataPath]:
     """Every visible file below the folder (hidden files and folders skipped), sorted.
 
     Folder symlinks are not followed (no loops, nothing outside the tree); file symlinks are
-    listed, even dangling ones, so that discovery reports them.
+    listed, even dangling ones, so that discovery reports them. Below a URL: every listed
+    object (hidden names skipped).
     """
+    if isinstance(line_dir, ObjectPath):
+        return [
+            p for p in line_dir.walk_files()
+            if not any(
+                part.startswith(".") and part not in (".", "..")
+                for part in p.relative_to(line_dir).parts
+            )
+        ]
     files = []
     for folder, subfolders, names in os.walk(line_dir, followlinks=False):
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
@@ -484,7 +524,7 @@ def _walk(line_dir: Path) -> list[Path]:
     return sorted(files)
 
 
-def _read_folder(root: Path, category: str) -> list[SampleRecord]:
+def _read_folder(root: DataPath, category: str) -> list[SampleRecord]:
     if (root / category).is_dir():
         line_dir = root / category
     elif _root_name(root) == category:
@@ -569,7 +609,7 @@ def folder_mask_key(relative: PurePosixPath, is_mask: bool) -> tuple[str, ...]:
 
 
 def _with_masks(
-    records: list[SampleRecord], masks: list[Path], line_dir: Path
+    records: list[SampleRecord], masks: list[DataPath], line_dir: DataPath
 ) -> list[SampleRecord]:
     """The records with their masks found by :func:`folder_mask_key`; ambiguities noted."""
     index: dict[tuple[str, ...], list[Path]] = {}

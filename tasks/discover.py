@@ -9,6 +9,7 @@ from prefect import task
 
 from tasks.datasets import SampleRecord, inside_root, read_dataset
 from tasks.prepare import SetAside, main_file, record_files, split_duplicates
+from tasks.sources import content_digest, is_url
 from tasks.stage import TASK_OPTIONS
 
 #: Record fields naming input files, and the role each file's digest is filed under.
@@ -41,6 +42,9 @@ class DiscoveredSample:
 def input_digests(record: SampleRecord, chunk: int = 1 << 22) -> dict[str, str]:
     """SHA-256 of each of a record's input files, hex, by role.
 
+    An object's URL (object storage) is hashed from the object's bytes, never from the
+    store's checksum (an S3 ETag is not a content hash for multipart uploads).
+
     Raises:
         OSError: a file cannot be read (the message names it).
     """
@@ -48,6 +52,9 @@ def input_digests(record: SampleRecord, chunk: int = 1 << 22) -> dict[str, str]:
     for field, role in FILE_ROLES.items():
         path = getattr(record, field)
         if path is None:
+            continue
+        if is_url(path):
+            digests[role] = content_digest(path)
             continue
         file_hash = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -65,10 +72,11 @@ def discover_line(
     Set aside here: samples sharing a name (all of them, see
     :func:`tasks.prepare.split_duplicates`), samples whose mask is ambiguous (the reader's
     ``mask_problem``), samples with a file that resolves outside the
-    dataset root (a symlink to elsewhere: not read), and files that cannot be read.
+    dataset root (a symlink to elsewhere, or an object URL outside the prefix or with a
+    ``..`` segment: not read), and files that cannot be read.
 
     Args:
-        data: dataset root (local path).
+        data: dataset root (local path, or a URL: ``s3://bucket/prefix``).
         fmt: dataset format (see :data:`tasks.datasets.FORMATS`).
         category: the line (category) to read.
 
@@ -83,7 +91,8 @@ def discover_line(
             continue
         outside = [f for f in record_files(record) if not inside_root(f, data)]
         if outside:
-            problem = f"{outside[0]}: links outside the dataset root {data}; not read"
+            how = "lies outside" if is_url(data) else "links outside"
+            problem = f"{outside[0]}: {how} the dataset root {data}; not read"
             set_aside.append(SetAside(record.name, main_file(record), problem))
             continue
         try:

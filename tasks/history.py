@@ -1,11 +1,14 @@
 """The line's history: one self-contained HTML page with every night of a line.
 
-``<storage>/results/<line>/history.html`` (next to the nights' result folders) shows, per
+``<storage>/results/<line>/history.html`` — the folder that holds each night's default result
+folder ``<storage>/results/<line>/<batch>``, whatever ``--out`` a night used — shows, per
 recorded batch: N scored, set aside, flagged, the quantiles of the scores before RsCon (map
 maxima, comparable across nights; RsCon normalizes each pool), the flag threshold, the
 operators' verdicts, the drift from the bank and a link to the night's report; and two inline
 SVG plots over time (score quantiles; flagged and set-aside counts). Like the run report it
-has no script and no external asset, and every string from the records is escaped.
+has no script and no external asset, and every string from the records is escaped. Links
+between the page and the nights' reports are relative where both lie in that folder
+(:func:`history_link`), so they work when the folder is copied or served.
 
 Drift (:func:`musc_core.decisions.score_drift`): the median of a night's scores minus the
 median of its bank's scores (the earlier nights it was scored with), in robust sigmas of the
@@ -19,10 +22,13 @@ import html
 import io
 import json
 import math
+import posixpath
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from infra.storage import split_url
 from musc_core.decisions import DRIFT_K, score_drift
 from tasks.batches import list_batches, read_batch_record
 from tasks.outputs import ResultStore, safe_file_stem
@@ -42,7 +48,8 @@ class Night:
         threshold: flag threshold on the RsCon scores (None if unknown).
         verdicts: ``{sample: verdict}`` of the operators on this batch.
         drift: median shift from the bank in robust sigmas (None without a bank).
-        report: location of the night's report ("" if unknown).
+        report: link to the night's report: relative to the page when the report lies in
+            the page's folder (``<batch>/report.html``), else its URL ("" if unknown).
     """
 
     batch: str
@@ -75,6 +82,28 @@ def _read_run(out: str) -> tuple[dict, dict[str, float]]:
         entry = dict(zip(header, row, strict=False))
         scores[entry["name"]] = float(entry["score"])
     return run, scores
+
+
+def _line_folder(storage: str, line: str) -> tuple[str, str]:
+    """(protocol, path) of the folder holding the history page and the default results."""
+    protocol, root = split_url(storage)
+    return protocol, posixpath.dirname(f"{root}/{history_location(storage, line)}")
+
+
+def _report_link(storage: str, line: str, report: str) -> str:
+    """A night's report as the history page links it.
+
+    Relative when the report lies in the page's folder (``<batch>/report.html``: the link
+    survives copying or serving the folder), else its location as a URL (``file://`` for a
+    local path).
+    """
+    if not report:
+        return ""
+    protocol, folder = _line_folder(storage, line)
+    report_protocol, path = split_url(report)
+    if report_protocol == protocol and path.startswith(folder + "/"):
+        return path[len(folder) + 1 :]
+    return report if "://" in report else Path(report).as_uri()
 
 
 def line_nights(storage: str, line: str) -> list[Night]:
@@ -111,7 +140,7 @@ def line_nights(storage: str, line: str) -> list[Night]:
                 threshold=None if threshold is None else float(threshold),
                 verdicts={s: v["verdict"] for (b, s), v in verdicts.items() if b == batch},
                 drift=drift,
-                report=str(run.get("outputs", {}).get("report", "")),
+                report=_report_link(storage, line, str(run.get("outputs", {}).get("report", ""))),
             )
         )
     return nights
@@ -253,6 +282,29 @@ def render_history(line: str, nights: list[Night], drift_limit: float = DRIFT_K)
 def history_location(storage: str, line: str) -> str:
     """Where the history page of a line goes: ``<storage>/results/<line>/history.html``."""
     return f"results/{safe_file_stem(line)}/history.html"
+
+
+def history_link(storage: str, line: str, out: str) -> str:
+    """How a night's report links to the line's history page.
+
+    The page is ``<storage>/results/<line>/history.html``, the folder that holds each
+    night's default result folder (``<storage>/results/<line>/<batch>``). A report written
+    there links to it relatively (``../history.html``: the link survives copying or serving
+    the results folder); a report written elsewhere (``--out``) links to the page's location.
+
+    Args:
+        storage: storage root.
+        line: the line.
+        out: the night's output prefix.
+
+    Returns:
+        ``"../history.html"`` or the page's location (local path or URL).
+    """
+    protocol, folder = _line_folder(storage, line)
+    out_protocol, out_root = split_url(out)
+    if out_protocol == protocol and posixpath.dirname(out_root) == folder:
+        return "../history.html"
+    return ResultStore(storage).location(history_location(storage, line))
 
 
 def write_history(storage: str, line: str) -> str:

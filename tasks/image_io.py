@@ -15,13 +15,20 @@ file, its size and the limit. Decoding and preprocessing take about 30 bytes per
 measured on a 16 Mpx RGB PNG), so a worker needs at most about 1 GB for one sample at the
 default limit, whatever the file claims. Pillow's own guard still refuses images above twice
 its ``Image.MAX_IMAGE_PIXELS`` (about 179 million pixels) whatever the limit.
+
+A path may also be an object's URL (``s3://bucket/key``, see :mod:`tasks.sources`): its bytes
+are fetched once and decoded from memory, with the same checks and messages (the URL named).
+An object larger than :data:`MAX_BYTES_PER_PIXEL` times the pixel limit (512 MiB by default)
+is refused before it is fetched.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import tifffile
@@ -29,12 +36,16 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from musc_core.preprocess_image import to_rgb_uint8
+from tasks.sources import is_url, local_path, object_size, read_bytes
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: Largest image (width x height) decoded by default: 32 Mi pixels, e.g. 8192 x 4096.
 DEFAULT_MAX_IMAGE_PIXELS = 32 * 1024 * 1024
 #: Environment variable that overrides :data:`DEFAULT_MAX_IMAGE_PIXELS`.
 MAX_PIXELS_ENV = "MUSC_MAX_IMAGE_PIXELS"
+#: Bytes per pixel an uncompressed file can need (4 float32 channels): an object larger than
+#: this times the pixel limit is refused before it is fetched.
+MAX_BYTES_PER_PIXEL = 16
 _PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 PathLike = str | os.PathLike
@@ -58,7 +69,7 @@ def max_image_pixels() -> int:
     return limit
 
 
-def _check_pixels(path: Path, width: int, height: int) -> None:
+def _check_pixels(path: Source, width: int, height: int) -> None:
     """Refuse a file whose header announces more pixels than the limit (before decoding)."""
     limit = max_image_pixels()
     if width * height > limit:
@@ -86,11 +97,53 @@ def _tiff_size(shape: tuple[int, ...]) -> tuple[int, int]:
     return dims[-1], math.prod(dims[:-1])
 
 
-def _existing_file(path: PathLike | None, what: str) -> Path:
-    """The path as a ``Path`` after checking it names a non-empty regular file."""
+@dataclass(frozen=True)
+class _Fetched:
+    """An object's bytes, fetched from its URL; ``str()`` is the URL (for messages)."""
+
+    url: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.url).suffix
+
+    def read_text(self, encoding: str) -> str:
+        return self.data.decode(encoding)
+
+
+#: A checked input file: a local path, or an object's fetched bytes.
+Source = Path | _Fetched
+
+
+def _handle(source: Source) -> Path | io.BytesIO:
+    """What a decoder opens: the local path, or the bytes in memory."""
+    return io.BytesIO(source.data) if isinstance(source, _Fetched) else source
+
+
+def _existing_file(path: PathLike | None, what: str) -> Source:
+    """The path after checking it names a non-empty regular file (a URL: its bytes fetched)."""
     if path is None:
         raise ValueError(f"no {what} file given")
-    p = Path(path)
+    if is_url(str(path)):
+        url = str(path)
+        size = object_size(url)
+        if size is None:
+            raise ValueError(f"{url}: not a regular file")
+        if size == 0:
+            raise ValueError(f"{url}: empty file")
+        limit = MAX_BYTES_PER_PIXEL * max_image_pixels()
+        if size > limit:
+            raise ValueError(
+                f"{url}: {size:,} bytes, more than any file within the pixel limit can hold "
+                f"({limit:,} bytes: {MAX_BYTES_PER_PIXEL} bytes per pixel, {MAX_PIXELS_ENV}); "
+                "refusing to fetch it"
+            )
+        return _Fetched(url, read_bytes(url))
+    p = Path(local_path(os.fspath(path)))
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
     if not p.is_file():
@@ -100,7 +153,7 @@ def _existing_file(path: PathLike | None, what: str) -> Path:
     return p
 
 
-def _channels_last(array: np.ndarray, path: Path) -> np.ndarray:
+def _channels_last(array: np.ndarray, path: Source) -> np.ndarray:
     """(H, W) or (H, W, C) array; planar (C, H, W) TIFF data is transposed."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)
@@ -111,14 +164,14 @@ def _channels_last(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(path: Source) -> np.ndarray:
     """First image series of a TIFF (all its pages: planar data may span several).
 
     The series' shape is read from the header first: an image above the pixel limit is
     refused before any pixel is decoded.
     """
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(_handle(path)) as tif:
             if not tif.series:
                 raise ValueError("no image in the file")
             series = tif.series[0]
@@ -132,14 +185,14 @@ def _read_tiff(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: cannot read TIFF ({error})") from error
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(path: Source) -> np.ndarray:
     """Decode with Pillow, keeping 16-bit gray as uint16 and dropping palettes.
 
     Returns:
         (H, W) uint8/uint16/int32/float32 or (H, W, 2|3|4) uint8.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(_handle(path)) as image:
             _check_pixels(path, *image.size)  # from the header, before decoding
             image.load()
             mode = image.mode
@@ -168,7 +221,7 @@ def _read_pil(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: cannot decode image, truncated or damaged ({error})") from error
 
 
-def _decode(path: PathLike, what: str) -> tuple[Path, np.ndarray]:
+def _decode(path: PathLike, what: str) -> tuple[Source, np.ndarray]:
     """Checked path and its decoded pixel array (channels last)."""
     p = _existing_file(path, what)
     raw = _read_tiff(p) if p.suffix.lower() in TIFF_SUFFIXES else _read_pil(p)
@@ -273,7 +326,7 @@ def load_xyz(path: PathLike) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _depth_range(info: object, path: Path) -> tuple[float, float]:
+def _depth_range(info: object, path: Source) -> tuple[float, float]:
     """(min, max) from an info_depth.yaml mapping: under ``normalization`` or at top level."""
     if not isinstance(info, dict):
         raise ValueError(f"{path}: expected a YAML mapping with the depth min/max")
@@ -292,10 +345,11 @@ def _depth_range(info: object, path: Path) -> tuple[float, float]:
     return low, high
 
 
-def _read_pose(path: Path) -> np.ndarray:
+def _read_pose(path: Source) -> np.ndarray:
     """4x4 camera pose from a whitespace-separated text matrix (3x4 gets [0 0 0 1])."""
     try:
-        pose = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        text = io.StringIO(path.data.decode("utf-8")) if isinstance(path, _Fetched) else path
+        pose = np.loadtxt(text, dtype=np.float64, ndmin=2)
     except Exception as error:
         raise ValueError(f"{path}: cannot read the pose matrix ({error})") from error
     if pose.shape == (3, 4):

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from infra.storage import open_filesystem, split_url, with_retries
@@ -38,45 +37,6 @@ def safe_file_stem(name: str) -> str:
     parts = [_UNSAFE.sub("_", p) for p in re.split(r"[/\\]+", name) if p not in ("", ".", "..")]
     stem = "__".join(p for p in parts if p).lstrip(".")
     return stem or "sample"
-
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to the 'jet' colour map.
-
-    Args:
-        values: (H, W) floats in [0, 1].
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    channels = np.concatenate(
-        [
-            np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0),
-            np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0),
-            np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0),
-        ],
-        axis=-1,
-    )
-    return (channels * 255.0).round().astype(np.uint8)
-
-
-def overlay(image: torch.Tensor | None, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a heat map (already in [0, 1]) over an image, or return the heat map alone.
-
-    Args:
-        image: (3, S, S) float in [0, 1], or None (3D-only lines).
-        heat: (S, S) in [0, 1].
-        alpha: weight of the heat map.
-
-    Returns:
-        (S, S, 3) uint8.
-    """
-    colours = jet(heat).astype(np.float32)
-    if image is None:
-        return colours.astype(np.uint8)
-    base = image.permute(1, 2, 0).numpy() * 255.0
-    return np.clip((1 - alpha) * base + alpha * colours, 0, 255).round().astype(np.uint8)
 
 
 class ResultStore:

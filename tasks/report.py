@@ -158,7 +158,8 @@ class ReportData:
         config: configuration fields (``MuscConfig.as_dict()`` and run options).
         flag_note: why the batch could not set a flag threshold (shown as a warning), or None.
         drift_note: the drift warning (tonight's scores moved from the bank's), or None.
-        history: location of the line's history page (linked from the header), or None.
+        history: the line's history page (linked from the header): a location (local path
+            or URL) or a link relative to the report (``../history.html``), or None.
     """
 
     line: str
@@ -632,7 +633,8 @@ def _header_section(data: ReportData) -> str:
     ]
     facts += [(f"backbone {_esc(k)}", _esc(v)) for k, v in data.backbones.items()]
     if data.history:
-        href = data.history if "://" in data.history else Path(data.history).as_uri()
+        absolute = "://" not in data.history and Path(data.history).is_absolute()
+        href = Path(data.history).as_uri() if absolute else data.history
         facts.append(("line history", f'<a href="{_esc(href)}">all nights of the line</a>'))
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     banner = ""

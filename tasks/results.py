@@ -33,9 +33,10 @@ from musc_core.metrics import f1_optimal_threshold
 from musc_core.rescoring import rscon
 from tasks.artifacts import publish_artifacts
 from tasks.cache import FeatureCache
+from tasks.colormap import blend_heat
 from tasks.evaluate import line_metrics
-from tasks.history import history_location
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, overlay, unique_stems
+from tasks.history import history_link
+from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, unique_stems
 from tasks.plan import PoolSample
 from tasks.prepare import SetAside
 from tasks.report import ReportData, ReportSample, rank_samples, render_report
@@ -135,7 +136,10 @@ def _write_sample_files(
 ) -> None:
     """Map (.npy) and overlay (.png, one colour scale for the line) of every sample.
 
-    Images are read one at a time, so memory does not grow with the line beyond the maps.
+    The overlay is the report's: the inferno heat map blended over the image, more opaque
+    where the map is higher (:func:`tasks.colormap.blend_heat`); the bare heat map for
+    3D-only lines. Images are read one at a time, so memory does not grow with the line
+    beyond the maps.
     """
     low, high = float(maps.min()), float(maps.max())
     scale = (high - low) or 1.0
@@ -143,7 +147,10 @@ def _write_sample_files(
         store.write_npy(f"maps/{stem}.npy", maps[index].astype(np.float32))
         image = _prepared_array(cache, sample.keys.prepared.image, "image")
         heat = (maps[index] - low) / scale
-        picture = overlay(None if image is None else torch.from_numpy(image), heat)
+        base = None
+        if image is not None:
+            base = (np.clip(np.transpose(image, (1, 2, 0)), 0, 1) * 255).round().astype(np.uint8)
+        picture = blend_heat(base, heat)
         store.write_png(f"overlays/{stem}.png", picture)
 
 
@@ -251,11 +258,7 @@ def report_line(
         shift, drifted, limit = score_drift(before, scores[current:].numpy())
         drift = {"shift": shift, "drifted": drifted, "limit": limit}
     storage = info.settings.get("storage")
-    history = (
-        ResultStore(storage).location(history_location(storage, info.line))
-        if isinstance(storage, str)
-        else None
-    )
+    history = history_link(storage, info.line, info.out) if isinstance(storage, str) else None
     samples = [
         ReportSample(
             name=sample.name,

@@ -1,6 +1,7 @@
 """Flow tests: one local Prefect server for the session, small synthetic lines, helpers."""
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -100,3 +101,17 @@ def assert_matches(summary, reference, names, map_atol, score_atol):
 
 def identities():
     return backbone_identities(SPEC, small_config())
+
+
+def upload_tree(local_root, url):
+    """Every file below ``local_root`` as an object below ``url`` (same relative keys)."""
+    from infra.storage import open_filesystem
+
+    fs, root = open_filesystem(url)
+    for folder, _, names in os.walk(local_root):
+        for name in names:
+            path = os.path.join(folder, name)
+            key = os.path.relpath(path, local_root).replace(os.sep, "/")
+            with open(path, "rb") as handle:
+                fs.pipe_file(f"{root}/{key}", handle.read())
+    return url

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from infra.storage import open_filesystem
+from tests.flows.conftest import upload_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def test_deploy_and_run_a_line_from_prefect_yaml(prefect_server, line, s3_env, t
         **os.environ,
         "PREFECT_API_URL": prefect_server,
         "MUSC_WORK_POOL": pool,
-        "MUSC_LINE_DATA": str(line),
+        "MUSC_LINE_DATA": upload_tree(line, f"{s3_env}/line-data"),  # the data in a bucket too
         "MUSC_STORAGE": storage,
         "MUSC_POINT_MAE_WEIGHTS": "random",
         "DO_NOT_TRACK": "1",

@@ -71,7 +71,7 @@ def test_sample_against_rest_of_its_batch_equals_the_batch_run(
         folder = _as_folder(line, name, tmp_path / f"new{number}")
         result = score_new(
             line="part", inputs=[str(folder)], data_format="mvtec3d", storage=store,
-            out=str(tmp_path / f"out{number}"),
+            out=str(tmp_path / f"out{number}"), clean_bank=False,
         )
         # the part's inputs are those of a bank sample: its features are found in the cache
         assert counter.counts == {"2d": 0, "3d": 0}
@@ -107,6 +107,7 @@ def test_part_files_without_masks_leave_their_masked_bank_copies_out(
     counter = ForwardCounter(monkeypatch)
     result = score_new(
         line="part", inputs=[image], xyz=[cloud], storage=store, out=str(tmp_path / "one"),
+        clean_bank=False,
     )
     assert counter.counts == {"2d": 0, "3d": 0}
     assert result["scored"] == 1 and result["pool"] == 8
@@ -120,7 +121,7 @@ def test_part_files_without_masks_leave_their_masked_bank_copies_out(
     shutil.copy(_files(line, normal)[1], copy_cloud)
     both = score_new(
         line="part", inputs=[image, str(copy_image)], xyz=[cloud, str(copy_cloud)],
-        storage=store, out=str(tmp_path / "two"),
+        storage=store, out=str(tmp_path / "two"), clean_bank=False,
     )
     assert both["scored"] == 2 and both["pool"] == 8, "both bank copies are left out"
     assert counter.counts == {"2d": 0, "3d": 0}
@@ -156,7 +157,7 @@ def test_cli_scores_new_part_files_against_the_latest_batch(
     status = main(
         ["score-new", "part", *[str(tmp_path / f"{n}.png") for n in names], "--xyz",
          *[str(tmp_path / f"{n}.tiff") for n in names], "--storage", store, "--out", str(out),
-         "--record-as", "extra-1", *CLI_SMALL]
+         "--record-as", "extra-1", "--naive-bank", *CLI_SMALL]
     )
     printed = capsys.readouterr().out
     assert status == 0

@@ -7,7 +7,7 @@ import pytest
 
 from musc_core.decisions import score_drift
 from tasks.batches import write_batch_record
-from tasks.history import line_nights, render_history, write_history
+from tasks.history import history_link, line_nights, render_history, write_history
 from tasks.outputs import ResultStore
 from tasks.verdicts import record_verdict
 
@@ -118,3 +118,16 @@ def test_history_renders_in_headless_chromium(week, tmp_path):
     finally:
         driver.quit()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_links_between_reports_and_history_are_relative_next_to_the_results(tmp_path):
+    store = str(tmp_path / "store")
+    page = f"{store}/results/line-a/history.html"
+    assert history_link(store, "line-a", f"{store}/results/line-a/n1") == "../history.html"
+    assert history_link(store, "line-a", str(tmp_path / "elsewhere" / "n1")) == page
+    assert history_link(store, "line-a", f"{store}/results/line-b/n1") == page
+    bucket = "s3://quality/musc"
+    assert history_link(bucket, "line-a", f"{bucket}/results/line-a/n1") == "../history.html"
+    assert history_link(bucket, "line-a", "s3://other/results/line-a/n1") == (
+        f"{bucket}/results/line-a/history.html"
+    )
