@@ -14,6 +14,7 @@ count beyond floating-point rounding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -64,6 +65,26 @@ class Grouping(NamedTuple):
     centres: torch.Tensor
     members: torch.Tensor
     curvature: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PointSample:
+    """A sample's foreground points and their grouping.
+
+    Attributes:
+        points: (P, 3) unit-sphere normalized foreground points.
+        pixel_index: (P,) flat pixel index y * S + x of each point.
+        grouping: centres, members and curvatures of the G groups.
+    """
+
+    points: torch.Tensor
+    pixel_index: torch.Tensor
+    grouping: Grouping
+
+    @property
+    def centre_pixel(self) -> torch.Tensor:
+        """(G,) long, flat pixel index of each group centre."""
+        return self.pixel_index[self.grouping.centre_index]
 
 
 def _first_argmax(blocks: torch.Tensor) -> int:
