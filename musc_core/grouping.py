@@ -1,4 +1,4 @@
-"""Point grouping with Iterative Point Grouping (IPG) (SPEC §2.3, paper §III-A Eq. 1–4).
+"""Point grouping with Iterative Point Grouping (IPG) (paper §III-A, Eq. 1–4).
 
 A sample's foreground points are split into G groups of K points: farthest point sampling picks
 the centres (starting from point 0), each centre's 2K nearest points form its search space, the
@@ -105,7 +105,7 @@ def farthest_point_sample(points: torch.Tensor, num: int) -> torch.Tensor:
     largest; among equal distances the lowest index wins (``argmax``'s first maximum).
 
     The reference's CUDA kernel (pointnet2_ops) also never picks a point with squared norm
-    ≤ 1e-3, i.e. within 0.032 of the centroid of a unit-sphere normalized cloud; SPEC §2.3 does
+    ≤ 1e-3, i.e. within 0.032 of the centroid of a unit-sphere normalized cloud; docs/method.md does
     not ask for that quirk and it is not reproduced.
 
     Args:

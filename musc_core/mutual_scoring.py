@@ -8,7 +8,7 @@ Everything §III-C computes is reached from here:
   queries against a reference set (:func:`reference_distances`);
 - Interval Average (Eq. 8, :func:`interval_average`);
 - the patch scores of one sample against its references (:func:`sample_patch_scores`):
-  Cross-modal Anomaly Enhancement when both modalities are scored (Eq. 9–11, implemented in
+  Cross-modal Anomaly Enhancement when both modalities are scored (Eq. 10–11, implemented in
   :mod:`musc_core.cross_modal`), Interval Average and the mean over the layers.
 
 The hot loop is the L×L distance block between two samples. It is one GEMM
@@ -425,7 +425,7 @@ def sample_patch_scores(
 ) -> PatchScores:
     """Patch scores of one sample against R references (Eq. 8–11).
 
-    With both modalities every layer's pair scores go through CAE (Eq. 9–11) before Interval
+    With both modalities every layer's pair scores go through CAE (Eq. 10–11) before Interval
     Average; with one modality Interval Average applies directly. The layer mean follows.
 
     Args:

@@ -1,4 +1,4 @@
-"""Mutual scoring (SPEC §4.1–4.2, Eq. 7–8) against literal per-sample loops."""
+"""Mutual scoring (paper §III-C, Eq. 7–8) against literal per-sample loops."""
 
 import math
 

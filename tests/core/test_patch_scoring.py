@@ -1,4 +1,4 @@
-"""Per-sample reduction against a literal Interval Average + CAE, and tiled block minima."""
+"""`sample_patch_scores` against a literal Interval Average + CAE, and `pair_minima_tiled`."""
 
 import pytest
 import torch
