@@ -31,9 +31,10 @@ from musc_core.anomaly_maps import map_3d
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams, point_descriptors, pool_groups
+from musc_core.grouping import PointSample
 from musc_core.hardware import cpu_has_fast_bf16, cpu_kind
-from musc_core.mutual_scoring import pair_distances, pair_minima_block
-from musc_core.pipeline import PointSample, prepare_points, vit_autocast
+from musc_core.mutual_scoring import pair_distances, pair_minima_untiled
+from musc_core.pipeline import prepare_points, vit_autocast
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
 
 RANDOM_NOTE = "random weights: timing only"
@@ -124,7 +125,7 @@ def unit_features(n: int, length: int, channels: int, seed: int) -> torch.Tensor
 def bench_pairs(
     n: int, block: int, repeat: int, peaks: dict[str, float], shapes: dict[str, tuple[int, int]]
 ) -> dict[str, Any]:
-    """pair_distances over N samples and pair_minima_block of block×block samples.
+    """pair_distances over N samples and pair_minima_untiled of block×block samples.
 
     FLOPs count each unordered pair once: ``N(N−1)/2 · 2·L²·C``.
     """
@@ -143,8 +144,8 @@ def bench_pairs(
                 **rate(n * (n - 1) / 2 * per_pair, timing, peaks[name]),
             }
             a, b = features[:block], features[block : 2 * block]
-            timing = measure(lambda a=a, b=b, d=dtype: pair_minima_block(a, b, d), repeat)
-            out[f"pair_minima_block/{shape_name}/{name}"] = {
+            timing = measure(lambda a=a, b=b, d=dtype: pair_minima_untiled(a, b, d), repeat)
+            out[f"pair_minima_untiled/{shape_name}/{name}"] = {
                 "block": block,
                 "length": length,
                 "channels": channels,

@@ -47,7 +47,7 @@ from tasks.choices import (
 )
 
 T = TypeVar("T")
-#: Exit statuses (README, "Exit status").
+#: Exit statuses (docs/operations.md, "Exit status").
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2

@@ -1,4 +1,4 @@
-"""The ``rescore`` flow: score a recorded batch again from cached features only (SPEC §8.2).
+"""The ``rescore`` flow: score a recorded batch again from cached features only.
 
 New Interval Average ratio, RsCon windows, flag rule, reference budget or rolling bank: the
 SNAMD features and IPG groupings of every sample are read from the cache, pair-distance shards

@@ -1,4 +1,4 @@
-"""The ``score-line`` flow: one production line (one batch of samples) end to end (SPEC §8.1).
+"""The ``score-line`` flow: one production line (one batch of samples) end to end.
 
 ``discover → prepare → 2D tokens / grouping → 3D tokens → SNAMD → pair-scoring shards →
 per-sample reduction (CAE + Interval Average + maps) → RsCon + report``, every intermediate

@@ -1,4 +1,4 @@
-"""SNAMD: similarity-weighted neighbourhood aggregation with multiple degrees (SPEC §3).
+"""SNAMD: similarity-weighted neighbourhood aggregation with multiple degrees (paper §III-B).
 
 Both variants weight a neighbour ``f_n`` of a token ``f_m`` by ``exp(-||f_n - f_m||_2)``
 (paper Eq. 5) and take the weighted mean over the first ``r`` neighbours for every degree ``r``
@@ -68,7 +68,7 @@ def _snamd_2d_chunk(grid: torch.Tensor, degrees: tuple[int, ...]) -> torch.Tenso
 
 
 def snamd_2d(tokens: torch.Tensor, side: int, degrees: Sequence[int] = (1, 3, 5)) -> torch.Tensor:
-    """2D SNAMD of ViT patch tokens (SPEC §3.1).
+    """2D SNAMD of ViT patch tokens (paper §III-B, Eq. 5–6).
 
     For every patch m and every degree r, the similarity-weighted mean of the tokens in the
     centred r×r window of the zero-padded patch grid (padded positions count in the
@@ -151,7 +151,7 @@ def snamd_3d(
     degrees: Sequence[int] = (1, 3, 5),
     curvature_threshold: float = 0.01,
 ) -> torch.Tensor:
-    """3D SNAMD of point-transformer group tokens (SPEC §3.2).
+    """3D SNAMD of point-transformer group tokens (paper §III-B, Eq. 5–6, surface gate).
 
     Tokens are L2-normalized first. The neighbours of a group are its ``max(degrees)`` nearest
     group centres (itself first); for every degree r the similarity-weighted mean over the first

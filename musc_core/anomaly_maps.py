@@ -1,4 +1,4 @@
-"""From patch scores to pixel anomaly maps and sample scores (SPEC §4.4)."""
+"""From patch scores to pixel anomaly maps and sample scores (docs/method.md, *Anomaly maps*)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MuSc-V2 hyperparameters: one frozen dataclass holding the paper's defaults (SPEC §7)."""
+"""MuSc-V2 hyperparameters: one frozen dataclass holding the paper's defaults (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def interval_count(num_references: int, ratio: float) -> int:
         ratio: the Interval Average fraction (0.3 in the paper).
 
     Returns:
-        ``max(1, floor(ratio * R))`` (SPEC §4.2; the reference forgets the ``max``).
+        ``max(1, floor(ratio * R))`` (paper Eq. 8; the authors' release forgets the ``max``).
     """
     if num_references < 1:
         raise ValueError("mutual scoring needs at least one reference sample")

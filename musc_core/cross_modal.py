@@ -1,4 +1,4 @@
-"""Cross-modal Anomaly Enhancement (CAE, SPEC §4.3, paper Eq. 10–11, reference behaviour).
+"""Cross-modal Anomaly Enhancement (CAE, paper §III-C Eq. 10–11, as the authors' release does).
 
 For one sample and one layer, the 2D pair scores D2 (M × R) and the 3D pair scores D3 (G × R)
 against the same R references are fused: each modality's scores are projected onto the other
@@ -137,7 +137,7 @@ def _reference_std(scores: torch.Tensor) -> torch.Tensor:
 def cross_modal_enhance(
     d2: torch.Tensor, d3: torch.Tensor, projection: Projection
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CAE of one sample, for one layer or for several layers at once (SPEC §4.3).
+    """CAE of one sample, for one layer or for several layers at once (docs/method.md, *CAE*).
 
     Steps, per layer: X2[m, j] = mean of D3[p, j] over the groups p of patch m (0 for a patch
     without groups); X3[p, j] = D2[patch(p), j]; λ2 = 1 − remap(std_j D2, std_j X2) and

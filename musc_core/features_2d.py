@@ -1,4 +1,4 @@
-"""2D patch features from a timm Vision Transformer (SPEC §2.1).
+"""2D patch features from a timm Vision Transformer (paper §III-A).
 
 The extractor returns, for each requested block, the patch tokens (prefix tokens dropped) passed
 through the model's final LayerNorm, via timm's ``forward_intermediates``.

@@ -1,4 +1,4 @@
-"""Weight-free 3D group features: FPFH descriptors pooled over each group (SPEC §2.2, extra).
+"""Weight-free 3D group features: FPFH descriptors pooled over each group (docs/fpfh.md).
 
 A plant without internet access cannot download the Point-MAE checkpoint. Classical point
 descriptors need no weights and work well for 3D anomaly detection (Horwitz & Hoshen, "Back to

@@ -1,4 +1,4 @@
-"""Point grouping with Iterative Point Grouping (IPG) (SPEC §2.3, paper §III-A Eq. 1–4).
+"""Point grouping with Iterative Point Grouping (IPG) (paper §III-A, Eq. 1–4).
 
 A sample's foreground points are split into G groups of K points: farthest point sampling picks
 the centres (starting from point 0), each centre's 2K nearest points form its search space, the
@@ -14,6 +14,7 @@ count beyond floating-point rounding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,26 @@ class Grouping(NamedTuple):
     curvature: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PointSample:
+    """A sample's foreground points and their grouping.
+
+    Attributes:
+        points: (P, 3) unit-sphere normalized foreground points.
+        pixel_index: (P,) flat pixel index y * S + x of each point.
+        grouping: centres, members and curvatures of the G groups.
+    """
+
+    points: torch.Tensor
+    pixel_index: torch.Tensor
+    grouping: Grouping
+
+    @property
+    def centre_pixel(self) -> torch.Tensor:
+        """(G,) long, flat pixel index of each group centre."""
+        return self.pixel_index[self.grouping.centre_index]
+
+
 def _first_argmax(blocks: torch.Tensor) -> int:
     """Index of the first maximum of a (P,) vector viewed as (P / B, B) ``blocks`` (CPU).
 
@@ -84,7 +105,7 @@ def farthest_point_sample(points: torch.Tensor, num: int) -> torch.Tensor:
     largest; among equal distances the lowest index wins (``argmax``'s first maximum).
 
     The reference's CUDA kernel (pointnet2_ops) also never picks a point with squared norm
-    ≤ 1e-3, i.e. within 0.032 of the centroid of a unit-sphere normalized cloud; SPEC §2.3 does
+    ≤ 1e-3, i.e. within 0.032 of the centroid of a unit-sphere normalized cloud; docs/method.md does
     not ask for that quirk and it is not reproduced.
 
     Args:

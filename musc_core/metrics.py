@@ -1,4 +1,4 @@
-"""Detection and segmentation metrics (SPEC §6).
+"""Detection and segmentation metrics (docs/method.md, *Metrics*).
 
 Image AUROC/AP/F1-max (and the threshold at the F1 maximum), pixel AUROC/AP/F1-max, and
 AUPRO up to an FPR limit (the exact MVTec-style one and the reference release's 200-threshold

@@ -1,4 +1,15 @@
-"""Mutual scoring (MSM): pair distances and Interval Average (SPEC §4.1–4.2, Eq. 7–8).
+"""Mutual scoring (MSM, paper §III-C, Eq. 7–11): the entry module of the section.
+
+Everything §III-C computes is reached from here:
+
+- pair distances ``d(i, m, j) = min_n ||F_i(m) − F_j(n)||`` (Eq. 7) between all samples of a
+  batch (:func:`pair_distances`), between two sets of samples (:func:`pair_minima_untiled`, one
+  pass over both sets; :func:`pair_minima_tiled`, the same in tiles of bounded memory) or of
+  queries against a reference set (:func:`reference_distances`);
+- Interval Average (Eq. 8, :func:`interval_average`);
+- the patch scores of one sample against its references (:func:`sample_patch_scores`):
+  Cross-modal Anomaly Enhancement when both modalities are scored (Eq. 10–11, implemented in
+  :mod:`musc_core.cross_modal`), Interval Average and the mean over the layers.
 
 The hot loop is the L×L distance block between two samples. It is one GEMM
 (``||a||² + ||b||² − 2ab``): the row minima give ``d(i, ·, j)`` and the column minima
@@ -17,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from musc_core.config import interval_count
+from musc_core.cross_modal import Projection, cross_modal_enhance
 from musc_core.hardware import resolve_compute_dtype
 
 # Elements per block of rows when norming the rounded features (a 4 MB float32 temporary).
@@ -228,15 +240,16 @@ def _buffer(left: _Prepared, strip: int, length: int, block: int) -> torch.Tenso
     return left.vectors.new_empty(size)
 
 
-def pair_minima_block(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> PairMinima:
-    """Nearest-patch distances in both directions between two blocks of samples (Eq. 7).
+def pair_minima_untiled(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> PairMinima:
+    """Nearest-patch distances in both directions between two sets of samples, untiled (Eq. 7).
 
-    Every squared distance ``||a||² + ||b||² − 2ab`` comes out of a GEMM (the norms ride in
-    two to four extra GEMM columns); minima are taken on both sides, clamped at 0, and only
-    the minima are square-rooted. In bfloat16 the inputs are rounded once, the norms are
-    computed from the rounded vectors and the products are accumulated in float32. On the CPU
-    the samples of ``a`` are multiplied with all of ``b`` one at a time (see ``_strip``), so
-    the working memory is L·Bb·L2 GEMM outputs.
+    Both sets are multiplied whole (no tiling of ``b``: see :func:`pair_minima_tiled` for a
+    bounded working memory). Every squared distance ``||a||² + ||b||² − 2ab`` comes out of a
+    GEMM (the norms ride in two to four extra GEMM columns); minima are taken on both sides,
+    clamped at 0, and only the minima are square-rooted. In bfloat16 the inputs are rounded
+    once, the norms are computed from the rounded vectors and the products are accumulated in
+    float32. On the CPU the samples of ``a`` are multiplied with all of ``b`` one at a time
+    (see ``_strip``), so the working memory is L·Bb·L2 GEMM outputs.
 
     Args:
         a: (Ba, L, C) features.
@@ -354,14 +367,15 @@ def interval_average(distances: torch.Tensor, ratio: float) -> torch.Tensor:
     return smallest.masked_fill(~keep, 0.0).sum(dim=-1) / k
 
 
-def block_pair_minima(
+def pair_minima_tiled(
     a: torch.Tensor, b: torch.Tensor, block: int, dtype: torch.dtype
 ) -> PairMinima:
     """Nearest-patch distances in both directions between two sets of samples, tiled.
 
-    The same as :func:`pair_minima_block` on the whole sets, but multiplied in tiles of at
-    most ``block`` samples per side, so the working memory is about ``(block * L)**2`` floats
-    however many samples the sets hold (a pipeline shard holds tens).
+    The same numbers as :func:`pair_minima_untiled` (which multiplies the whole sets at once,
+    its memory growing with both set sizes), but computed in tiles of at most ``block`` samples
+    per side, so the working memory is about ``(block * L)**2`` floats however many samples
+    the sets hold (a pipeline shard holds tens).
 
     Args:
         a: (Ba, L, C) features.
@@ -380,7 +394,63 @@ def block_pair_minima(
         s1 = min(a.shape[0], s0 + block)
         for t0 in range(0, b.shape[0], block):
             t1 = min(b.shape[0], t0 + block)
-            tile = pair_minima_block(a[s0:s1], b[t0:t1], dtype)
+            tile = pair_minima_untiled(a[s0:s1], b[t0:t1], dtype)
             a_to_b[s0:s1, :, t0:t1] = tile.a_to_b
             b_to_a[t0:t1, :, s0:s1] = tile.b_to_a
     return PairMinima(a_to_b, b_to_a)
+
+
+class PatchScores(NamedTuple):
+    """Patch scores of one sample.
+
+    Attributes:
+        scores_2d: (M,) 2D patch scores, or None when images are not scored.
+        scores_3d: (G,) 3D group scores, or None when point clouds are not scored.
+    """
+
+    scores_2d: torch.Tensor | None
+    scores_3d: torch.Tensor | None
+
+
+def _interval_mean(layers: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Interval Average of each layer's (L, R) pair scores, then the layer mean: (L,)."""
+    return interval_average(layers, ratio).mean(0)
+
+
+def sample_patch_scores(
+    distances_2d: torch.Tensor | None,
+    distances_3d: torch.Tensor | None,
+    projection: Projection | None,
+    ratio: float,
+) -> PatchScores:
+    """Patch scores of one sample against R references (Eq. 8–11).
+
+    With both modalities every layer's pair scores go through CAE (Eq. 10–11) before Interval
+    Average; with one modality Interval Average applies directly. The layer mean follows.
+
+    Args:
+        distances_2d: (Y, M, R) 2D pair distances ``d(i, m, j)`` of the sample's M patches to
+            each of the R references, one slice per layer (Y layers); or None.
+        distances_3d: (Y, G, R) 3D pair distances against the same references in the same
+            order; or None.
+        projection: the sample's 2D↔3D projection lists (needed with both modalities).
+        ratio: Interval Average fraction of the references.
+
+    Returns:
+        The sample's patch scores per modality.
+    """
+    if distances_2d is None and distances_3d is None:
+        raise ValueError("sample_patch_scores needs the distances of at least one modality")
+    if distances_2d is None or distances_3d is None:
+        only = distances_2d if distances_2d is not None else distances_3d
+        scores = _interval_mean(only, ratio)
+        return PatchScores(scores, None) if distances_2d is not None else PatchScores(None, scores)
+    if projection is None:
+        raise ValueError("2D+3D scoring needs the sample's projection lists")
+    if distances_2d.shape[0] != distances_3d.shape[0]:
+        raise ValueError(
+            f"2D has {distances_2d.shape[0]} layers, 3D {distances_3d.shape[0]}: they are fused "
+            "layer by layer"
+        )
+    e2, e3 = cross_modal_enhance(distances_2d, distances_3d, projection)
+    return PatchScores(_interval_mean(e2, ratio), _interval_mean(e3, ratio))

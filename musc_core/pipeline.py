@@ -1,4 +1,4 @@
-"""In-memory MuSc-V2: ``score(samples, config)`` for 2d, 3d and 2d+3d (SPEC §1–§5).
+"""In-memory MuSc-V2: ``score(samples, config)`` for 2d, 3d and 2d+3d (paper §III).
 
 This is the reference composition of the stages; the orchestrated pipeline spreads the same
 functions over workers and caches their outputs.
@@ -14,18 +14,17 @@ from dataclasses import dataclass, field
 import torch
 
 from musc_core.aggregation import snamd_2d, snamd_3d
-from musc_core.anomaly_maps import map_2d, map_3d, sample_scores
+from musc_core.anomaly_maps import sample_scores
 from musc_core.config import MuscConfig
-from musc_core.cross_modal import Projection, projection_lists
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.fpfh import FpfhFeatureExtractor
-from musc_core.grouping import Grouping, group_points
+from musc_core.grouping import PointSample, group_points
 from musc_core.hardware import resolve_compute_dtype
-from musc_core.mutual_scoring import interval_average, pair_distances, resolve_distance_dtype
-from musc_core.patch_scoring import sample_patch_scores
+from musc_core.mutual_scoring import pair_distances, resolve_distance_dtype
 from musc_core.point_mae import PointFeatureExtractor
 from musc_core.preprocess_points import normalize_unit_sphere, organized_to_points
-from musc_core.rescoring import rscon, salient_features
+from musc_core.reduction import SampleReduction, reduce_sample
+from musc_core.rescoring import rscon
 
 Progress = Callable[[str, int, int], None]
 # A 3D backbone: the Point-MAE transformer or the weight-free FPFH descriptors.
@@ -48,21 +47,6 @@ class Sample:
     name: str
     image: torch.Tensor | None = None
     xyz: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class PointSample:
-    """A sample's foreground points and their grouping.
-
-    Attributes:
-        points: (P, 3) unit-sphere normalized foreground points.
-        pixel_index: (P,) flat pixel index y * S + x of each point.
-        grouping: centres, members and curvatures of the G groups.
-    """
-
-    points: torch.Tensor
-    pixel_index: torch.Tensor
-    grouping: Grouping
 
 
 @dataclass(frozen=True)
@@ -91,7 +75,9 @@ class ScoreResult:
         scores_rescored: (N,) sample scores after RsCon.
         salient: (N, C) anomaly-salient features used by RsCon.
         timings: wall seconds per stage (``2d_features``, ``grouping``, ``3d_features``,
-            ``mutual_scoring``, ``maps_and_rescoring``).
+            ``mutual_scoring`` — pair distances and the per-sample reduction: CAE, Interval
+            Average, maps and salient features — and ``maps_and_rescoring``: sample scores
+            and RsCon).
     """
 
     names: list[str]
@@ -236,71 +222,65 @@ def drop_self(distances: torch.Tensor) -> torch.Tensor:
     return torch.gather(distances, 2, index[:, None, :].expand(-1, distances.shape[1], -1))
 
 
-def single_modality_scores(distances: list[torch.Tensor], config: MuscConfig) -> torch.Tensor:
-    """Interval Average per layer, then the layer mean: (N, L) patch scores."""
-    return torch.stack([interval_average(d, config.interval_ratio) for d in distances]).mean(0)
-
-
-def multimodal_scores(
-    distances_2d: list[torch.Tensor],
-    distances_3d: list[torch.Tensor],
-    projections: Sequence[Projection],
-    config: MuscConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CAE-enhanced pair scores, Interval Average and layer mean for both modalities.
+def reference_distances(
+    features: ModalityFeatures | None, config: MuscConfig
+) -> torch.Tensor | None:
+    """Every sample's distances to the other samples of the batch, all layers.
 
     Args:
-        distances_2d: per layer (N, M, N) 2D pair distances.
-        distances_3d: per layer (N, G, N) 3D pair distances.
-        projections: per sample 2D↔3D projection lists.
-        config: Interval Average ratio.
+        features: SNAMD features of one modality, or None when it is not scored.
+        config: GEMM tile and dtype.
 
     Returns:
-        (N, M) 2D and (N, G) 3D patch scores.
+        (N, Y, L, N − 1) distances (sample i's references are the others in batch order), or
+        None.
     """
-    d2_refs = torch.stack([drop_self(d) for d in distances_2d], dim=1)  # (N, Y, M, N-1)
-    d3_refs = torch.stack([drop_self(d) for d in distances_3d], dim=1)  # (N, Y, G, N-1)
-    per_sample = [
-        sample_patch_scores(d2_refs[i], d3_refs[i], projection, config.interval_ratio)
-        for i, projection in enumerate(projections)
-    ]
-    return (
-        torch.stack([s.scores_2d for s in per_sample]),
-        torch.stack([s.scores_3d for s in per_sample]),
-    )
+    if features is None:
+        return None
+    return torch.stack([drop_self(d) for d in layer_distances(features, config)], dim=1)
 
 
-def patch_scores(
+def reduce_all(
     feats_2d: ModalityFeatures | None,
     feats_3d: ModalityFeatures | None,
     point_samples: Sequence[PointSample],
     patch_size: int,
     config: MuscConfig,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Mutual scoring of every modality present (MSM, with CAE when both are).
+) -> list[SampleReduction]:
+    """Mutual scoring of the batch, then the per-sample reduction of every sample.
 
     Args:
         feats_2d: SNAMD features of the images, or None.
         feats_3d: SNAMD features of the point clouds, or None.
-        point_samples: grouped point clouds (for the 2D↔3D projection lists).
-        patch_size: ViT patch side in pixels (used with both modalities).
-        config: Interval Average ratio, block size, distance dtype.
+        point_samples: grouped point clouds (empty without 3D).
+        patch_size: ViT patch side in pixels (for CAE, used with both modalities).
+        config: Interval Average ratio, block size, distance dtype, salient layer, maps.
 
     Returns:
-        (N, M) 2D and (N, G) 3D patch scores; None for an absent modality.
+        One reduction per sample, in batch order.
     """
-    dist_2d = layer_distances(feats_2d, config) if feats_2d is not None else None
-    dist_3d = layer_distances(feats_3d, config) if feats_3d is not None else None
-    if dist_2d is not None and dist_3d is not None:
-        size = config.image_size
-        projections = [
-            projection_lists(ps.pixel_index[ps.grouping.centre_index], size, patch_size)
-            for ps in point_samples
-        ]
-        return multimodal_scores(dist_2d, dist_3d, projections, config)
-    if dist_2d is not None:
-        return single_modality_scores(dist_2d, config), None
-    return None, single_modality_scores(dist_3d, config)
+    d2 = reference_distances(feats_2d, config)
+    d3 = reference_distances(feats_3d, config)
+    s2 = None if feats_2d is None else feats_2d.layers[config.salient_layer]
+    s3 = None if feats_3d is None else feats_3d.layers[config.salient_layer]
+    count = (d2 if d2 is not None else d3).shape[0]
+    return [
+        reduce_sample(
+            None if d2 is None else d2[i],
+            None if d3 is None else d3[i],
+            point_samples[i] if point_samples else None,
+            None if s2 is None else s2[i],
+            None if s3 is None else s3[i],
+            patch_size,
+            config,
+        )
+        for i in range(count)
+    ]
+
+
+def _stacked(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The samples' tensors stacked on the CPU, or None when the modality is absent."""
+    return None if parts[0] is None else torch.stack(list(parts)).cpu()
 
 
 def score(
@@ -328,7 +308,6 @@ def score(
     if len(samples) < 2:
         raise ValueError(f"mutual scoring needs at least 2 samples, got {len(samples)}")
     device = torch.device(device)
-    size = config.image_size
     names = [s.name for s in samples]
     feats_2d = feats_3d = None
     point_samples: list[PointSample] = []
@@ -362,44 +341,21 @@ def score(
     with _timed(timings, "mutual_scoring"):
         _report(progress, "mutual scoring", 0, 1)
         patch_size = extractor_2d.patch_size if extractor_2d is not None else 0
-        patch_2d, patch_3d = patch_scores(feats_2d, feats_3d, point_samples, patch_size, config)
+        reduced = reduce_all(feats_2d, feats_3d, point_samples, patch_size, config)
         _report(progress, "mutual scoring", 1, 1)
 
     with _timed(timings, "maps_and_rescoring"):
-        maps_2d = maps_3d = None
-        salient_parts: list[torch.Tensor] = []
-        if patch_2d is not None:
-            maps_2d = map_2d(patch_2d, size)
-            layer = feats_2d.layers[config.salient_layer]
-            salient_parts.append(salient_features(patch_2d, layer))
-        if patch_3d is not None:
-            maps_3d = torch.stack(
-                [
-                    map_3d(
-                        patch_3d[i],
-                        ps.grouping.centres,
-                        ps.points,
-                        ps.pixel_index,
-                        size,
-                        config.map_blur_sigma,
-                    )
-                    for i, ps in enumerate(point_samples)
-                ]
-            )
-            layer = feats_3d.layers[config.salient_layer]
-            salient_parts.append(salient_features(patch_3d, layer))
-        present = [m for m in (maps_2d, maps_3d) if m is not None]
-        maps = present[0] if len(present) == 1 else present[0] + present[1]
+        maps = torch.stack([r.map for r in reduced])
         scores = sample_scores(maps)
-        salient = torch.cat(salient_parts, dim=1)
+        salient = torch.stack([r.salient for r in reduced])
         rescored = rscon(scores, salient, config.rescoring_windows)
     return ScoreResult(
         names=names,
         maps=maps.cpu(),
-        maps_2d=None if maps_2d is None else maps_2d.cpu(),
-        maps_3d=None if maps_3d is None else maps_3d.cpu(),
-        patch_scores_2d=None if patch_2d is None else patch_2d.cpu(),
-        patch_scores_3d=None if patch_3d is None else patch_3d.cpu(),
+        maps_2d=_stacked([r.map_2d for r in reduced]),
+        maps_3d=_stacked([r.map_3d for r in reduced]),
+        patch_scores_2d=_stacked([r.patch_2d for r in reduced]),
+        patch_scores_3d=_stacked([r.patch_3d for r in reduced]),
         scores=scores.cpu(),
         scores_rescored=rescored.cpu(),
         salient=salient.cpu(),

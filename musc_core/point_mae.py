@@ -1,4 +1,4 @@
-"""3D group features from the Point-MAE point transformer (SPEC §2.2).
+"""3D group features from the Point-MAE point transformer (paper §III-A).
 
 The model is the encoder half of Point-MAE: a mini-PointNet embeds each group of points
 (coordinates relative to the group centre) into one token, a positional embedding of the centre

@@ -1,4 +1,4 @@
-"""Image and mask preprocessing (SPEC §1.1): arrays in, tensors out, no file IO."""
+"""Image and mask preprocessing (docs/method.md, *Inputs*): arrays in, tensors out, no file IO."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Organized point clouds: resizing, foreground, normalization and dataset cleaning (SPEC §1.2).
+"""Organized point clouds: resizing, foreground, normalization and dataset cleaning.
 
 Arrays in, arrays out; reading files is the caller's business. An organized point cloud is an
 (H, W, 3) XYZ map in which a pixel without a point holds (0, 0, 0).

@@ -1,4 +1,4 @@
-"""RsCon: re-scoring with constrained neighbourhood (SPEC §5, paper Eq. 12–17)."""
+"""RsCon: re-scoring with constrained neighbourhood (paper §III-D, Eq. 12–17)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dataset readers (SPEC §1.3): a dataset directory becomes a sorted list of sample records.
+"""Dataset readers (layouts: docs/usage.md): a dataset directory becomes sorted sample records.
 
 Formats and the layouts they read (``<root>`` is the dataset root; the root may also be a
 single category folder, whose folder name is then its category):

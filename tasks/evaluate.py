@@ -1,4 +1,4 @@
-"""Metrics of a scored line when its samples carry labels (SPEC §6)."""
+"""Metrics of a scored line when its samples carry labels (docs/method.md, *Metrics*)."""
 
 from __future__ import annotations
 

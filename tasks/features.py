@@ -151,7 +151,7 @@ def extract_2d(
 
 @task(name="aggregate-2d", **TASK_OPTIONS)
 def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runtime) -> StageCount:
-    """2D SNAMD of cached tokens (SPEC §3.1).
+    """2D SNAMD of cached tokens (paper §III-B).
 
     Args:
         items: ``(tokens key, SNAMD key)`` per sample.
@@ -182,7 +182,7 @@ def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runt
 def group_samples(
     items: list[tuple[str, str]], config: MuscConfig, runtime: Runtime
 ) -> StageCount:
-    """Foreground points, unit-sphere normalization and IPG grouping (SPEC §2.3).
+    """Foreground points, unit-sphere normalization and IPG grouping (paper §III-A).
 
     Cached on their own (``points``, ``pixel_index``, ``centre_index``, ``centres``,
     ``members``, ``curvature``), so another 3D backbone reuses them.
@@ -217,7 +217,7 @@ def group_samples(
 def extract_3d(
     items: list[tuple[str, str]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
 ) -> StageCount:
-    """Point-MAE group tokens of the configured layers (SPEC §2.2).
+    """Point-MAE group tokens of the configured layers (paper §III-A).
 
     Args:
         items: ``(grouping key, tokens key)`` per sample.
@@ -251,7 +251,7 @@ def extract_3d(
 def aggregate_3d(
     items: list[tuple[str, str, str]], config: MuscConfig, runtime: Runtime
 ) -> StageCount:
-    """3D SNAMD of cached tokens with the surface-consistent gate (SPEC §3.2).
+    """3D SNAMD of cached tokens with the surface-consistent gate (paper §III-B).
 
     Args:
         items: ``(tokens key, grouping key, SNAMD key)`` per sample.

@@ -1,4 +1,4 @@
-"""Content addresses of every cached stage output (SPEC §8.2).
+"""Content addresses of every cached stage output (docs/cache-keys.md).
 
 A stage's key is a hash of everything its output depends on: the key of its input entry and
 the settings of the stage, never a file name or a run. Hence a changed input file, a different

@@ -8,11 +8,14 @@ Nothing is ever written outside the configured output prefix: every relative pat
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
 import re
+import unicodedata
 import uuid
 from collections.abc import Sequence
 
@@ -22,20 +25,73 @@ from PIL import Image
 from infra.storage import open_filesystem, split_url, with_retries
 from tasks.choices import RANDOM_WEIGHTS_WARNING as RANDOM_WEIGHTS_WARNING  # re-exported
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Characters that common filesystems refuse in a name (Windows' list; ``/`` and ``\\`` split).
+_ILLEGAL = frozenset('<>:"|?*')
+#: Bidirectional embedding, override and isolate controls (they make a name display falsely).
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: Unicode categories replaced: control, surrogate (not encodable), line/paragraph separator.
+_REPLACED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+#: Names Windows reserves for devices, whatever the extension (compared case-insensitively).
+_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"{port}{n}" for port in ("COM", "LPT") for n in (*"123456789", "¹", "²", "³")}
+)
+#: Longest stem in UTF-8 bytes: room for a collision suffix and an extension under the
+#: 255-byte file-name limit of common filesystems.
+MAX_STEM_BYTES = 200
+
+
+def _replaced(char: str) -> bool:
+    return (
+        char in _ILLEGAL
+        or char in _BIDI_CONTROLS
+        or unicodedata.category(char) in _REPLACED_CATEGORIES
+    )
+
+
+def _clean_part(part: str) -> str:
+    """One path component with its unsafe characters replaced (a run of them by one ``_``)."""
+    out: list[str] = []
+    for char in part:
+        if not _replaced(char):
+            out.append(char)
+        elif not out or out[-1] != "_":
+            out.append("_")
+    return "".join(out).rstrip(" .")  # Windows drops trailing dots and spaces
+
+
+def _truncated(stem: str) -> str:
+    """The stem cut to at most ``MAX_STEM_BYTES`` UTF-8 bytes, at a character boundary."""
+    data = stem.encode("utf-8")
+    if len(data) <= MAX_STEM_BYTES:
+        return stem
+    return data[:MAX_STEM_BYTES].decode("utf-8", errors="ignore").rstrip(" .")
 
 
 def safe_file_stem(name: str) -> str:
-    """A file-name-safe version of a sample name (no separators, no '..', stable).
+    r"""A file name for a sample (or line) name that keeps its letters, whatever the script.
+
+    The name is NFC-normalized; path separators (``/``, ``\\``) split it into parts joined
+    by ``__``, and ``.``/``..`` parts are dropped; control characters, bidirectional controls
+    and the characters common filesystems refuse (``<>:"|?*``) become ``_``; trailing dots and
+    spaces of a part and leading dots of the stem are removed; a Windows device name (``CON``,
+    ``nul.txt``, ``COM1``…) gets a ``_`` after its base. Everything else — letters of any
+    script, digits, spaces, punctuation — is kept. Distinct names can still give one stem
+    (``a/b`` and ``a__b``, ``é`` composed or not): :func:`unique_stems` resolves that.
 
     Args:
-        name: sample name, e.g. ``"crack/003"``.
+        name: sample name, e.g. ``"crack/003"`` or ``"ünïcødé 名前"``.
 
     Returns:
-        E.g. ``"crack__003"``; never empty, never starting with a dot.
+        E.g. ``"crack__003"`` or ``"ünïcødé 名前"``; never empty, never starting with a dot,
+        at most ``MAX_STEM_BYTES`` UTF-8 bytes.
     """
-    parts = [_UNSAFE.sub("_", p) for p in re.split(r"[/\\]+", name) if p not in ("", ".", "..")]
-    stem = "__".join(p for p in parts if p).lstrip(".")
+    name = unicodedata.normalize("NFC", name)
+    parts = [_clean_part(p) for p in re.split(r"[/\\]+", name) if p not in ("", ".", "..")]
+    stem = _truncated("__".join(p for p in parts if p).lstrip("."))
+    base, dot, rest = stem.partition(".")
+    if base.rstrip(" ").upper() in _RESERVED:
+        stem = f"{base}_{dot}{rest}"
     return stem or "sample"
 
 
@@ -144,14 +200,40 @@ class ResultStore:
         return self.write_text(relative, buffer.getvalue())
 
 
+def _suffixed(stem: str, name: str, used: set[str]) -> str:
+    """``stem`` with a suffix from the digest of ``name`` that no used stem has (case-folded)."""
+    digest = hashlib.sha256(name.encode("utf-8", errors="surrogatepass")).hexdigest()
+    candidates = itertools.chain(
+        (f"{stem}_{digest[:n]}" for n in (8, 16, 64)),
+        (f"{stem}_{digest}_{n}" for n in itertools.count(2)),
+    )
+    chosen = next(c for c in candidates if c.casefold() not in used)
+    used.add(chosen.casefold())
+    return chosen
+
+
 def unique_stems(names: Sequence[str]) -> list[str]:
-    """File stems for sample names: safe, and distinct even when two names map to one stem."""
-    stems: list[str] = []
-    used: set[str] = set()
-    for index, name in enumerate(names):
-        stem = safe_file_stem(name)
-        while stem in used:
-            stem = f"{stem}_{index}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
+    """File stems for sample names: safe, and distinct even when names map to one stem.
+
+    Stems are compared case-folded (``A.npy`` and ``a.npy`` are one file on Windows and macOS
+    disks). Of the names sharing a stem, the first in sorted order keeps it and each other one
+    gets ``_`` and the first 8 hex digits of the SHA-256 of its name (longer if that is taken
+    too), so a sample's file name depends on its name and on the names it collides with, never
+    on the order of the samples.
+
+    Args:
+        names: sample names.
+
+    Returns:
+        One distinct stem per name, in the same order.
+    """
+    stems = [safe_file_stem(n) for n in names]
+    groups: dict[str, list[int]] = {}
+    for index, stem in enumerate(stems):
+        groups.setdefault(stem.casefold(), []).append(index)
+    used = set(groups)
+    out = list(stems)
+    for members in groups.values():
+        for index in sorted(members, key=lambda i: (names[i], i))[1:]:
+            out[index] = _suffixed(stems[index], names[index], used)
+    return out

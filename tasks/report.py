@@ -1,4 +1,4 @@
-"""Self-contained HTML report of one scored line: what a person reads after a run (SPEC §8.4).
+"""Self-contained HTML report of one scored line: what a person reads after a run.
 
 The report is a single HTML file with nothing external: thumbnails are PNG data URIs, charts
 are inline SVG, the CSS sits in a ``<style>`` element and there is no JavaScript. It can be

@@ -4,7 +4,8 @@ Written under the run's output prefix (local or ``s3://``)::
 
     run.json              settings, backbones, counts of computed/cached entries, timings,
                           set-aside samples, outputs
-    scores.csv            rank, name, score (max of the map), score after RsCon, flag, label
+    scores.csv            plain CSV: rank, name, score (max of the map), score after RsCon,
+                          flag, label, defect type, map file, random weights (1/0)
     maps/<stem>.npy       float32 S×S anomaly map per sample
     overlays/<stem>.png   heat map over the image, one colour scale for the line
     metrics.json          image and pixel metrics (when labels exist)
@@ -160,10 +161,25 @@ def _ranked_rows(
     before: np.ndarray,
     after: np.ndarray,
     flags: np.ndarray,
+    random_weights: bool,
 ) -> list[list[object]]:
-    """scores.csv rows (header first), most suspect first (by RsCon score)."""
+    """scores.csv rows (header first), most suspect first (by RsCon score).
+
+    Plain CSV, no comment line: whether a backbone had random weights (the scores then mean
+    nothing) is the last column, 1 or 0 on every row, and ``random_weights`` in ``run.json``.
+    """
     rows: list[list[object]] = [
-        ["rank", "name", "score", "score_rescored", "flagged", "label", "defect_type", "map_file"]
+        [
+            "rank",
+            "name",
+            "score",
+            "score_rescored",
+            "flagged",
+            "label",
+            "defect_type",
+            "map_file",
+            "random_weights",
+        ]
     ]
     for rank, index in enumerate(np.argsort(-after, kind="stable"), start=1):
         sample = tonight[index]
@@ -177,6 +193,7 @@ def _ranked_rows(
                 "" if sample.label is None else sample.label,
                 sample.defect_type or "",
                 f"maps/{stems[index]}.npy",
+                int(random_weights),
             ]
         )
     return rows
@@ -237,9 +254,9 @@ def report_line(
     stems = unique_stems([s.name for s in tonight])
     _write_sample_files(store, cache, tonight, stems, maps)
     outputs = {"maps": store.location("maps"), "overlays": store.location("overlays")}
-    rows = _ranked_rows(tonight, stems, before, after, decision.flags)
+    rows = _ranked_rows(tonight, stems, before, after, decision.flags, info.random_weights)
     warning = RANDOM_WEIGHTS_WARNING if info.random_weights else ""
-    outputs["scores"] = store.write_csv("scores.csv", rows, comment=warning)
+    outputs["scores"] = store.write_csv("scores.csv", rows)
     if set_aside:
         aside_rows = [["name", "path", "problem"]]
         aside_rows += [[a.name, a.path, a.problem] for a in set_aside]

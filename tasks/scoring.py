@@ -1,12 +1,13 @@
-"""Mutual scoring as Prefect tasks: pair-distance shards and per-sample reduction (SPEC §4).
+"""Mutual scoring as Prefect tasks: pair-distance shards and per-sample reduction (§III-C).
 
 A *shard* is the pair distances between two blocks of samples (or inside one block), for every
 layer, in one cache entry per modality (a 2D+3D run shares its 2D entries with a 2D run of the
 same blocks, and its 3D ones with a 3D run). It reads only the SNAMD features of its blocks, so a
 worker's memory is bounded by the block size, never by N. The *reduction* of a sample gathers
-its distances to its references from the shards, applies CAE, Interval Average and the layer
-mean (``musc_core.patch_scoring``), builds its anomaly maps and picks its anomaly-salient
-feature for RsCon.
+its distances to its references from the shards and hands them to the core's per-sample
+reduction (:func:`musc_core.reduction.reduce_sample`: CAE, Interval Average and the layer mean,
+its anomaly maps and its anomaly-salient feature for RsCon), the same function the in-memory
+pipeline calls.
 
 Shard arrays (Y layers, L patches of the modality, ``m`` = 2 or 3):
 
@@ -24,11 +25,10 @@ import numpy as np
 import torch
 from prefect import task
 
-from musc_core.anomaly_maps import map_2d, map_3d
 from musc_core.config import MuscConfig
-from musc_core.cross_modal import projection_lists
-from musc_core.mutual_scoring import block_pair_minima, pair_distances, resolve_distance_dtype
-from musc_core.patch_scoring import sample_patch_scores
+from musc_core.grouping import PointSample
+from musc_core.mutual_scoring import pair_distances, pair_minima_tiled, resolve_distance_dtype
+from musc_core.reduction import grid_patch_size, reduce_sample
 from tasks.cache import EntryReader, FeatureCache
 from tasks.features import read_grouping
 from tasks.keys import PairKeys, SampleKeys
@@ -88,7 +88,7 @@ def _layer_pairs(
         return {"d": torch.stack(inside, dim=1).cpu().numpy()}
     ab, ba = [], []
     for y in range(a.shape[1]):
-        minima = block_pair_minima(a[:, y], b[:, y], config.pair_block, dtype)
+        minima = pair_minima_tiled(a[:, y], b[:, y], config.pair_block, dtype)
         ab.append(minima.a_to_b)
         ba.append(minima.b_to_a)
     return {
@@ -105,7 +105,7 @@ def score_pairs(
     config: MuscConfig,
     runtime: Runtime,
 ) -> StageCount:
-    """Pair distances of one shard, every layer, one entry per scored modality (SPEC §4.1).
+    """Pair distances of one shard, every layer, one entry per scored modality (Eq. 7).
 
     Args:
         block_a: keys of the first block's samples.
@@ -169,15 +169,16 @@ def gather_distances(
     return torch.cat([torch.from_numpy(shards.rows(source, digit)) for source in sources], dim=2)
 
 
-def _salient(cache: FeatureCache, key: str, scores: torch.Tensor, layer: int) -> torch.Tensor:
-    """The SNAMD feature of the salient layer at the highest-scoring patch: (C,)."""
-    features = cache.read_array(key, "features", layer)  # (L, C)
-    return torch.from_numpy(features[int(scores.argmax())].copy())
+def _salient_layer(cache: FeatureCache, key: str, layer: int) -> torch.Tensor:
+    """The SNAMD features of the salient layer of one sample: (L, C)."""
+    return torch.from_numpy(cache.read_array(key, "features", layer))
 
 
 @task(name="reduce", **TASK_OPTIONS)
 def reduce_samples(items: list[ReduceItem], config: MuscConfig, runtime: Runtime) -> StageCount:
-    """Patch scores, anomaly maps and salient features of a chunk of samples (SPEC §4.2–4.4).
+    """Patch scores, anomaly maps and salient features of a chunk of samples (§III-C, §III-D).
+
+    The CAE patch size is that of the 2D feature grid: the image side over the grid side.
 
     Args:
         items: the samples, their output keys and where their reference distances are.
@@ -191,48 +192,27 @@ def reduce_samples(items: list[ReduceItem], config: MuscConfig, runtime: Runtime
     """
     cache = feature_cache(runtime.cache_url)
     todo = [item for item in items if not cache.has(item.key)]
-    size = config.image_size
     shards = ShardReader(cache)
     for item in todo:
         d2 = gather_distances(shards, item.sources, "2") if config.uses_2d else None
         d3 = gather_distances(shards, item.sources, "3") if config.uses_3d else None
-        grouped = None
-        projection = None
+        points = None
         if config.uses_3d:
-            grouped = read_grouping(cache, item.sample.grouping, torch.device("cpu"))
-        if d2 is not None and grouped is not None:
-            side = int(round(d2.shape[1] ** 0.5))
-            points, pixel_index, grouping = grouped
-            centre_pixel = pixel_index[grouping.centre_index]
-            projection = projection_lists(centre_pixel, size, size // side)
-        scores = sample_patch_scores(d2, d3, projection, config.interval_ratio)
-        arrays: dict[str, np.ndarray] = {}
-        salient = []
-        maps = []
-        if scores.scores_2d is not None:
-            maps.append(map_2d(scores.scores_2d[None], size)[0])
-            arrays["patch_2d"], arrays["map_2d"] = scores.scores_2d.numpy(), maps[-1].numpy()
-            salient.append(
-                _salient(cache, item.sample.snamd_2d, scores.scores_2d, config.salient_layer)
-            )
-        if scores.scores_3d is not None and grouped is not None:
-            points, pixel_index, grouping = grouped
-            maps.append(
-                map_3d(
-                    scores.scores_3d,
-                    grouping.centres,
-                    points,
-                    pixel_index,
-                    size,
-                    config.map_blur_sigma,
-                )
-            )
-            arrays["patch_3d"], arrays["map_3d"] = scores.scores_3d.numpy(), maps[-1].numpy()
-            salient.append(
-                _salient(cache, item.sample.snamd_3d, scores.scores_3d, config.salient_layer)
-            )
-        total = maps[0] if len(maps) == 1 else maps[0] + maps[1]
-        arrays["map"] = total.numpy()
-        arrays["salient"] = torch.cat(salient).numpy()
-        cache.write(item.key, arrays, meta={"score": float(total.max())})
+            points = PointSample(*read_grouping(cache, item.sample.grouping, torch.device("cpu")))
+        layer = config.salient_layer
+        reduced = reduce_sample(
+            d2,
+            d3,
+            points,
+            None if d2 is None else _salient_layer(cache, item.sample.snamd_2d, layer),
+            None if d3 is None else _salient_layer(cache, item.sample.snamd_3d, layer),
+            0 if d2 is None else grid_patch_size(d2.shape[1], config.image_size),
+            config,
+        )
+        arrays = {"map": reduced.map.numpy(), "salient": reduced.salient.numpy()}
+        if reduced.patch_2d is not None:
+            arrays["patch_2d"], arrays["map_2d"] = reduced.patch_2d.numpy(), reduced.map_2d.numpy()
+        if reduced.patch_3d is not None:
+            arrays["patch_3d"], arrays["map_3d"] = reduced.patch_3d.numpy(), reduced.map_3d.numpy()
+        cache.write(item.key, arrays, meta={"score": float(reduced.map.max())})
     return StageCount("reduced", len(todo), len(items) - len(todo))

@@ -1,4 +1,4 @@
-"""SNAMD (SPEC §3) against literal window loops."""
+"""SNAMD (paper §III-B) against literal window loops."""
 
 import math
 

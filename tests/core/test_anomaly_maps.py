@@ -1,4 +1,4 @@
-"""Anomaly maps (SPEC §4.4) on hand-computed cases."""
+"""Anomaly maps (docs/method.md, *Anomaly maps*) on hand-computed cases."""
 
 import math
 

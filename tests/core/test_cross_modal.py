@@ -1,4 +1,4 @@
-"""CAE (SPEC §4.3) against a literal loop-by-loop implementation."""
+"""CAE (paper §III-C, Eq. 10–11) against a literal loop-by-loop implementation."""
 
 import statistics
 
@@ -42,7 +42,7 @@ def literal_std(row):
 
 
 def literal_cae(d2, d3, patch_of_group):
-    """SPEC §4.3 bullet by bullet with Python lists."""
+    """CAE as docs/method.md states it, step by step with Python lists."""
     d2, d3 = d2.double().tolist(), d3.double().tolist()
     m_count, r = len(d2), len(d2[0])
     g_count = len(d3)

@@ -1,4 +1,4 @@
-"""FPS, KNN, curvature and IPG (SPEC §2.3, paper Eq. 1–4) against literal loop implementations."""
+"""FPS, KNN, curvature and IPG (paper §III-A, Eq. 1–4) against literal loop implementations."""
 
 import math
 

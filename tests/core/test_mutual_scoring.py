@@ -1,4 +1,4 @@
-"""Mutual scoring (SPEC §4.1–4.2, Eq. 7–8) against literal per-sample loops."""
+"""Mutual scoring (paper §III-C, Eq. 7–8) against literal per-sample loops."""
 
 import math
 
@@ -10,7 +10,7 @@ from musc_core import hardware, mutual_scoring
 from musc_core.mutual_scoring import (
     interval_average,
     pair_distances,
-    pair_minima_block,
+    pair_minima_untiled,
     reference_distances,
     resolve_distance_dtype,
 )
@@ -82,10 +82,10 @@ def test_block_size_does_not_change_the_distances(n):
         torch.testing.assert_close(other, bf[0], rtol=1e-6, atol=1e-6)
 
 
-def test_pair_minima_block_gives_both_directions_with_different_lengths():
+def test_pair_minima_untiled_gives_both_directions_with_different_lengths():
     torch.manual_seed(2)
     a, b = torch.randn(3, 5, 7), torch.randn(2, 4, 7)
-    result = pair_minima_block(a, b, torch.float32)
+    result = pair_minima_untiled(a, b, torch.float32)
     assert result.a_to_b.shape == (3, 5, 2) and result.b_to_a.shape == (2, 4, 3)
     for i in range(3):
         for j in range(2):
@@ -98,7 +98,7 @@ def test_pair_minima_block_gives_both_directions_with_different_lengths():
 def test_identical_patches_give_zero_distance_not_nan():
     torch.manual_seed(3)
     f = torch.randn(1, 6, 16) * 30.0
-    result = pair_minima_block(f, f.clone(), torch.float32)
+    result = pair_minima_untiled(f, f.clone(), torch.float32)
     assert torch.isfinite(result.a_to_b).all()
     # ||a||² ≈ 1.4e4 cancels in ||a||² + ||b||² − 2ab: the residue is ≈ ||a||·sqrt(eps_fp32),
     # clamped at 0 before the square root, so never NaN.
@@ -247,13 +247,13 @@ def test_cpu_strips_equal_the_accelerator_block_layout(monkeypatch, dtype):
     strips = [
         pair_distances(features, 3, dtype),
         reference_distances(queries, refs, 2, dtype),
-        pair_minima_block(queries, refs, dtype),
+        pair_minima_untiled(queries, refs, dtype),
     ]
     monkeypatch.setattr(mutual_scoring, "_strip", lambda device, block: block)
     blocks = [
         pair_distances(features, 3, dtype),
         reference_distances(queries, refs, 2, dtype),
-        pair_minima_block(queries, refs, dtype),
+        pair_minima_untiled(queries, refs, dtype),
     ]
     for got, want in zip(strips[:2] + list(strips[2]), blocks[:2] + list(blocks[2]), strict=True):
         assert torch.equal(torch.isinf(got), torch.isinf(want))

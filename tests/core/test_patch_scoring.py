@@ -1,11 +1,10 @@
-"""Per-sample reduction against a literal Interval Average + CAE, and tiled block minima."""
+"""`sample_patch_scores` against a literal Interval Average + CAE, and `pair_minima_tiled`."""
 
 import pytest
 import torch
 
 from musc_core.cross_modal import cross_modal_enhance, projection_lists
-from musc_core.mutual_scoring import block_pair_minima
-from musc_core.patch_scoring import sample_patch_scores
+from musc_core.mutual_scoring import pair_minima_tiled, sample_patch_scores
 
 
 def _interval_literal(d, ratio):
@@ -52,7 +51,7 @@ def test_both_modalities_apply_cae_per_layer_before_interval_average():
 def test_tiled_block_minima_equal_brute_force(block):
     g = torch.Generator().manual_seed(block)
     a, b = torch.randn(5, 7, 4, generator=g), torch.randn(3, 6, 4, generator=g)
-    result = block_pair_minima(a, b, block, torch.float32)
+    result = pair_minima_tiled(a, b, block, torch.float32)
     for i in range(5):
         for j in range(3):
             d = torch.cdist(a[i].double(), b[j].double())

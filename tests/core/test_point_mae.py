@@ -1,4 +1,4 @@
-"""Point-MAE encoder (SPEC §2.2) against a literal re-implementation of the release's forward."""
+"""Point-MAE encoder (paper §III-A) against a literal re-implementation of the release's forward."""
 
 import copy
 import hashlib

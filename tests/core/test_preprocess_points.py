@@ -1,4 +1,4 @@
-"""Point-cloud preprocessing (SPEC §1.2) against literal definitions and synthetic scenes."""
+"""Point-cloud preprocessing against literal definitions and synthetic scenes."""
 
 import numpy as np
 import pytest

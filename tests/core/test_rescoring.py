@@ -1,4 +1,4 @@
-"""RsCon (SPEC §5, Eq. 14–15) on small hand-built examples."""
+"""RsCon (paper §III-D, Eq. 14–15) on small hand-built examples."""
 
 import pytest
 import torch

@@ -368,3 +368,17 @@ def test_a_line_with_fewer_than_two_usable_samples_is_not_scored(tmp_path, chaos
     assert run["lines"][0]["error"] and run["lines"][0]["scored"] == 0
     chaos_record(kind="run", what="line with one usable sample", outcome="exit 4", runs=2,
                  completed=2, samples=2, lost=0)
+
+
+def test_scores_csv_is_plain_csv_and_unicode_names_keep_their_letters(runs):
+    out = Path(runs["clean"]["out"])
+    with open(out / "scores.csv", encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle))
+        handle.seek(0)
+        rows = list(csv.DictReader(handle))
+    assert header[:2] == ["rank", "name"] and header[-1] == "random_weights"
+    assert len(rows) == GOOD_COUNT and {r["random_weights"] for r in rows} == {"1"}
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["random_weights"] is True
+    row = {r["name"]: r for r in rows}["good/naïve part №1"]
+    assert row["map_file"] == "maps/good__naïve part №1.npy"
+    assert (out / row["map_file"]).is_file()

@@ -83,7 +83,9 @@ def test_cli_score_writes_results_and_announces_random_weights(line, tmp_path, c
     )
     assert (tmp_path / "out" / "metrics.json").exists()
     scores = (tmp_path / "out" / "part" / "scores.csv").read_text().splitlines()
-    assert "NOT meaningful" in scores[0]
+    # plain CSV: the random weights are stated in a column of every row, not a comment line
+    assert scores[0].startswith("rank,") and scores[0].endswith(",random_weights")
+    assert len(scores) == 9 and all(row.endswith(",1") for row in scores[1:])
     part_run = json.loads((tmp_path / "out" / "part" / "run.json").read_text())
     assert part_run["warning"] and part_run["counts"]["tokens_2d"]["computed"] == 8
 

@@ -66,4 +66,7 @@ def test_deploy_and_run_a_line_from_prefect_yaml(prefect_server, line, s3_env, t
     assert any(p.endswith("/results/part/deployed1/report.html") for p in written)
     assert any(p.endswith("/lines/part/batches/deployed1.json") for p in written)
     scores = fs.cat_file(f"{root}/results/part/deployed1/scores.csv").decode()
-    assert "NOT meaningful" in scores.splitlines()[0] and len(scores.splitlines()) == 10
+    # plain CSV (header and 8 rows): random weights stated in a column of every row
+    rows = scores.splitlines()
+    assert rows[0].endswith(",random_weights") and len(rows) == 9
+    assert all(row.endswith(",1") for row in rows[1:])

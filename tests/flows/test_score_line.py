@@ -138,7 +138,7 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(line, tmp_path, mo
 
     store = str(tmp_path / "store")
     done = []
-    real = scoring.block_pair_minima
+    real = scoring.pair_minima_tiled
 
     def fail_after_three(*args, **kwargs):
         if len(done) == 3:
@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(line, tmp_path, mo
         done.append(1)
         return result
 
-    monkeypatch.setattr(scoring, "block_pair_minima", fail_after_three)
+    monkeypatch.setattr(scoring, "pair_minima_tiled", fail_after_three)
     with pytest.raises(Exception, match="simulated"):
         # one thread: the shards run one after another; the between-block ones call the patch
         score_line(data=str(line), storage=store, cluster="threads", workers=1, shard_size=2,

@@ -1,0 +1,77 @@
+"""Imports go one way only: flows → tasks → musc_core, and infra stands alone.
+
+Every ``import`` and ``from … import`` of every source file is read with :mod:`ast` (at module
+level, inside functions, under ``TYPE_CHECKING``, relative or absolute) and checked against the
+packages its layer may not depend on.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The first-party packages (top-level folders of the repository that hold Python sources).
+FIRST_PARTY = ("musc_core", "tasks", "flows", "infra", "benchmarks", "tests")
+#: Packages each layer must not import.
+FORBIDDEN = {
+    "musc_core": {"tasks", "flows", "infra", "benchmarks", "tests"},
+    "tasks": {"flows", "benchmarks", "tests"},
+    "flows": {"benchmarks", "tests"},
+    "infra": set(FIRST_PARTY) - {"infra"},
+}
+
+
+def imported_modules(source: str, module: str) -> list[str]:
+    """Absolute names of every module a source imports, wherever the import statement is.
+
+    Args:
+        source: Python source text.
+        module: dotted name of the module the source is (to resolve relative imports).
+
+    Returns:
+        The imported module names (``from a.b import c`` gives ``a.b``).
+    """
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: -node.level]
+                names.append(".".join(base + ([node.module] if node.module else [])))
+            else:
+                names.append(node.module)
+    return names
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_the_import_reader_sees_function_level_relative_and_aliased_imports():
+    source = (
+        "import numpy as np\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from flows.cli import main\n"
+        "def f():\n    import tasks.cache\n    from . import keys\n    from ..infra import hub\n"
+    )
+    found = imported_modules(source, "tasks.sub.mod")
+    assert found == ["numpy", "typing", "flows.cli", "tasks.cache", "tasks.sub", "tasks.infra"]
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_nothing_from_the_layers_above_it(layer):
+    files = _sources(layer)
+    assert len(files) >= 3, f"found only {len(files)} sources in {layer}/"
+    offenders = []
+    for path in files:
+        for name in imported_modules(path.read_text(encoding="utf-8"), _module_name(path)):
+            if name.split(".")[0] in FORBIDDEN[layer]:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
