@@ -105,6 +105,7 @@ def machine() -> dict[str, object]:
 def bench_e2e(work: Path, sizes: list[int], modalities: list[str]) -> list[dict]:
     """The score-line flow end to end on generated 224 px lines (ViT-B/8, Point-MAE)."""
     from flows.score_line import score_line
+    from flows.settings import Algorithm, Backbones, LineInput, LineRun
     from tasks.synth import generate_line
 
     results = []
@@ -118,9 +119,10 @@ def bench_e2e(work: Path, sizes: list[int], modalities: list[str]) -> list[dict]
             start = time.perf_counter()
             with PeakMemory() as memory:
                 summary = score_line(
-                    data=str(data), data_format="mvtec3d", modality=modality,
-                    weights_2d="random", weights_3d="random", storage=str(store),
-                    cluster="threads", workers=1, batch="bench",
+                    data=LineInput(data=str(data), data_format="mvtec3d"), batch="bench",
+                    backbones=Backbones(weights_2d="random", weights_3d="random"),
+                    algorithm=Algorithm(modality=modality),
+                    run=LineRun(storage=str(store), cluster="threads", workers=1),
                 )
             wall = time.perf_counter() - start
             row = {
@@ -227,6 +229,7 @@ def _threads(workers: int):
 def bench_budget(work: Path, n: int, budgets: list[int | None]) -> list[dict]:
     """Time and detection quality versus the reference budget on one generated line."""
     from flows.score_line import score_line
+    from flows.settings import Algorithm, Backbones, LineInput, LineRun, RollingBank
     from tasks.synth import generate_line
 
     data = work / f"budget-line{n}"
@@ -239,10 +242,12 @@ def bench_budget(work: Path, n: int, budgets: list[int | None]) -> list[dict]:
         shutil.rmtree(store, ignore_errors=True)
         start = time.perf_counter()
         summary = score_line(
-            data=str(data), data_format="mvtec3d", modality="2d",
-            backbone_2d="vit_small_patch8_224.dino", weights_2d="random", image_size=128,
-            storage=str(store), cluster="threads", workers=1, batch="bench",
-            reference_budget=budget, out=str(work / f"out-budget-{budget}"),
+            data=LineInput(data=str(data), data_format="mvtec3d"), batch="bench",
+            backbones=Backbones(backbone_2d="vit_small_patch8_224.dino", weights_2d="random"),
+            algorithm=Algorithm(modality="2d", image_size=128),
+            bank=RollingBank(reference_budget=budget),
+            run=LineRun(storage=str(store), cluster="threads", workers=1,
+                        out=str(work / f"out-budget-{budget}")),
         )
         wall = time.perf_counter() - start
         metrics = summary["metrics"] or {}
@@ -267,7 +272,8 @@ def bench_workers(work: Path, n: int) -> list[dict]:
     """Shardable stages with 1 and 2 single-threaded local Dask workers."""
     from prefect_dask import DaskTaskRunner
 
-    from flows.score_line import LineRequest, score_line_stages
+    from flows.line_stages import score_line_stages
+    from flows.requests import LineRequest
     from musc_core.config import MuscConfig
     from tasks.backbones import BackboneSpec
     from tasks.synth import generate_line

@@ -35,6 +35,7 @@ MAX_BYTES = 1_000_000
 def score_synthetic_line(work: Path, num_samples: int) -> dict:
     """Generate the line and score it with the ``score-line`` flow; the run's summary."""
     from flows.score_line import score_line
+    from flows.settings import Algorithm, Backbones, LineInput, LineRun
     from infra.prefect_api import prefect_api
     from tasks.synth import generate_line
 
@@ -42,9 +43,12 @@ def score_synthetic_line(work: Path, num_samples: int) -> dict:
     generate_line(data, category="part", num_samples=num_samples, image_size=224, seed=0)
     with prefect_api():
         return score_line(
-            data=str(data), data_format="mvtec3d", category="part", modality="2d+3d",
-            weights_2d="random", weights_3d="random", storage=str(work / "store"),
-            out=str(work / "results"), batch="shot", cluster="threads",
+            data=LineInput(data=str(data), data_format="mvtec3d", category="part"),
+            batch="shot",
+            backbones=Backbones(weights_2d="random", weights_3d="random"),
+            algorithm=Algorithm(modality="2d+3d"),
+            run=LineRun(storage=str(work / "store"), out=str(work / "results"),
+                        cluster="threads"),
         )
 
 

@@ -22,18 +22,6 @@ from musc_core.config import MuscConfig
 if TYPE_CHECKING:
     from tasks.sources import ObjectPath
 
-#: MuscConfig fields and the options that set them, longest names first (for messages).
-CONFIG_OPTIONS = {
-    "interval_ratio": "--interval-ratio",
-    "distance_dtype": "--distance-dtype",
-    "flag_mad_k": "--flag-k",
-    "image_size": "--image-size",
-    "num_groups": "--num-groups",
-    "group_size": "--group-size",
-    "vit_dtype": "--vit-dtype",
-    "ipg_step": "--ipg-step",
-    "modality": "--modality",
-}
 _PATCH = re.compile(r"patch(\d+)")
 
 
@@ -55,62 +43,28 @@ def config_from_args(args: argparse.Namespace) -> MuscConfig:
     Raises:
         UsageError: a value :class:`MuscConfig` refuses, named by its option.
     """
-    values = {
-        "modality": args.modality,
-        "image_size": args.image_size,
-        "num_groups": args.num_groups,
-        "group_size": args.group_size,
-        "ipg_step": min(args.ipg_step, args.group_size),
-        "interval_ratio": args.interval_ratio,
-        "distance_dtype": args.distance_dtype,
-        "vit_dtype": args.vit_dtype,
-        "flag_mad_k": args.flag_k,
-    }
-    try:
-        return MuscConfig(**values)
-    except ValueError as error:
-        message = str(error)
-        named = [
-            option
-            for name, option in sorted(CONFIG_OPTIONS.items(), key=lambda x: message.find(x[0]))
-            if name in message
-        ]
-        for name, option in CONFIG_OPTIONS.items():
-            message = message.replace(name, option)
-        option = named[0] if named else ""
-        message = message.removeprefix(f"{option} ") if option else message
-        raise UsageError(option, message) from None
+    from flows.options import model_from_args
+    from flows.settings import Algorithm
+
+    return model_from_args(Algorithm, args).to_config()
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    """Sizes and counts of the run options: positive where they must be.
+    """Counts of the command's own options (the settings models check theirs).
 
     Raises:
         UsageError: the first option out of range.
     """
     at_least = [
-        ("--workers", getattr(args, "workers", 1), 1),
-        ("--shard-size", getattr(args, "shard_size", 1), 1),
-        ("--reference-budget", getattr(args, "reference_budget", None), 1),
-        ("--reference-nights", getattr(args, "reference_nights", None), 0),
-        ("--reference-samples", getattr(args, "reference_samples", None), 1),
-        ("--bank-nights", getattr(args, "bank_nights", None), 1),
         ("--subsets", getattr(args, "subsets", None), 1),
         ("--seeds", getattr(args, "seeds", None), 1),
         ("--num-samples", getattr(args, "num_samples", None), 2),
-        ("--image-size", getattr(args, "image_size", None), 1),
-        ("--num-groups", getattr(args, "num_groups", None), 1),
-        ("--group-size", getattr(args, "group_size", None), 2),
     ]
     for option, value, low in at_least:
         if value is not None and value < low:
             raise UsageError(option, f"must be at least {low}, got {value}")
-    windows = getattr(args, "rescoring_windows", None)
-    if windows is not None and any(k < 1 for k in windows):
-        raise UsageError("--rescoring-windows", f"must be positive, got {windows}")
-    ratio = getattr(args, "interval_ratio", None)
-    if ratio is not None and not 0.0 < ratio <= 1.0:
-        raise UsageError("--interval-ratio", f"must be in (0, 1], got {ratio}")
+    if getattr(args, "line", None) and getattr(args, "category", None) == "all":
+        raise UsageError("--line", "names one line: name its --category too")
 
 
 def check_cluster_option(args: argparse.Namespace) -> None:
@@ -311,7 +265,7 @@ def check_score(args: argparse.Namespace) -> MuscConfig:
     check_cluster_option(args)
     if getattr(args, "data", None) is not None:
         category = args.category if isinstance(args.category, str) else None
-        check_dataset(args.data, args.format, category)
+        check_dataset(args.data, args.data_format, category)
     check_weights(args, config)
     check_dtypes(args, config)
     check_location(args.out, "--out")

@@ -22,10 +22,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO, TypeVar
+
+from pydantic import BaseModel
 
 from flows.checks import (
     UsageError,
@@ -34,11 +36,24 @@ from flows.checks import (
     check_location,
     check_score,
 )
+from flows.options import add_model_options, model_from_args
+from flows.settings import (
+    Algorithm,
+    Backbones,
+    BankChoice,
+    LineInput,
+    LineRun,
+    NewParts,
+    NewPartsChanges,
+    NewPartsRun,
+    RecordedBatch,
+    RescoreRun,
+    Rescoring,
+    RollingBank,
+)
 from flows.verdict_cli import add_verdict_parser, run_verdict
-from musc_core.config import MODALITIES, MuscConfig
+from musc_core.config import MuscConfig
 from tasks.choices import (
-    BACKBONES_3D,
-    DEFAULT_BACKBONE_2D,
     DEFAULT_STORAGE,
     FORMATS,
     RANDOM_WEIGHTS_WARNING,
@@ -283,71 +298,59 @@ def with_flow_progress(args: argparse.Namespace, run: Callable[[], T]) -> T:
             remove_reporter(reporter)
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    defaults = MuscConfig()
-    parser.add_argument("--modality", choices=MODALITIES, default=defaults.modality)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--backbone-2d", default=DEFAULT_BACKBONE_2D, help="timm ViT name")
-    parser.add_argument(
-        "--weights-2d",
-        default="pretrained",
-        help="'pretrained' (timm), a checkpoint path, or 'random' (results not meaningful)",
-    )
-    parser.add_argument(
-        "--weights-3d",
-        default=None,
-        help="Point-MAE checkpoint path, or 'random' (results not meaningful)",
-    )
-    parser.add_argument(
-        "--backbone-3d",
-        choices=BACKBONES_3D,
-        default="point-mae",
-        help="3D features: 'point-mae' (needs --weights-3d) or 'fpfh' (weight-free descriptors)",
-    )
-    parser.add_argument("--num-groups", type=int, default=defaults.num_groups)
-    parser.add_argument("--group-size", type=int, default=defaults.group_size)
-    parser.add_argument("--ipg-step", type=int, default=defaults.ipg_step)
-    parser.add_argument("--interval-ratio", type=float, default=defaults.interval_ratio)
-    parser.add_argument("--flag-k", type=float, default=defaults.flag_mad_k,
-                        help="k of the flag rule: median + k·1.4826·MAD of the RsCon scores")
-    parser.add_argument(
-        "--distance-dtype", choices=("auto", "float32", "bfloat16"), default="auto"
-    )
-    parser.add_argument("--vit-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    _add_run_options(parser)
+#: Environment variables that give an option its default (the declaration's otherwise).
+ENV_DEFAULTS = {"storage": "MUSC_STORAGE"}
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage",
-        default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE),
-        help="storage root (path or s3://bucket/prefix) of the feature cache and batch records "
-        "(default: $MUSC_STORAGE or ./musc-store)",
-    )
-    parser.add_argument("--batch", default=None, help="batch id (default: the UTC start time)")
-    parser.add_argument(
-        "--cluster",
-        default="local",
-        help="'local' (local Dask cluster), 'threads' (this process) or tcp://scheduler:8786",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="local Dask worker processes")
-    parser.add_argument("--shard-size", type=int, default=16, help="samples per block")
-    parser.add_argument("--reference-budget", type=int, default=None,
-                        help="most references per sample (default: all)")
-    parser.add_argument("--reference-nights", type=int, default=0,
-                        help="earlier batches of the line used as extra references")
-    parser.add_argument("--reference-samples", type=int, default=None,
-                        help="most samples taken from earlier batches")
-    parser.add_argument(
-        "--fail-on-set-aside",
-        action="store_true",
-        help=f"exit with status {EXIT_SET_ASIDE} when any sample had to be set aside",
-    )
+def _add_settings(
+    parser: argparse.ArgumentParser,
+    models: Sequence[type[BaseModel]],
+    exclude: Sequence[str] = (),
+    positional: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """The options of the settings models (:mod:`flows.settings`), one group per model.
+
+    Args:
+        parser: the subcommand's parser.
+        models: the models whose fields become options.
+        exclude: fields the command sets itself.
+        positional: fields given as positional arguments.
+        env: the environment giving defaults (:data:`ENV_DEFAULTS`); None for the process's.
+    """
+    env = os.environ if env is None else env
+    for model in models:
+        group = parser.add_argument_group(
+            model.__name__, (model.__doc__ or "").strip().splitlines()[0]
+        )
+        add_model_options(
+            group, model, exclude, [p for p in positional if p in model.model_fields]
+        )
+    for field, variable in ENV_DEFAULTS.items():
+        if parser.get_default(field) is not None and env.get(variable):
+            parser.set_defaults(**{field: env[variable]})
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, set_aside: bool = True) -> None:
+    """Options of the command itself (not settings of a flow)."""
+    if set_aside:
+        parser.add_argument("--batch", default=None,
+                            help="batch id of this run (default: the UTC start time)")
+        parser.add_argument(
+            "--fail-on-set-aside",
+            action="store_true",
+            help=f"exit with status {EXIT_SET_ASIDE} when any sample had to be set aside",
+        )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--verbose", action="store_true", help="print Prefect and Dask INFO logs on the console"
     )
+
+
+#: Settings of a run that scores a dataset's lines (``score``, ``eval``, ``demo``).
+LINE_MODELS = (Backbones, Algorithm, RollingBank, LineRun)
+#: Where ``demo`` differs from the declarations: random weights, storage below ``--out``.
+DEMO_DEFAULTS = {"weights_2d": "random", "weights_3d": "random", "storage": None}
 
 
 EXIT_HELP = f"""exit status:
@@ -375,8 +378,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text or action.help
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand.
+
+    Args:
+        env: the environment that gives some options their default (``$MUSC_STORAGE``);
+            None for the process's.
+    """
     parser = argparse.ArgumentParser(
         prog="musc",
         description="Zero-shot industrial anomaly detection with MuSc-V2.",
@@ -387,12 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write a synthetic product line (MVTec 3D-AD layout)")
     synth.add_argument("--out", required=True, help="dataset root to write")
-    synth.add_argument("--category", default="part")
-    synth.add_argument("--num-samples", type=int, default=16)
-    synth.add_argument("--image-size", type=int, default=224)
-    synth.add_argument("--defect-rate", type=float, default=0.4)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--no-support-plane", action="store_true")
+    synth.add_argument("--category", default="part", help="the line's (category's) name")
+    synth.add_argument("--num-samples", type=int, default=16, help="samples of the line")
+    synth.add_argument("--image-size", type=int, default=224, help="image side (px)")
+    synth.add_argument("--defect-rate", type=float, default=0.4,
+                       help="fraction of defective samples")
+    synth.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    synth.add_argument("--no-support-plane", action="store_true",
+                       help="no measured support plane behind the object")
     synth.add_argument(
         "--shape",
         choices=SYNTH_SHAPES + SYNTH_NAMED_SHAPES,
@@ -401,74 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     score_cmd = sub.add_parser("score", help="score a dataset's lines and write results")
-    score_cmd.add_argument("data", help="dataset root")
-    score_cmd.add_argument("--format", choices=FORMATS, default="mvtec3d")
+    _add_settings(score_cmd, (LineInput,), exclude=("category",), positional=("data",))
     score_cmd.add_argument("--category", default="all", help="a category name or 'all'")
-    score_cmd.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    _add_config_options(score_cmd)
+    score_cmd.add_argument("--out", required=True,
+                           help="output folder or s3:// prefix (one sub-folder per line)")
+    _add_settings(score_cmd, LINE_MODELS, exclude=("out",), env=env)
+    _add_run_flags(score_cmd)
 
     again = sub.add_parser(
         "rescore", help="score a recorded batch again from cached features (no backbone)"
     )
-    again.add_argument("line", help="the line (category) name")
-    again.add_argument("--batch", default=None, help="the batch to re-score (default: latest)")
-    again.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    again.add_argument("--storage", default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE))
-    again.add_argument("--interval-ratio", type=float, default=None)
-    again.add_argument("--rescoring-windows", type=int, nargs="+", default=None)
-    again.add_argument("--reference-budget", type=int, default=None)
-    again.add_argument("--reference-nights", type=int, default=None)
-    again.add_argument("--reference-samples", type=int, default=None)
-    again.add_argument("--cluster", default="local")
-    again.add_argument("--workers", type=int, default=1)
-    again.add_argument("--quiet", action="store_true")
-    again.add_argument("--verbose", action="store_true")
+    _add_settings(again, (RecordedBatch, Rescoring, RescoreRun), positional=("line",), env=env)
+    _add_run_flags(again, set_aside=False)
 
     new = sub.add_parser(
         "score-new",
         help="score new parts against a line's recorded batches (only the parts are extracted)",
     )
-    new.add_argument("line", help="the line (category) name")
-    new.add_argument(
-        "inputs", nargs="+",
-        help="image files of the new parts (XYZ TIFFs for a 3D-only line), or one folder",
-    )
-    new.add_argument("--xyz", nargs="+", default=None, help="XYZ TIFFs, one per image, in order")
-    new.add_argument("--format", choices=FORMATS, default="folder",
-                     help="layout of a folder input (preprocessing is always the bank's)")
-    new.add_argument("--category", default=None, help="category of a folder input")
-    new.add_argument("--storage", default=os.environ.get("MUSC_STORAGE", DEFAULT_STORAGE))
-    new.add_argument("--bank", nargs="+", default=None,
-                     help="batch ids forming the bank (default: the latest --bank-nights)")
-    new.add_argument("--bank-nights", type=int, default=1,
-                     help="how many of the line's latest batches form the bank (1)")
-    new.add_argument("--naive-bank", action="store_true",
-                     help="keep every bank sample as a reference, flagged ones included "
-                     "(default: flagged, not cleared, and confirmed defects are left out)")
-    new.add_argument("--out", default=None,
-                     help="output folder or s3:// prefix (default <storage>/results/<line>/new-…)")
-    new.add_argument("--reference-budget", type=int, default=None,
-                     help="most bank samples per part (default: all)")
-    new.add_argument("--flag-k", type=float, default=None, help="k of the flag rule (bank's)")
-    new.add_argument("--weights-2d", default=None,
-                     help="2D weights, when the bank's recorded location differs here")
-    new.add_argument("--weights-3d", default=None,
-                     help="Point-MAE weights, when the bank's recorded location differs here")
-    new.add_argument("--record-as", default=None,
-                     help="record the new parts as a batch of the line with this id")
-    new.add_argument("--shard-size", type=int, default=16)
-    new.add_argument("--cluster", default="threads",
-                     help="'threads' (default, fastest for a few parts), 'local' or tcp://…")
-    new.add_argument("--workers", type=int, default=1)
-    new.add_argument("--device", default="auto")
-    new.add_argument("--quiet", action="store_true")
+    _add_settings(new, (NewParts, BankChoice, NewPartsChanges, NewPartsRun),
+                  positional=("line", "inputs"), env=env)
+    _add_run_flags(new, set_aside=False)
 
     bench = sub.add_parser(
         "eval",
         help="paper-style evaluation of a benchmark dataset: every category, g subsets, seeds",
     )
-    bench.add_argument("data", help="dataset root")
-    bench.add_argument("--format", choices=[f for f in FORMATS if f != "folder"], required=True)
+    _add_settings(bench, (LineInput,), exclude=("data_format", "category", "line", "samples"),
+                  positional=("data",))
+    bench.add_argument("--format", dest="data_format",
+                       choices=[f for f in FORMATS if f != "folder"], required=True,
+                       help="dataset layout")
     bench.add_argument("--category", nargs="+", default=None,
                        help="categories to evaluate (default: all)")
     bench.add_argument("--subsets", type=int, default=1,
@@ -477,16 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=10,
                        help="random partitions (seeds 0..N-1) averaged when g > 1 (paper: 10)")
     bench.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    _add_config_options(bench)
+    _add_settings(bench, LINE_MODELS,
+                  exclude=("out", "reference_nights", "reference_samples", "clean_bank"), env=env)
+    _add_run_flags(bench)
 
     demo = sub.add_parser(
         "demo", help="generate a small synthetic line and score it 2D+3D (random weights)"
     )
     demo.add_argument("--out", default="demo", help="folder for the line and the results")
-    demo.add_argument("--num-samples", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
-    _add_config_options(demo)
-    demo.set_defaults(weights_2d="random", weights_3d="random", storage=None)
+    demo.add_argument("--num-samples", type=int, default=16, help="samples of the line")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the line")
+    _add_settings(demo, LINE_MODELS, exclude=("out",), env=env)
+    _add_run_flags(demo)
+    demo.set_defaults(**DEMO_DEFAULTS)
     add_verdict_parser(sub, DEFAULT_STORAGE)
     for command in sub.choices.values():
         command.formatter_class = _HelpFormatter
@@ -497,34 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _line_options(args: argparse.Namespace) -> dict[str, object]:
-    """The ``score_line`` parameters the command-line options set (all but the line's data)."""
-    return dict(
-        modality=args.modality,
-        backbone_2d=args.backbone_2d,
-        weights_2d=args.weights_2d,
-        # The demo's random Point-MAE default does not apply to the weight-free FPFH.
-        weights_3d=None
-        if args.backbone_3d == "fpfh" and args.command == "demo"
-        else args.weights_3d,
-        backbone_3d=args.backbone_3d,
-        cluster=args.cluster,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        reference_budget=args.reference_budget,
-        reference_nights=args.reference_nights,
-        reference_samples=args.reference_samples,
-        image_size=args.image_size,
-        num_groups=args.num_groups,
-        group_size=args.group_size,
-        ipg_step=args.ipg_step,
-        interval_ratio=args.interval_ratio,
-        distance_dtype=args.distance_dtype,
-        vit_dtype=args.vit_dtype,
-        flag_mad_k=args.flag_k,
-        device=args.device,
-        patch_size_2d=getattr(args, "patch_size_2d", None),
-    )
+def line_settings(args: argparse.Namespace) -> dict[str, BaseModel]:
+    """The ``score_line`` settings models the options of ``score``/``eval``/``demo`` hold.
+
+    Raises:
+        UsageError: a value a model refuses, named by its option.
+    """
+    fixed: dict[str, object] = {}
+    if args.command == "demo" and args.backbone_3d == "fpfh":
+        fixed["weights_3d"] = None  # the demo's random Point-MAE default: not for FPFH
+    return {
+        "backbones": model_from_args(Backbones, args, **fixed),
+        "algorithm": model_from_args(Algorithm, args),
+        "bank": model_from_args(RollingBank, args),
+        "run": model_from_args(LineRun, args, out=None),
+    }
 
 
 class LineFailed(Exception):
@@ -558,18 +520,22 @@ def _score_categories(
             print(f"musc: {text}", file=sys.stderr, flush=True)
 
     lines: list[dict] = []
+    settings = args.settings
     for number, category in enumerate(categories, start=1):
         started = time.monotonic()
         say(f"line {category!r} ({number}/{len(categories)}) started")
+        destination = f"{out.rstrip('/')}/{safe_file_stem(category)}"
         try:
             summary = score_line(
-                data=data,
-                data_format=fmt,
-                category=category,
-                storage=args.storage,
-                out=f"{out.rstrip('/')}/{safe_file_stem(category)}",
+                data=LineInput(
+                    data=data, data_format=fmt, category=category,
+                    line=getattr(args, "line", None), samples=getattr(args, "samples", None),
+                ),
                 batch=batch,
-                **_line_options(args),
+                backbones=settings["backbones"],
+                algorithm=settings["algorithm"],
+                bank=settings["bank"],
+                run=settings["run"].model_copy(update={"out": destination}),
             )
         except LineNotScored as error:
             summary = {
@@ -596,8 +562,13 @@ def print_line(summary: dict) -> None:
     elif summary.get("error"):
         print(f"[{line}] NOT SCORED: {summary['error']}")
     else:
+        if summary.get("against_bank"):
+            what = (f"{summary['scored']} new part(s) scored against bank "
+                    f"{', '.join(summary['bank'])}")
+        else:
+            what = f"{summary['scored']} samples scored"
         print(
-            f"[{line}] {summary['scored']} samples scored in {summary['seconds']:.1f} s "
+            f"[{line}] {what} in {summary['seconds']:.1f} s "
             f"(pool {summary['pool']}, batch {summary['batch']}); "
             f"{len(summary['flagged'])} flagged, {len(summary.get('set_aside', []))} set aside"
         )
@@ -625,6 +596,13 @@ def print_line(summary: dict) -> None:
     sys.stdout.flush()
 
 
+def print_summary(summary: dict) -> None:
+    """A flow's summary on stdout, after the random-weights warning when it applies."""
+    if summary.get("random_weights"):
+        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
+    print_line(summary)
+
+
 def _random_weights_requested(args: argparse.Namespace, config: MuscConfig) -> bool:
     return (config.uses_2d and args.weights_2d == "random") or (
         config.uses_3d and args.backbone_3d == "point-mae" and args.weights_3d == "random"
@@ -637,7 +615,7 @@ def _announce_random_weights() -> None:
 
 
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
-    from flows.score_line import default_batch_id
+    from flows.locations import default_batch_id
     from musc_core.metrics import summarize
     from tasks.datasets import list_categories
     from tasks.outputs import ResultStore
@@ -685,78 +663,24 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
 def _run_rescore(args: argparse.Namespace) -> int:
     from flows.rescore import rescore
 
-    summary = with_flow_progress(
-        args,
-        lambda: rescore(
-            line=args.line,
-            batch=args.batch,
-            storage=args.storage,
-            out=args.out,
-            interval_ratio=args.interval_ratio,
-            rescoring_windows=args.rescoring_windows,
-            reference_budget=args.reference_budget,
-            reference_nights=args.reference_nights,
-            reference_samples=args.reference_samples,
-            cluster=args.cluster,
-            workers=args.workers,
-        )
-    )
-    if summary.get("random_weights"):
-        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
-    print_line(summary)
+    summary = with_flow_progress(args, lambda: rescore(**args.settings))
+    print_summary(summary)
     return EXIT_OK
 
 
 def _run_score_new(args: argparse.Namespace) -> int:
     from flows.score_new import score_new
 
-    summary = with_flow_progress(
-        args,
-        lambda: score_new(
-            line=args.line,
-            inputs=args.inputs,
-            xyz=args.xyz,
-            data_format=args.format,
-            category=args.category,
-            storage=args.storage,
-            bank=args.bank,
-            bank_nights=args.bank_nights,
-            out=args.out,
-            reference_budget=args.reference_budget,
-            flag_mad_k=args.flag_k,
-            weights_2d=args.weights_2d,
-            weights_3d=args.weights_3d,
-            shard_size=args.shard_size,
-            cluster=args.cluster,
-            workers=args.workers,
-            device=args.device,
-            record_as=args.record_as,
-            clean_bank=not args.naive_bank,
-        )
-    )
-    if summary.get("random_weights"):
-        print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
-    print(
-        f"[{summary['line']}] {summary['scored']} new part(s) scored against bank "
-        f"{', '.join(summary['bank'])} (pool {summary['pool']}) in {summary['seconds']:.1f} s; "
-        f"{len(summary['flagged'])} flagged"
-    )
-    if summary.get("flag_note"):
-        print(f"    no flag threshold: {summary['flag_note']}")
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
-    print(f"    stages: {stages}")
-    for kind, location in summary["outputs"].items():
-        print(f"    {kind:>9}: {location}")
-    for name, _path, problem in summary.get("set_aside", []):
-        print(f"    set aside {name!r}: {problem}")
+    summary = with_flow_progress(args, lambda: score_new(**args.settings))
+    print_summary(summary)
     return EXIT_OK
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from flows.locations import default_batch_id
     from flows.paper_eval import evaluate_benchmark
-    from flows.score_line import default_batch_id
 
-    options = {**_line_options(args), "reference_nights": 0, "reference_samples": None}
+    settings = args.settings
     eval_id = args.batch or default_batch_id()
 
     def done(category: str, seed: int, index: int, subsets: int, summary: dict) -> None:
@@ -769,9 +693,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = with_flow_progress(
         args,
         lambda: evaluate_benchmark(
-            args.data, args.format, args.out, args.storage, options,
-            subsets=args.subsets, seeds=range(args.seeds), categories=args.category,
-            eval_id=eval_id, progress=done,
+            args.data, args.data_format, args.out, settings["backbones"], settings["algorithm"],
+            settings["run"], settings["bank"].reference_budget, subsets=args.subsets,
+            seeds=range(args.seeds), categories=args.category, eval_id=eval_id, progress=done,
         )
     )
     if result.table["warning"]:
@@ -796,7 +720,15 @@ def _run_synth(args: argparse.Namespace) -> int:
         support_plane=not args.no_support_plane,
         shape=args.shape,
     )
-    print(f"synthetic line written: {Path(args.out) / args.category} ({summary})")
+    kinds = ", ".join(f"{count} {kind}" for kind, count in summary.counts.items())
+    line = summary.root / summary.category
+    print(
+        f"synthetic line written: {line}\n"
+        f"    {summary.num_samples} samples ({kinds}), {summary.image_size}x"
+        f"{summary.image_size} px, shape {summary.shape}\n"
+        f"    images, XYZ maps and masks: {line / 'test'}/<kind>/{{rgb,xyz,gt}}/\n"
+        f"    description: {line / 'line.json'}"
+    )
     return EXIT_OK
 
 
@@ -816,6 +748,28 @@ def _run_demo(args: argparse.Namespace) -> int:
     return _run_score(args, str(data), "mvtec3d", str(Path(args.out) / "results"))
 
 
+def command_settings(args: argparse.Namespace) -> dict[str, BaseModel]:
+    """The settings models of a flow-running command, validated (the flow's parameters).
+
+    Raises:
+        UsageError: a value a model refuses, named by its option.
+    """
+    if args.command in ("score", "eval", "demo"):
+        return line_settings(args)
+    if args.command == "rescore":
+        return {
+            "target": model_from_args(RecordedBatch, args),
+            "changes": model_from_args(Rescoring, args),
+            "run": model_from_args(RescoreRun, args),
+        }
+    return {
+        "parts": model_from_args(NewParts, args),
+        "bank": model_from_args(BankChoice, args),
+        "changes": model_from_args(NewPartsChanges, args),
+        "run": model_from_args(NewPartsRun, args),
+    }
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every up-front check of the command (nothing is started before it passes).
 
@@ -825,11 +779,18 @@ def check_args(args: argparse.Namespace) -> None:
     if args.command in ("score", "eval", "demo"):
         if args.command == "demo":
             args.storage = args.storage or str(Path(args.out) / "store")
+        check_counts(args)
+        args.settings = command_settings(args)
         config = check_score(args)
         if _random_weights_requested(args, config):
             _announce_random_weights()
     elif args.command in ("rescore", "score-new"):
-        check_counts(args)
+        args.settings = command_settings(args)
+        if args.command == "rescore":
+            # the changed values against the defaults: a range error is found before a start
+            changes = {k: v for k, v in args.settings["changes"].model_dump().items()
+                       if v is not None and k in Algorithm.model_fields}
+            model_from_args(Algorithm, argparse.Namespace(**changes))
         check_cluster_option(args)
         check_location(args.storage, "--storage")
         if args.out:
@@ -851,7 +812,7 @@ def _classify(error: BaseException) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "synth": _run_synth,
-    "score": lambda args: _run_score(args, args.data, args.format, args.out),
+    "score": lambda args: _run_score(args, args.data, args.data_format, args.out),
     "rescore": _run_rescore,
     "score-new": _run_score_new,
     "eval": _run_eval,

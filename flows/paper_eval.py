@@ -1,4 +1,4 @@
-"""Paper-style evaluation of a benchmark dataset: ``score_line`` runs composed per protocol.
+"""Paper-style evaluation of a benchmark dataset: runs of a line's stages composed per protocol.
 
 For each category of the dataset and each seed, the category's test set is split into g
 random subsets (:func:`tasks.paper_eval.split_subsets`), each subset is one ``score_line`` run
@@ -12,10 +12,13 @@ whatever the number of seeds: another seed only computes new pair shards and red
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from flows.score_line import cache_url, score_line
+from flows.line_stages import run_line
+from flows.locations import cache_url
+from flows.requests import line_request
+from flows.settings import AlgorithmBase, Backbones, LineInput, LineRun, RollingBank
 from tasks.cache import FeatureCache
 from tasks.datasets import list_categories, read_dataset
 from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
@@ -53,8 +56,10 @@ def evaluate_benchmark(
     data: str,
     data_format: str,
     out: str,
-    storage: str,
-    line_options: Mapping[str, object],
+    backbones: Backbones,
+    algorithm: AlgorithmBase,
+    run: LineRun,
+    reference_budget: int | None = None,
     subsets: int = 1,
     seeds: Sequence[int] = (0,),
     categories: Sequence[str] | None = None,
@@ -67,9 +72,11 @@ def evaluate_benchmark(
         data: dataset root.
         data_format: ``mvtec3d``, ``eyecandies``, ``mvtec``, ``visa``, ``btad`` or ``mpdd``.
         out: output prefix: ``table.{json,md,csv}`` and ``runs/<category>/s<seed>-<k>of<g>/``.
-        storage: storage root of the feature cache and the runs' batch records.
-        line_options: further ``score_line`` parameters (modality, backbones, weights, image
-            size, cluster, ...).
+        backbones: the feature extractors and their weights.
+        algorithm: MuSc-V2's settings.
+        run: storage root of the feature cache and the runs' batch records, cluster, workers,
+            device and block size (its ``out`` is not used: each run writes below ``out``).
+        reference_budget: most references per sample (None: all of its subset).
         subsets: g, subsets per category (1: each category scored whole).
         seeds: seeds of the random partitions (only the first is used when g = 1).
         categories: the categories to score (default: all of the dataset).
@@ -83,6 +90,8 @@ def evaluate_benchmark(
     if not seeds:
         raise ValueError("at least one seed is needed")
     names = list(categories or list_categories(data, data_format))
+    storage = run.storage
+    bank = RollingBank(reference_budget=reference_budget)
     cache = FeatureCache(cache_url(storage))
     per_seed: dict[int, dict[str, dict[str, float]]] = {seed: {} for seed in seeds}
     runs: list[dict] = []
@@ -93,12 +102,15 @@ def evaluate_benchmark(
             collected = []
             for index, part in enumerate(split_subsets(samples, subsets, seed), start=1):
                 tag = f"s{seed}-{index}of{subsets}"
-                summary = score_line(
-                    data=data, data_format=data_format, category=category,
-                    line=f"eval-{category}", storage=storage, batch=f"{eval_id}-{tag}",
-                    out=f"{out.rstrip('/')}/runs/{safe_file_stem(category)}/{tag}",
-                    samples=part, **dict(line_options),
+                request = line_request(
+                    LineInput(data=data, data_format=data_format, category=category,
+                              line=f"eval-{category}", samples=part),
+                    f"{eval_id}-{tag}", backbones, algorithm, bank,
+                    run.model_copy(update={
+                        "out": f"{out.rstrip('/')}/runs/{safe_file_stem(category)}/{tag}"
+                    }),
                 )
+                summary = run_line(request, run.cluster, run.workers)
                 random_weights = random_weights or bool(summary["random_weights"])
                 collected.append(collect_run(summary, storage, cache))
                 runs.append({
@@ -114,8 +126,8 @@ def evaluate_benchmark(
                 raise ValueError(f"{category}: the samples carry no labels; nothing to evaluate")
             per_seed[seed][category] = metrics
     summary = aggregate(per_seed)
-    modality = str(line_options.get("modality", "2d+3d"))
-    backbone = str(line_options.get("backbone_2d", ""))
+    modality = algorithm.modality
+    backbone = backbones.backbone_2d
     published, note = published_mean(data_format, modality, backbone, subsets)
     warning = RANDOM_WEIGHTS_WARNING if random_weights else None
     backbones = {"2d": backbone, "3d": "Point-MAE", "2d+3d": f"{backbone} + Point-MAE"}

@@ -16,7 +16,8 @@ line's latest N):
   never reduced again). A bank sample whose scored inputs (image / XYZ bytes, hence its
   prepared image and XYZ-map keys) equal a new part's is left out of the bank, whatever its
   mask or label, so scoring a sample of a batch against the rest of that batch with the
-  naive bank (``clean_bank=False``) gives that batch run's map, score and RsCon score for it;
+  naive bank (``BankChoice(clean_bank=False)``, ``--no-clean-bank``) gives that batch run's
+  map, score and RsCon score for it;
 - the bank is clean by default, like the batch run's rolling bank: a bank sample flagged in
   its night is no reference unless an operator cleared it (``musc verdict LINE SAMPLE ok``),
   and a confirmed defect never is (:func:`tasks.verdicts.clean_records`);
@@ -31,43 +32,41 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from prefect import flow
-from prefect.runtime import flow_run
 
-from flows.progress import StageTracker
-from flows.score_line import (
-    DEFAULT_STORAGE,
-    LineRequest,
-    bank_blocks,
-    batch_record,
-    cache_url,
-    default_batch_id,
-    results_url,
-)
+from flows.locations import default_batch_id, results_url
+from flows.requests import LineRequest, batch_record
+from flows.settings import BankChoice, NewParts, NewPartsChanges, NewPartsRun
 from flows.stages import (
+    begin_run,
     compute_features,
     preparation_summary,
+    prepare_pool_samples,
     reduce_all,
     report_run,
+    run_info,
     score_all_pairs,
     timed,
-    wait_stage,
 )
 from infra.cluster import task_runner
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
-from tasks.bank import bank_reductions, choose_bank, plan_against_bank, record_identities
-from tasks.batches import check_batch_id, config_from_record, record_batch
+from tasks.bank import (
+    bank_blocks,
+    bank_reductions,
+    choose_bank,
+    plan_against_bank,
+    record_identities,
+)
+from tasks.batches import BatchRecord, check_batch_id, config_from_record, record_batch
 from tasks.datasets import SampleRecord, list_categories
 from tasks.discover import DiscoveredSample, discover_line, input_digests
-from tasks.features import missing_features, prepare_samples
-from tasks.keys import Identities, prepared_keys, sample_keys
+from tasks.features import missing_features
+from tasks.keys import Identities
 from tasks.plan import PoolSample, batch_blocks
 from tasks.prepare import SetAside
-from tasks.results import RunInfo
 from tasks.runtime import Runtime, identify_backbones
 from tasks.sources import is_folder, is_url
 from tasks.verdicts import clean_records, read_verdicts
@@ -97,6 +96,10 @@ class NewPartsRequest:
         reference_budget: most bank samples per part, None for the whole bank.
         device: ``auto``, ``cpu`` or ``cuda:N``.
         record_as: batch id to record the new parts under, or None.
+        clean_bank: whether the bank is clean (flagged, not cleared, and confirmed-defective
+            samples left out); False takes every sample of the bank's batches.
+        bank_left_out: ``{batch: {sample: reason}}`` the clean bank left out (empty for the
+            naive bank).
     """
 
     line: str
@@ -107,7 +110,7 @@ class NewPartsRequest:
     storage: str
     out: str
     run: str
-    records: tuple[dict, ...]
+    records: tuple[BatchRecord, ...]
     spec: BackboneSpec
     config: MuscConfig
     shard_size: int
@@ -188,7 +191,7 @@ def discover_parts(
                 raise ValueError(f"{inputs[0]} holds categories {categories}: name one")
             category = categories[0]
         return discover_line(inputs[0], request.data_format, category)
-    if request.config.uses_3d and request.records[0]["prep"]["format"] == "eyecandies":
+    if request.config.uses_3d and request.records[0].prep.format == "eyecandies":
         raise ValueError(
             "the bank is an Eyecandies line: pass the new parts' folder in Eyecandies layout "
             "(--format eyecandies), their depth maps need the pose and depth range files"
@@ -226,7 +229,7 @@ def _check_bank(
     needed += [(s.name, key) for s, key in zip(samples, reduced, strict=True)]
     missing = missing_features.submit(needed, runtime).result()
     if missing:
-        batches = ", ".join(r["batch"] for r in request.records)
+        batches = ", ".join(r.batch for r in request.records)
         raise BankNotUsable(
             f"{len(missing)} bank sample(s) of line {request.line!r} have no cached features or "
             f"reductions (e.g. {missing[:5]}); run `musc rescore {request.line} --batch B` for "
@@ -237,44 +240,23 @@ def _check_bank(
 @flow(name="score-new-stages", validate_parameters=False)
 def score_new_stages(request: NewPartsRequest) -> dict:
     """The stages of one ``score_new`` run on the task runner the outer flow chose."""
-    timings: dict[str, float] = {}
-    started = datetime.now(timezone.utc)
+    timings, started, runtime, tracker = begin_run(request.storage, request.device, 5)
     config = request.config
-    runtime = Runtime(cache_url(request.storage), request.device)
-    tracker = StageTracker(total_stages=5)
-    fmt = request.records[0]["prep"]["format"]
+    fmt = request.records[0].prep.format
     with timed(timings, "discover"):
         found, set_aside = discover_parts(request)
         identities = identify_backbones.submit(request.spec, config, runtime).result()
     with timed(timings, "prepare"):
-        keys = [prepared_keys(s.digests, fmt, s.record.category, config) for s in found]
-        pairs = list(zip(found, keys, strict=True))
-        size = request.shard_size
-        futures = [
-            prepare_samples.submit(pairs[i : i + size], fmt, config, runtime)
-            for i in range(0, len(pairs), size)
-        ]
-        outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
-    parts: list[PoolSample] = []
-    cleaning: dict[str, str] = {}
-    for sample, key, (name, problem, cleaned) in zip(found, keys, outcomes, strict=True):
-        record = sample.record
-        if problem is not None:
-            main = record.image_path or record.xyz_path or record.depth_path or name
-            set_aside.append(SetAside(name, str(main), problem))
-            continue
-        if cleaned is not None:
-            cleaning[name] = cleaned
-        parts.append(
-            PoolSample(name, request.run, sample_keys(key, config, identities), record.label,
-                       record.defect_type)
+        parts, cleaning = prepare_pool_samples(
+            found, fmt, config, identities, request.run, request.shard_size, runtime, tracker,
+            set_aside,
         )
     if not parts:
         problems = "; ".join(f"{a.name}: {a.problem}" for a in set_aside)
         raise ValueError(f"no usable new part ({problems or 'none given'})")
     records = list(request.records)
     bank = bank_blocks(records, config, identities, {p.keys.scored for p in parts})
-    by_batch = {r["batch"]: bank_reductions(request.storage, r) for r in records}
+    by_batch = {r.batch: bank_reductions(request.storage, r) for r in records}
     bank_reduced = [by_batch[s.batch][s.name] for block in bank for s in block]
     _check_bank(request, identities, bank, bank_reduced, runtime)
     new_blocks = batch_blocks(parts, request.shard_size)
@@ -286,16 +268,11 @@ def score_new_stages(request: NewPartsRequest) -> dict:
     with timed(timings, "reduction"):
         counts += reduce_all(plan, config, runtime, tracker)
     new_reduced = [item.key for items in plan.reduce for item in items]
-    bank_ids = [r["batch"] for r in records]
-    info = RunInfo(
-        line=request.line,
-        batch=request.run,
-        run_id=str(flow_run.get_id() or ""),
-        started=started.isoformat(timespec="seconds"),
-        out=request.out,
-        random_weights=request.spec.random_weights(config),
-        backbones=identities.as_dict(),
-        settings={
+    bank_ids = [r.batch for r in records]
+    info = run_info(
+        request.line, request.run, started, request.out, request.spec.random_weights(config),
+        identities,
+        {
             "scored_against_bank": bank_ids,
             "inputs": list(request.inputs),
             "xyz": None if request.xyz is None else list(request.xyz),
@@ -320,107 +297,78 @@ def score_new_stages(request: NewPartsRequest) -> dict:
             reference_samples=None, device=request.device,
         )
         record = batch_record(
-            line_request, identities, new_blocks, set_aside, bank_ids, result, new_reduced
+            line_request, identities, new_blocks, set_aside, bank_ids, result, new_reduced,
+            bank_left_out=request.bank_left_out, scored_against_bank=True,
         )
-        record_batch.submit(
-            request.storage,
-            {**record, "scored_against_bank": True, "bank_left_out": request.bank_left_out},
-        ).result()
+        record_batch.submit(request.storage, record).result()
         summary["recorded"] = request.record_as
     return summary
 
 
 @flow(name="score-new", log_prints=True)
 def score_new(
-    line: str,
-    inputs: list[str],
-    xyz: list[str] | None = None,
-    data_format: str = "folder",
-    category: str | None = None,
-    storage: str = DEFAULT_STORAGE,
-    bank: list[str] | None = None,
-    bank_nights: int = 1,
-    out: str | None = None,
-    reference_budget: int | None = None,
-    flag_mad_k: float | None = None,
-    weights_2d: str | None = None,
-    weights_3d: str | None = None,
-    shard_size: int = 16,
-    cluster: str = "threads",
-    workers: int = 1,
-    device: str = "auto",
-    record_as: str | None = None,
-    clean_bank: bool = True,
+    parts: NewParts,
+    bank: BankChoice = BankChoice(),  # noqa: B008 (immutable settings model)
+    changes: NewPartsChanges = NewPartsChanges(),  # noqa: B008
+    run: NewPartsRun = NewPartsRun(),  # noqa: B008
 ) -> dict:
     """Score new parts of a line against its recorded batches' cached entries.
 
     Args:
-        line: the line (its batch records name the bank).
-        inputs: one folder of new parts (read with ``data_format``), or image files (XYZ
-            TIFFs for a 3D-only line).
-        xyz: XYZ TIFFs of the images, in the same order (2D+3D lines).
-        data_format: layout of a folder input; the preprocessing is always the bank's.
-        category: category of a folder input (default: its only one).
-        storage: storage root of the cache and the batch records.
-        bank: batch ids forming the bank; default: the line's latest ``bank_nights``.
-        bank_nights: how many of the latest batches form the bank (without ``bank``).
-        out: output prefix; default ``<storage>/results/<line>/new-<UTC time>``.
-        reference_budget: most bank samples per part (default: the whole bank).
-        flag_mad_k: k of the flag rule (default: the bank's).
-        weights_2d: the 2D weights where the recorded location differs on this machine
-            (checked against the bank's backbone identity).
-        weights_3d: likewise for Point-MAE.
-        shard_size: new parts per block.
-        cluster: ``threads`` (this process, the fastest for a few parts), ``local`` or a Dask
-            scheduler address.
-        workers: local worker processes (or threads).
-        device: ``auto``, ``cpu`` or ``cuda:N``.
-        record_as: record the new parts as a batch of the line under this id (default: no
-            record; new parts are not a night's batch).
-        clean_bank: leave out of the bank the samples flagged in their night (unless an
-            operator cleared them with a verdict ``ok``) and those confirmed defective, as the
-            batch run's rolling bank does (:func:`tasks.verdicts.clean_records`); what was
-            left out is in ``run.json`` (``bank_left_out``).
+        parts: the line, the new parts (one folder read with ``data_format``, or image files;
+            XYZ TIFFs for a 3D-only line; ``xyz`` for the images' XYZ maps) and the batch id
+            to record them under (default: no record; new parts are not a night's batch).
+        bank: the batches forming the bank (default: the line's latest ``bank_nights``), the
+            most bank samples per part, and whether the bank is clean: by default the samples
+            flagged in their night (unless an operator cleared them with a verdict ``ok``) and
+            those confirmed defective are left out, as the batch run's rolling bank does
+            (:func:`tasks.verdicts.clean_records`); what was left out is in ``run.json``
+            (``settings.bank_left_out``) and in the batch record when the parts are recorded.
+        changes: the flag rule's k and the weights' locations where they differ from the
+            bank's (checked against the bank's backbone identity); None keeps the bank's.
+        run: storage, output prefix (default ``<storage>/results/<line>/new-<UTC time>``),
+            cluster (``threads`` by default: the fastest for a few parts), workers, device and
+            new parts per block.
 
     Returns:
         The run summary (as ``score_line``'s; ``bank`` lists the bank's batches).
     """
-    records = choose_bank(storage, line, bank, bank_nights)
+    line, record_as = parts.line, parts.record_as
+    records = choose_bank(run.storage, line, bank.bank, bank.bank_nights)
     left_out: dict[str, dict[str, str]] = {}
-    if clean_bank:
-        records, left_out = clean_records(records, read_verdicts(storage, line))
+    if bank.clean_bank:
+        records, left_out = clean_records(records, read_verdicts(run.storage, line))
     latest = records[0]
     config = config_from_record(latest)
-    if flag_mad_k is not None:
-        config = replace(config, flag_mad_k=flag_mad_k)
-    backbones = latest["backbones"]
+    if changes.flag_mad_k is not None:
+        config = replace(config, flag_mad_k=changes.flag_mad_k)
+    backbones = latest.backbones
     spec = BackboneSpec(
-        backbones["name_2d"],
-        weights_2d or backbones["weights_2d"],
-        weights_3d or backbones["weights_3d"],
-        backbones.get("patch_size_2d"),
-        backbones.get("name_3d", "point-mae"),
+        backbones.name_2d,
+        changes.weights_2d or backbones.weights_2d,
+        changes.weights_3d or backbones.weights_3d,
+        backbones.patch_size_2d,
+        backbones.name_3d,
     )
-    run = check_batch_id(record_as) if record_as else f"new-{default_batch_id()}"
+    run_id = check_batch_id(record_as) if record_as else f"new-{default_batch_id()}"
     request = NewPartsRequest(
         line=line,
-        inputs=tuple(inputs),
-        xyz=None if xyz is None else tuple(xyz),
-        data_format=data_format,
-        category=category,
-        storage=storage,
-        out=out or results_url(storage, line, run),
-        run=run,
+        inputs=tuple(parts.inputs),
+        xyz=None if parts.xyz is None else tuple(parts.xyz),
+        data_format=parts.data_format,
+        category=parts.category,
+        storage=run.storage,
+        out=run.out or results_url(run.storage, line, run_id),
+        run=run_id,
         records=tuple(records),
         spec=spec,
         config=config,
-        shard_size=shard_size,
-        reference_budget=reference_budget,
-        device=device,
+        shard_size=run.shard_size,
+        reference_budget=bank.reference_budget,
+        device=run.device,
         record_as=record_as,
-        clean_bank=clean_bank,
+        clean_bank=bank.clean_bank,
         bank_left_out=left_out,
     )
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    return score_new_stages.with_options(task_runner=task_runner(cluster, workers))(request)
+    runner = task_runner(run.cluster, run.workers)
+    return score_new_stages.with_options(task_runner=runner)(request)

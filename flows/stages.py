@@ -1,4 +1,4 @@
-"""Stage-by-stage composition of tasks, shared by the ``score_line`` and ``rescore`` flows.
+"""Stage-by-stage composition of tasks, shared by every flow (score-line, rescore, score-new).
 
 Each function submits one stage's tasks (one per block or shard) to the flow's task runner,
 waits for all of them while reporting progress, and returns the tasks' work counts. The
@@ -13,18 +13,30 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 
+from flows.locations import cache_url
 from flows.progress import StageTracker
 from infra.storage import is_unreachable
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
-from tasks.features import aggregate_2d, aggregate_3d, extract_2d, extract_3d, group_samples
+from tasks.discover import DiscoveredSample
+from tasks.features import (
+    aggregate_2d,
+    aggregate_3d,
+    extract_2d,
+    extract_3d,
+    group_samples,
+    prepare_samples,
+)
+from tasks.keys import Identities, prepared_keys, sample_keys
 from tasks.plan import PoolSample, ScoringPlan, plan_scoring
 from tasks.prepare import PLANE_ALREADY_REMOVED, SetAside
 from tasks.results import LineResult, RunInfo, report_line
 from tasks.runtime import Runtime
 from tasks.scoring import reduce_samples, score_pairs
 from tasks.stage import StageCount, add_counts
+from tasks.summary import RunFacts
 
 
 @contextmanager
@@ -169,6 +181,97 @@ def score_pool(
     return plan.samples, reduced, counts
 
 
+def begin_run(storage: str, device: str, stages: int) -> tuple[
+    dict[str, float], datetime, Runtime, StageTracker
+]:
+    """What every flow's stages start with.
+
+    Args:
+        storage: the storage root (the feature cache is below it).
+        device: ``auto``, ``cpu`` or ``cuda:N`` for every task.
+        stages: how many stages the run reports progress for.
+
+    Returns:
+        Empty stage timings, the UTC start time, the tasks' runtime and the progress tracker.
+    """
+    runtime = Runtime(cache_url(storage), device)
+    return {}, datetime.now(timezone.utc), runtime, StageTracker(total_stages=stages)
+
+
+def prepare_pool_samples(
+    found: list[DiscoveredSample],
+    data_format: str,
+    config: MuscConfig,
+    identities: Identities,
+    batch: str,
+    shard_size: int,
+    runtime: Runtime,
+    tracker: StageTracker,
+    set_aside: list[SetAside],
+) -> tuple[list[PoolSample], dict[str, str]]:
+    """Prepare the discovered samples, ``shard_size`` per task; set aside what cannot be used.
+
+    Args:
+        found: the discovered samples with their input digests.
+        data_format: their dataset layout.
+        config: the run's settings.
+        identities: the backbones' identities (they enter the samples' keys).
+        batch: the batch the samples belong to in the pool.
+        shard_size: samples per preparation task.
+        runtime: cache and device of the tasks.
+        tracker: progress of the run.
+        set_aside: the run's set-aside samples; the ones that fail preparation are added.
+
+    Returns:
+        The usable samples as pool samples, and the cleaning applied by sample name (for
+        :func:`preparation_summary`).
+    """
+    keys = [prepared_keys(s.digests, data_format, s.record.category, config) for s in found]
+    pairs = list(zip(found, keys, strict=True))
+    futures = [
+        prepare_samples.submit(pairs[i : i + shard_size], data_format, config, runtime)
+        for i in range(0, len(pairs), shard_size)
+    ]
+    outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
+    current: list[PoolSample] = []
+    cleaning: dict[str, str] = {}
+    for sample, key, (name, problem, cleaned) in zip(found, keys, outcomes, strict=True):
+        record = sample.record
+        if problem is not None:
+            main = record.image_path or record.xyz_path or record.depth_path or name
+            set_aside.append(SetAside(name, str(main), problem))
+            continue
+        if cleaned is not None:
+            cleaning[name] = cleaned
+        current.append(
+            PoolSample(name, batch, sample_keys(key, config, identities), record.label,
+                       record.defect_type)
+        )
+    return current, cleaning
+
+
+def run_info(
+    line: str,
+    batch: str,
+    started: datetime,
+    out: str,
+    random_weights: bool,
+    identities: Identities,
+    settings: dict[str, object],
+) -> RunInfo:
+    """The facts of this flow run that its result files record (:class:`RunInfo`)."""
+    return RunInfo(
+        line=line,
+        batch=batch,
+        run_id=str(flow_run.get_id() or ""),
+        started=started.isoformat(timespec="seconds"),
+        out=out,
+        random_weights=random_weights,
+        backbones=identities.as_dict(),
+        settings=settings,
+    )
+
+
 def preparation_summary(cleaning: dict[str, str]) -> dict[str, object]:
     """What ``run.json`` says about the dataset cleaning of the scored samples.
 
@@ -225,32 +328,22 @@ def report_run(
         The report task's result and the summary the flow returns (also in ``run.json``).
     """
     started = datetime.fromisoformat(info.started)
-    extra = {
-        "counts": add_counts(counts),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
-        "bank": bank,
-    }
-    if preparation is not None:
-        extra["preparation"] = preparation
+    facts = RunFacts(
+        counts=add_counts(counts),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        seconds=round((datetime.now(timezone.utc) - started).total_seconds(), 3),
+        bank=bank,
+        preparation=preparation,
+    )
     with timed(timings, "report"):
         result = report_line.submit(
-            info, pool, reduced, current, set_aside, config, runtime, extra, against_bank
+            info, pool, reduced, current, set_aside, config, runtime, facts, against_bank
         ).result()
         tracker.report("report", 1, 1)
-    summary = {
-        **extra,
+    final = result.summary.model_copy(update={
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
-        "line": info.line,
-        "batch": info.batch,
-        "out": info.out,
-        "scored": current,
-        "pool": len(pool),
-        "flagged": result.flagged,
-        "set_aside": [[a.name, a.path, a.problem] for a in set_aside],
-        "metrics": result.metrics,
-        "outputs": result.outputs,
-        "random_weights": info.random_weights,
-    }
+        "outputs": dict(result.outputs),
+    })
+    summary = final.flow_result()
     return result, summary

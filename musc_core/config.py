@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 MODALITIES = ("2d", "3d", "2d+3d")
 DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
 BATCHNORM_MODES = ("sample", "running")
+
+
+def setting(
+    default: Any, help: str, range: str | None = None, choices: tuple[str, ...] | None = None
+) -> Any:
+    """A :class:`MuscConfig` field: its default and what the command line and the flows show.
+
+    Args:
+        default: the paper's value (immutable: numbers, strings, tuples).
+        help: one line saying what the setting does.
+        range: the allowed values in words (checked by :meth:`MuscConfig.__post_init__`).
+        choices: the allowed values of a string setting.
+
+    Returns:
+        A dataclass field whose ``metadata`` holds ``help``, ``range`` and ``choices``.
+    """
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -49,24 +67,48 @@ class MuscConfig:
             default. Changes no score or map.
     """
 
-    modality: str = "2d+3d"
-    image_size: int = 224
-    layers_2d: tuple[int, ...] = (4, 8, 12)
-    layers_3d: tuple[int, ...] = (4, 8, 12)
-    num_groups: int = 1024
-    group_size: int = 128
-    ipg_step: int = 80
-    curvature_threshold: float = 0.01
-    aggregation_degrees: tuple[int, ...] = (1, 3, 5)
-    interval_ratio: float = 0.3
-    rescoring_windows: tuple[int, ...] = (1, 7)
-    salient_layer: int = 1
-    pair_block: int = 8
-    distance_dtype: str = "auto"
-    vit_dtype: str = "auto"
-    point_batchnorm: str = "sample"
-    map_blur_sigma: float = 4.0
-    flag_mad_k: float = 3.0
+    modality: str = setting("2d+3d", "modalities scored", choices=MODALITIES)
+    image_size: int = setting(224, "side of the images and XYZ maps after resizing (px)", "> 0")
+    layers_2d: tuple[int, ...] = setting(
+        (4, 8, 12), "1-based ViT blocks whose patch tokens are used", "each > 0"
+    )
+    layers_3d: tuple[int, ...] = setting(
+        (4, 8, 12), "1-based point-transformer blocks whose group tokens are used", "each > 0"
+    )
+    num_groups: int = setting(1024, "G: point groups (3D patches) per sample", "> 0")
+    group_size: int = setting(128, "K: points per group", "> 1")
+    ipg_step: int = setting(80, "K_iter: points added per IPG iteration", "(0, group_size]")
+    curvature_threshold: float = setting(
+        0.01, "C_thr: centres at or above it are regrouped by IPG"
+    )
+    aggregation_degrees: tuple[int, ...] = setting(
+        (1, 3, 5), "SNAMD neighbourhood degrees r", "odd, > 0"
+    )
+    interval_ratio: float = setting(
+        0.3, "fraction of the references averaged by Interval Average", "(0, 1]"
+    )
+    rescoring_windows: tuple[int, ...] = setting(
+        (1, 7), "RsCon window sizes k (1 keeps the own score)", "each > 0"
+    )
+    salient_layer: int = setting(
+        1, "0-based index into the layers of the anomaly-salient feature's layer",
+        "[0, number of layers)",
+    )
+    pair_block: int = setting(8, "samples per side of one pair-distance kernel block", "> 0")
+    distance_dtype: str = setting(
+        "auto", "pair-distance GEMM dtype (auto: bfloat16 where fast)", choices=DISTANCE_DTYPES
+    )
+    vit_dtype: str = setting(
+        "auto", "ViT compute dtype (auto: bfloat16 where fast)", choices=DISTANCE_DTYPES
+    )
+    point_batchnorm: str = setting(
+        "sample", "Point-MAE BatchNorm statistics: each sample's or the checkpoint's",
+        choices=BATCHNORM_MODES,
+    )
+    map_blur_sigma: float = setting(4.0, "Gaussian blur of 3D maps, standard deviation (px)")
+    flag_mad_k: float = setting(
+        3.0, "k of the flag rule: median + k·1.4826·MAD of the RsCon scores", "> 0, finite"
+    )
 
     def __post_init__(self) -> None:
         """Reject settings that cannot run, naming the field."""
@@ -83,8 +125,11 @@ class MuscConfig:
             )
         if not 0.0 < self.interval_ratio <= 1.0:
             raise ValueError(f"interval_ratio must be in (0, 1], got {self.interval_ratio}")
-        if self.image_size <= 0 or self.num_groups <= 0 or self.group_size <= 1:
-            raise ValueError("image_size, num_groups must be positive and group_size > 1")
+        for name in ("image_size", "num_groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.group_size <= 1:
+            raise ValueError(f"group_size must be greater than 1, got {self.group_size}")
         if not 0 < self.ipg_step <= self.group_size:
             raise ValueError(f"ipg_step must be in (0, group_size], got {self.ipg_step}")
         if any(r <= 0 or r % 2 == 0 for r in self.aggregation_degrees):

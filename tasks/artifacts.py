@@ -11,6 +11,8 @@ import re
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from tasks.summary import RunSummary
+
 log = logging.getLogger(__name__)
 TOP_SUSPECTS = 20
 
@@ -26,65 +28,65 @@ def _escape_markdown(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()<>#+!|])", r"\\\1", text).replace("\n", " ")
 
 
-def summary_markdown(summary: dict, warning: str | None) -> str:
+def summary_markdown(summary: RunSummary) -> str:
     """The run's summary as markdown: counts, flags, metrics, set-aside samples, outputs."""
-    lines = [f"# musc — line `{_escape_markdown(summary['line'])}`, batch {summary['batch']}"]
-    if warning:
-        lines.append(f"\n**{warning}**")
+    lines = [f"# musc — line `{_escape_markdown(summary.line)}`, batch {summary.batch}"]
+    if summary.warning:
+        lines.append(f"\n**{summary.warning}**")
+    threshold = summary.flag_threshold
     lines.append(
-        f"\n{summary['scored']} samples scored (pool {summary['pool']}), "
-        f"**{len(summary['flagged'])} flagged** (threshold {summary['flag_threshold']:.4g}), "
-        f"{len(summary['set_aside'])} set aside."
+        f"\n{summary.scored} samples scored (pool {summary.pool}), "
+        f"**{len(summary.flagged)} flagged** (threshold "
+        f"{'none' if threshold is None else format(threshold, '.4g')}), "
+        f"{len(summary.set_aside)} set aside."
     )
-    drift = summary.get("drift") or {}
-    if drift.get("drifted"):
+    if summary.drift is not None and summary.drift.drifted:
         lines.append(
-            f"\n**Drift:** tonight's median score is {drift['shift']:+.1f} robust sigmas from "
-            f"the bank's (limit {drift['limit']:g})."
+            f"\n**Drift:** tonight's median score is {summary.drift.shift:+.1f} robust sigmas "
+            f"from the bank's (limit {summary.drift.limit:g})."
         )
-    if summary.get("flag_note"):
-        lines.append(f"\n**No flag threshold:** {_escape_markdown(summary['flag_note'])}")
-    if summary.get("metrics"):
+    if summary.flag_note:
+        lines.append(f"\n**No flag threshold:** {_escape_markdown(summary.flag_note)}")
+    if summary.metrics:
         lines.append("\n| metric | value |\n|---|---|")
-        lines += [f"| {k} | {v:.4f} |" for k, v in summary["metrics"].items()]
-    if summary["set_aside"]:
+        lines += [f"| {k} | {v:.4f} |" for k, v in summary.metrics.items()]
+    if summary.set_aside:
         lines.append("\n**Set aside**\n")
         lines += [
-            f"- {_escape_markdown(a['name'])}: {_escape_markdown(a['problem'])}"
-            for a in summary["set_aside"]
+            f"- {_escape_markdown(a.name)}: {_escape_markdown(a.problem)}"
+            for a in summary.set_aside
         ]
-    lines.append(f"\nReport: {summary['outputs'].get('report', '')}")
+    lines.append(f"\nReport: {summary.outputs.get('report', '')}")
     return "\n".join(lines)
 
 
-def publish_artifacts(summary: dict, ranked: list[dict], warning: str | None) -> None:
+def publish_artifacts(summary: RunSummary, ranked: list[dict]) -> None:
     """Create the run's artifacts: summary, top suspects table, link to the report.
 
     Args:
         summary: the run summary (as written to ``run.json``).
         ranked: rows of the ranked samples (``rank``, ``name``, ``score_rescored``,
             ``flagged``, ``label``), most suspect first.
-        warning: the random-weights warning, if any.
     """
-    line = summary["line"]
+    line = summary.line
     try:
         create_markdown_artifact(
-            summary_markdown(summary, warning),
+            summary_markdown(summary),
             key=artifact_key(line, "summary"),
-            description=f"musc run of line {line}, batch {summary['batch']}",
+            description=f"musc run of line {line}, batch {summary.batch}",
         )
         create_table_artifact(
             ranked[:TOP_SUSPECTS],
             key=artifact_key(line, "suspects"),
             description=f"Top {TOP_SUSPECTS} suspects of line {line} (score after RsCon)",
         )
-        report = summary["outputs"].get("report")
+        report = summary.outputs.get("report")
         if report:
             create_link_artifact(
                 _link_url(report),
                 link_text="run report",
                 key=artifact_key(line, "report"),
-                description=f"HTML report of line {line}, batch {summary['batch']}",
+                description=f"HTML report of line {line}, batch {summary.batch}",
             )
     except Exception as error:  # artifacts are informative: never fail a run on them
         log.warning("could not create the run's Prefect artifacts: %s", error)

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 
 from musc_core.config import MuscConfig
-from tasks.batches import config_from_record, list_batches, read_batch_record
+from tasks.batches import BatchRecord, config_from_record, list_batches, read_batch_record
 from tasks.keys import (
     Identities,
     PairKeys,
@@ -41,7 +41,7 @@ COMPATIBLE_FIELDS = ("prep", "config", "identities")
 
 def choose_bank(
     storage: str, line: str, batches: Sequence[str] | None, nights: int
-) -> list[dict]:
+) -> list[BatchRecord]:
     """The batch records that form the bank, most recent first.
 
     Args:
@@ -66,7 +66,7 @@ def choose_bank(
             differing = _differing(first, record)
             if differing:
                 raise ValueError(
-                    f"batches {first['batch']} and {record['batch']} of line {line!r} cannot "
+                    f"batches {first.batch} and {record.batch} of line {line!r} cannot "
                     f"form one bank: their {', '.join(differing)} differ"
                 )
         return records
@@ -75,7 +75,7 @@ def choose_bank(
     ids = list_batches(storage, line)
     if not ids:
         raise FileNotFoundError(f"line {line!r} has no recorded batch in {storage}")
-    records: list[dict] = []
+    records: list[BatchRecord] = []
     for batch in reversed(ids):
         if len(records) == nights:
             break
@@ -88,17 +88,20 @@ def choose_bank(
     return records
 
 
-def _differing(first: dict, other: dict) -> list[str]:
-    return [f for f in COMPATIBLE_FIELDS if first.get(f) != other.get(f)]
+def _differing(first: BatchRecord, other: BatchRecord) -> list[str]:
+    return [f for f in COMPATIBLE_FIELDS if getattr(first, f) != getattr(other, f)]
 
 
-def record_identities(record: dict) -> Identities:
+def record_identities(record: BatchRecord) -> Identities:
     """The backbone identities a batch was scored with."""
-    return Identities(record["identities"].get("2d"), record["identities"].get("3d"))
+    return Identities(record.identities.get("2d"), record.identities.get("3d"))
 
 
 def record_blocks(
-    record: dict, config: MuscConfig, identities: Identities, exclude: set[tuple[str, str]]
+    record: BatchRecord,
+    config: MuscConfig,
+    identities: Identities,
+    exclude: set[tuple[str, str]],
 ) -> list[list[PoolSample]]:
     """A batch's samples in the blocks they were scored in, without the excluded ones.
 
@@ -117,31 +120,55 @@ def record_blocks(
     """
     grouped: dict[int, list[PoolSample]] = {}
     old = 0
-    for sample in record["samples"]:
-        if not isinstance(sample["prepared"], dict):
+    for sample in record.samples:
+        if not isinstance(sample.prepared, dict):
             old += 1
             continue
-        keys = sample_keys(PreparedKeys(**sample["prepared"]), config, identities)
+        keys = sample_keys(PreparedKeys(**sample.prepared), config, identities)
         if keys.scored in exclude:
             continue
-        grouped.setdefault(int(sample["block"]), []).append(
+        grouped.setdefault(sample.block, []).append(
             PoolSample(
-                name=sample["name"],
-                batch=record["batch"],
+                name=sample.name,
+                batch=record.batch,
                 keys=keys,
-                label=sample.get("label"),
-                defect_type=sample.get("defect_type"),
+                label=sample.label,
+                defect_type=sample.defect_type,
             )
         )
     if old:
         log.warning(
             "batch %s: %d sample(s) recorded with old cache keys are left out; score the batch "
-            "again to use them", record["batch"], old,
+            "again to use them", record.batch, old,
         )
     return [grouped[b] for b in sorted(grouped)]
 
 
-def bank_reductions(storage: str, record: dict) -> dict[str, str]:
+def bank_blocks(
+    records: Sequence[BatchRecord],
+    config: MuscConfig,
+    identities: Identities,
+    exclude: set[tuple[str, str]],
+) -> list[list[PoolSample]]:
+    """Pool blocks of recorded batches, as they were stored, without the excluded samples.
+
+    Args:
+        records: the bank's batch records.
+        config: their configuration.
+        identities: their backbone identities.
+        exclude: scored-entry keys to leave out (tonight's samples, the new parts).
+
+    Returns:
+        The blocks, record after record.
+    """
+    return [
+        block
+        for record in records
+        for block in record_blocks(record, config, identities, exclude)
+    ]
+
+
+def bank_reductions(storage: str, record: BatchRecord) -> dict[str, str]:
     """The reduced-entry key of each sample of a batch, by name, as its run wrote them.
 
     Records written by ``score_line`` hold them; for older records the keys are derived again
@@ -155,18 +182,18 @@ def bank_reductions(storage: str, record: dict) -> dict[str, str]:
     Returns:
         ``{sample name: reduced key}`` for every sample of the batch.
     """
-    if all("reduced" in s for s in record["samples"]):
-        return {s["name"]: s["reduced"] for s in record["samples"]}
+    if all(s.reduced is not None for s in record.samples):
+        return {s.name: s.reduced for s in record.samples}
     config = config_from_record(record)
     identities = record_identities(record)
     own = record_blocks(record, config, identities, set())
     scored = {s.keys.scored for block in own for s in block}
     older: list[list[PoolSample]] = []
-    for batch in record.get("bank", []):
+    for batch in record.bank:
         older += record_blocks(
-            read_batch_record(storage, record["line"], batch), config, identities, scored
+            read_batch_record(storage, record.line, batch), config, identities, scored
         )
-    plan = plan_scoring(own + older, config, record.get("reference_budget"))
+    plan = plan_scoring(own + older, config, record.reference_budget)
     count = sum(len(b) for b in own)
     items = [item for items in plan.reduce for item in items][:count]
     return {s.name: item.key for s, item in zip(plan.samples[:count], items, strict=True)}

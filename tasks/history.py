@@ -121,21 +121,21 @@ def line_nights(storage: str, line: str) -> list[Night]:
     nights = []
     for batch in list_batches(storage, line):
         record = read_batch_record(storage, line, batch)
-        run, scores = _read_run(record.get("out", ""))
+        run, scores = _read_run(record.out)
         scores_of[batch] = scores
         values = np.array(list(scores.values()), dtype=np.float64)
         quantiles = tuple(
             float(q) for q in np.quantile(values, [0.0, 0.25, 0.5, 0.75, 1.0])
         ) if values.size else ()
-        bank = [s for b in record.get("bank", []) for s in scores_of.get(b, {}).values()]
+        bank = [s for b in record.bank for s in scores_of.get(b, {}).values()]
         drift = score_drift(values, bank).shift if values.size and bank else None
         threshold = run.get("flag_threshold")
         nights.append(
             Night(
                 batch=batch,
-                scored=len(record["samples"]),
-                set_aside=len(record.get("set_aside", [])),
-                flagged=len(record.get("flagged", [])),
+                scored=len(record.samples),
+                set_aside=len(record.set_aside),
+                flagged=len(record.flagged),
                 quantiles=quantiles,
                 threshold=None if threshold is None else float(threshold),
                 verdicts={s: v["verdict"] for (b, s), v in verdicts.items() if b == batch},

@@ -92,7 +92,7 @@ def collect_run(summary: dict, storage: str, cache: FeatureCache) -> dict[str, l
     rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")]
     body = [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
     record = read_batch_record(storage, summary["line"], summary["batch"])
-    prepared = {s["name"]: s["prepared"] for s in record["samples"]}
+    prepared = {s.name: s.prepared for s in record.samples}
     out: dict[str, list] = {k: [] for k in ("names", "labels", "scores", "rescored", "maps",
                                             "masks")}
     for row in body:

@@ -43,6 +43,7 @@ from tasks.prepare import SetAside
 from tasks.report import ReportData, ReportSample, rank_samples, render_report
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS
+from tasks.summary import RunFacts, RunSummary, SetAsideSample
 from tasks.verdicts import latest_verdicts, read_verdicts
 
 #: Samples shown with thumbnails in the HTML report (the ranked table lists all of them).
@@ -98,12 +99,14 @@ class LineResult:
         flagged: names of the flagged samples.
         metrics: metrics when labels exist.
         outputs: written files by kind.
+        summary: the run's summary (``run.json``).
     """
 
     scored: list[str]
     flagged: list[str]
     metrics: dict[str, float] | None
     outputs: dict[str, str]
+    summary: RunSummary
 
 
 def _prepared_array(cache: FeatureCache, key: str | None, name: str) -> np.ndarray | None:
@@ -208,7 +211,7 @@ def report_line(
     set_aside: list[SetAside],
     config: MuscConfig,
     runtime: Runtime,
-    extra: dict[str, object],
+    extra: RunFacts,
     against_bank: bool = False,
 ) -> LineResult:
     """RsCon over the pool, then decisions, metrics and the result files of tonight's samples.
@@ -224,7 +227,7 @@ def report_line(
         set_aside: samples that could not be used.
         config: RsCon windows, flag rule, modality.
         runtime: cache location.
-        extra: run facts for ``run.json`` (counts, timings, bank batches).
+        extra: the run's counts, timings and bank so far (for ``run.json``).
         against_bank: new parts scored against a reference bank (``score_new``): the flag
             and pixel thresholds come from the bank's part of the pool (its RsCon scores and
             map maxima) instead of tonight's samples, and no metrics are computed.
@@ -273,7 +276,7 @@ def report_line(
     drift = None
     if len(pool) > current:
         shift, drifted, limit = score_drift(before, scores[current:].numpy())
-        drift = {"shift": shift, "drifted": drifted, "limit": limit}
+        drift = {"shift": float(shift), "drifted": bool(drifted), "limit": float(limit)}
     storage = info.settings.get("storage")
     history = history_link(storage, info.line, info.out) if isinstance(storage, str) else None
     samples = [
@@ -304,7 +307,7 @@ def report_line(
         line=info.line,
         run_id=info.run_id,
         started=info.started,
-        seconds=float(extra.get("seconds", 0.0)),
+        seconds=extra.seconds,
         modality=config.modality,
         backbones=info.backbones,
         random_weights=info.random_weights,
@@ -318,42 +321,51 @@ def report_line(
         metrics=metrics,
         f1_threshold=f1_cut,
         set_aside=[(a.name, a.path, a.problem) for a in set_aside],
-        timings={k: float(v) for k, v in dict(extra.get("timings", {})).items()},
+        timings=dict(extra.timings),
         config={**config.as_dict(), **info.settings},
     )
     outputs["report"] = store.write_text(
         "report.html", render_report(report, max_samples=REPORT_THUMBNAILS)
     )
-    summary = {
-        "warning": warning or None,
-        "random_weights": info.random_weights,
-        "line": info.line,
-        "batch": info.batch,
-        "run_id": info.run_id,
-        "started": info.started,
-        "backbones": info.backbones,
-        "config": config.as_dict(),
-        "settings": info.settings,
-        "scored": len(tonight),
-        "pool": len(pool),
-        "flag_threshold": decision.threshold,
-        "flag_note": decision.reason,
-        "drift": drift,
-        "pixel_threshold": pixel_cut,
-        "flagged": [tonight[i].name for i in np.flatnonzero(decision.flags)],
-        "set_aside": [{"name": a.name, "path": a.path, "problem": a.problem} for a in set_aside],
-        "metrics": metrics,
-        "outputs": outputs,
-        **extra,
-    }
-    outputs["run"] = store.write_json("run.json", summary)
-    ranked = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
-    publish_artifacts(summary, ranked, warning or None)
-    return LineResult(
-        scored=[row[1] for row in rows[1:]],
-        flagged=summary["flagged"],
+    summary = RunSummary(
+        warning=warning or None,
+        random_weights=info.random_weights,
+        line=info.line,
+        batch=info.batch,
+        run_id=info.run_id,
+        started=info.started,
+        out=info.out,
+        backbones=info.backbones,
+        config=config.as_dict(),
+        settings=info.settings,
+        scored=len(tonight),
+        pool=len(pool),
+        flag_threshold=decision.threshold,
+        flag_note=decision.reason,
+        drift=drift,
+        pixel_threshold=pixel_cut,
+        flagged=[tonight[i].name for i in np.flatnonzero(decision.flags)],
+        set_aside=[SetAsideSample(name=a.name, path=a.path, problem=a.problem)
+                   for a in set_aside],
         metrics=metrics,
         outputs=outputs,
+        counts=extra.counts,
+        timings=extra.timings,
+        seconds=extra.seconds,
+        bank=extra.bank,
+        preparation=extra.preparation,
+        against_bank=against_bank,
+    )
+    outputs["run"] = store.write_json("run.json", summary.to_json_dict())
+    summary.outputs["run"] = outputs["run"]
+    ranked = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+    publish_artifacts(summary, ranked)
+    return LineResult(
+        scored=[row[1] for row in rows[1:]],
+        flagged=summary.flagged,
+        metrics=metrics,
+        outputs=outputs,
+        summary=summary,
     )
 
 

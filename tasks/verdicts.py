@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from tasks.batches import list_batches, read_batch_record
+from tasks.batches import BatchRecord, list_batches, read_batch_record
 from tasks.choices import VERDICTS
 from tasks.outputs import ResultStore, safe_file_stem
 
@@ -55,14 +55,14 @@ def latest_verdicts(verdicts: list[dict]) -> dict[tuple[str, str], dict]:
     return {(v["batch"], v["sample"]): v for v in verdicts}
 
 
-def _find_batch(storage: str, line: str, sample: str, batch: str | None) -> dict:
+def _find_batch(storage: str, line: str, sample: str, batch: str | None) -> BatchRecord:
     """The batch record holding ``sample``: the given batch, else the latest one with it."""
     ids = [batch] if batch else list(reversed(list_batches(storage, line)))
     if not ids:
         raise FileNotFoundError(f"line {line!r} has no recorded batch in {storage}")
     for batch_id in ids:
         record = read_batch_record(storage, line, batch_id)
-        if any(s["name"] == sample for s in record["samples"]):
+        if any(s.name == sample for s in record.samples):
             return record
     where = f"batch {batch!r}" if batch else f"any of the {len(ids)} batch(es)"
     raise ValueError(
@@ -104,16 +104,16 @@ def record_verdict(
     if len(note) > MAX_NOTE:
         raise ValueError(f"the note has {len(note)} characters; at most {MAX_NOTE}")
     record = _find_batch(storage, line, sample, batch)
-    entry = next(s for s in record["samples"] if s["name"] == sample)
+    entry = next(s for s in record.samples if s.name == sample)
     stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     stored = {
-        "batch": record["batch"],
+        "batch": record.batch,
         "sample": sample,
-        "prepared": entry["prepared"],
+        "prepared": entry.prepared,
         "verdict": verdict,
         "note": note,
         "recorded": stamp,
-        "flagged": sample in record.get("flagged", []),
+        "flagged": sample in record.flagged,
     }
     verdicts = read_verdicts(storage, line) + [stored]
     ResultStore(storage).write_json(
@@ -133,7 +133,7 @@ def _content(prepared: dict | str) -> str:
     return prepared
 
 
-def left_out_of_bank(record: dict, verdicts: list[dict]) -> dict[str, str]:
+def left_out_of_bank(record: BatchRecord, verdicts: list[dict]) -> dict[str, str]:
     """The samples of a batch record the clean bank leaves out, with the reason.
 
     Args:
@@ -145,19 +145,21 @@ def left_out_of_bank(record: dict, verdicts: list[dict]) -> dict[str, str]:
     """
     latest = latest_verdicts(verdicts)
     defects = {_content(v["prepared"]) for v in latest.values() if v["verdict"] == "defect"}
-    flagged = set(record.get("flagged", []))
+    flagged = set(record.flagged)
     out: dict[str, str] = {}
-    for sample in record["samples"]:
-        name = sample["name"]
-        verdict = latest.get((record["batch"], name), {}).get("verdict")
-        if verdict == "defect" or _content(sample["prepared"]) in defects:
+    for sample in record.samples:
+        name = sample.name
+        verdict = latest.get((record.batch, name), {}).get("verdict")
+        if verdict == "defect" or _content(sample.prepared) in defects:
             out[name] = "confirmed defect"
         elif name in flagged and verdict != "ok":
             out[name] = "flagged, not cleared"
     return out
 
 
-def clean_records(records: list[dict], verdicts: list[dict]) -> tuple[list[dict], dict]:
+def clean_records(
+    records: list[BatchRecord], verdicts: list[dict]
+) -> tuple[list[BatchRecord], dict]:
     """The bank's records without the samples the clean bank leaves out.
 
     Args:
@@ -172,13 +174,14 @@ def clean_records(records: list[dict], verdicts: list[dict]) -> tuple[list[dict]
     for record in records:
         out = left_out_of_bank(record, verdicts)
         if out:
-            left[record["batch"]] = out
-        kept = [s for s in record["samples"] if s["name"] not in out]
-        cleaned.append({**record, "samples": kept})
+            left[record.batch] = out
+        cleaned.append(record.without(set(out)))
     return cleaned, left
 
 
-def without_left_out(records: list[dict], left_out: dict[str, dict[str, str]]) -> list[dict]:
+def without_left_out(
+    records: list[BatchRecord], left_out: dict[str, dict[str, str]]
+) -> list[BatchRecord]:
     """The records without the samples a run left out of its bank (as its record says).
 
     Args:
@@ -188,7 +191,4 @@ def without_left_out(records: list[dict], left_out: dict[str, dict[str, str]]) -
     Returns:
         Copies of the records with those samples removed.
     """
-    return [
-        {**r, "samples": [s for s in r["samples"] if s["name"] not in left_out.get(r["batch"], {})]}
-        for r in records
-    ]
+    return [r.without(set(left_out.get(r.batch, {}))) for r in records]

@@ -115,3 +115,27 @@ def upload_tree(local_root, url):
             with open(path, "rb") as handle:
                 fs.pipe_file(f"{root}/{key}", handle.read())
     return url
+
+
+def run_line(**values):
+    """The score-line flow with its settings given flat (each goes to the model declaring it)."""
+    from flows.score_line import score_line
+    from flows.settings import SCORE_LINE, split_settings
+
+    return score_line(**split_settings(SCORE_LINE, values, loose=("batch",)))
+
+
+def run_rescore(**values):
+    """The rescore flow with its settings given flat."""
+    from flows.rescore import rescore
+    from flows.settings import RESCORE, split_settings
+
+    return rescore(**split_settings(RESCORE, values))
+
+
+def run_score_new(**values):
+    """The score-new flow with its settings given flat."""
+    from flows.score_new import score_new
+    from flows.settings import SCORE_NEW, split_settings
+
+    return score_new(**split_settings(SCORE_NEW, values))

@@ -24,12 +24,12 @@ import tifffile
 from PIL import Image
 
 from flows.cli import main
-from flows.score_line import LineNotScored, score_line
+from flows.score_line import LineNotScored
 from tasks.cache import FeatureCache
 from tasks.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from tasks.synth import generate_line
 from tests.flows.chaos import PARAMS, cli_args
-from tests.flows.conftest import SIZE, read_scores
+from tests.flows.conftest import SIZE, read_scores, run_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.usefixtures("prefect_server")]
 
@@ -205,11 +205,11 @@ def runs(tmp_path_factory):
     bad = build_bad(clean, top / "bad", top / "outside")
     written = [top / "store-clean", top / "store-bad", top / "out-cli", top / "out-cli-2"]
     before = snapshot(top, written)
-    clean_summary = score_line(
+    clean_summary = run_line(
         data=str(clean), storage=str(top / "store-clean"), cluster="threads", batch="b1",
         **PARAMS,
     )
-    bad_summary = score_line(
+    bad_summary = run_line(
         data=str(bad), storage=str(top / "store-bad"), cluster="threads", batch="b1", **PARAMS
     )
     cli = {}
@@ -353,7 +353,7 @@ def test_a_line_with_fewer_than_two_usable_samples_is_not_scored(tmp_path, chaos
     generate_line(data, category="part", num_samples=2, image_size=SIZE, defect_rate=0.0, seed=1)
     (data / "part" / "test" / "good" / "rgb" / "000.png").write_bytes(b"")
     with pytest.raises(LineNotScored, match="1 usable sample") as caught:
-        score_line(data=str(data), storage=str(tmp_path / "store"), cluster="threads",
+        run_line(data=str(data), storage=str(tmp_path / "store"), cluster="threads",
                    batch="b1", **PARAMS)
     assert [a.name for a in caught.value.set_aside] == ["good/000"]
     stdout = io.StringIO()

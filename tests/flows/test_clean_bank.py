@@ -6,7 +6,6 @@ import json
 import pytest
 
 from flows.cli import main
-from flows.score_line import score_line
 from tasks.synth import generate_line
 from tasks.verdicts import read_verdicts
 from tests.flows.conftest import (
@@ -15,6 +14,7 @@ from tests.flows.conftest import (
     in_memory,
     pool_order,
     read_scores,
+    run_line,
     small_config,
 )
 
@@ -31,10 +31,10 @@ def test_flagged_samples_leave_the_bank_until_an_operator_clears_them(line, tmp_
     night2 = tmp_path / "night2"
     generate_line(night2, category="part", num_samples=5, image_size=64, defect_rate=0.4, seed=11)
     store = str(tmp_path / "store")
-    first = score_line(data=str(line), storage=store, cluster="threads", batch="n1", **SMALL)
+    first = run_line(data=str(line), storage=store, cluster="threads", batch="n1", **SMALL)
     flagged = first["flagged"]
     assert flagged, "the test line must have a flagged sample in night 1"
-    second = score_line(
+    second = run_line(
         data=str(night2), storage=store, cluster="threads", batch="n2", reference_nights=1,
         **SMALL,
     )
@@ -64,7 +64,7 @@ def test_flagged_samples_leave_the_bank_until_an_operator_clears_them(line, tmp_
     assert "stays out of the bank" in out and "may serve as a reference" in out
     assert [v["verdict"] for v in read_verdicts(store, "part")] == ["ok", "defect"]
     # batch id "n1z" sorts between n1 and n2: its rolling bank of one night is n1
-    third = score_line(
+    third = run_line(
         data=str(night2), storage=store, cluster="threads", batch="n1z", reference_nights=1,
         **SMALL,
     )
@@ -72,7 +72,7 @@ def test_flagged_samples_leave_the_bank_until_an_operator_clears_them(line, tmp_
     expected[confirmed] = "confirmed defect"
     assert _settings(third)["bank_left_out"] == {"n1": expected}
     assert third["pool"] == 5 + 8 - len(flagged) + 1 - 1
-    naive = score_line(
+    naive = run_line(
         data=str(night2), storage=store, cluster="threads", batch="n1y", reference_nights=1,
         clean_bank=False, **SMALL,
     )

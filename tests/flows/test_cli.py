@@ -8,9 +8,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from flows.cli import main
-from flows.score_line import score_line
 from tasks.synth import generate_line
-from tests.flows.conftest import read_scores
+from tests.flows.conftest import read_scores, run_line
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -37,7 +36,7 @@ def big_line(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["2d", "3d", "2d+3d"])
 def test_each_modality_scores_visible_defects_above_normal(big_line, tmp_path, modality):
-    summary = score_line(
+    summary = run_line(
         data=str(big_line), data_format="mvtec3d", modality=modality,
         backbone_2d="vit_tiny_patch16_224", weights_2d="random", weights_3d="random",
         patch_size_2d=8, storage=str(tmp_path / "store"), cluster="threads", workers=2,

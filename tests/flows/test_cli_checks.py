@@ -251,10 +251,10 @@ def test_a_failed_line_keeps_the_scored_ones_in_run_json_and_sets_the_status(
 ):
     import flows.score_line
 
-    def score_line(category, out, **options):
-        if category == "b":
+    def score_line(data, batch, backbones, algorithm, bank, run):
+        if data.category == "b":
             raise error
-        return _fake_summary(category, out)
+        return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
     monkeypatch.setattr(cli, "with_flow_progress", lambda args, run: run())
@@ -273,10 +273,10 @@ def test_a_line_not_scored_is_status_4(two_lines, tmp_path, capsys, monkeypatch)
     import flows.score_line
     from flows.score_line import LineNotScored
 
-    def score_line(category, out, **options):
-        if category == "b":
+    def score_line(data, batch, backbones, algorithm, bank, run):
+        if data.category == "b":
             raise LineNotScored("b", 1, [])
-        return _fake_summary(category, out)
+        return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
     monkeypatch.setattr(cli, "with_flow_progress", lambda args, run: run())

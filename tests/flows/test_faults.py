@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from flows.score_line import score_line
 from infra.storage import open_filesystem
 from tasks.cache import FeatureCache
 from tests.flows.chaos import (
@@ -30,7 +29,7 @@ from tests.flows.chaos import (
     kind_counts,
     wait_for,
 )
-from tests.flows.conftest import SMALL, read_scores
+from tests.flows.conftest import SMALL, read_scores, run_line
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -63,14 +62,14 @@ def test_corrupted_entries_are_detected_and_recomputed_never_used(
     line, tmp_path, how, chaos_record
 ):
     store = tmp_path / "store"
-    score_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **SMALL)
+    run_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **SMALL)
     cache = store / "cache"
     for array in ("features", "d2", "map"):
         entry = _entries_with(cache, array)[0]
         _damage(_chunks(entry, array)[0], how)
     # A new Interval Average ratio re-reads shards and features (new reductions); the
     # damaged reduction of the old ratio is not needed.
-    second = score_line(
+    second = run_line(
         data=str(line),
         storage=str(store),
         cluster="threads",
@@ -82,7 +81,7 @@ def test_corrupted_entries_are_detected_and_recomputed_never_used(
     assert computed["pairs"] >= 1
     assert computed["snamd_2d"] + computed["snamd_3d"] == 1
     assert computed["tokens_2d"] == 0 and computed["tokens_3d"] == 0
-    fresh = score_line(
+    fresh = run_line(
         data=str(line),
         storage=str(tmp_path / "fresh"),
         cluster="threads",
@@ -102,9 +101,9 @@ def test_corrupted_reduction_is_recomputed_when_the_report_reads_it(
     line, tmp_path, chaos_record
 ):
     store = tmp_path / "store"
-    first = score_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **SMALL)
+    first = run_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **SMALL)
     _damage(_chunks(_entries_with(store / "cache", "map")[0], "map")[0], "flip")
-    second = score_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **SMALL)
+    second = run_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **SMALL)
     assert second["counts"]["reduced"] == {"computed": 1, "cached": 7}
     assert read_scores(first["outputs"]["scores"]) == read_scores(second["outputs"]["scores"])
     chaos_record(kind="fault", what="a reduction corrupted, found by the report's checksum",
@@ -123,7 +122,7 @@ REPO = Path(__file__).resolve().parents[2]
 def undisturbed(line, tmp_path_factory):
     """The fault runs' configuration run once without any fault (thread pool, local disk)."""
     store = tmp_path_factory.mktemp("undisturbed")
-    return score_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **FAULT)
+    return run_line(data=str(line), storage=str(store), cluster="threads", batch="b1", **FAULT)
 
 
 def _results(summary: dict, fs=None) -> tuple[dict, dict]:
@@ -192,7 +191,7 @@ def test_an_s3_outage_mid_run_is_bridged_by_retries(
 
     monkeypatch.setattr(FeatureCache, "write", write_during_outage)
     try:
-        summary = score_line(
+        summary = run_line(
             data=str(line), storage=f"{s3_env}/store", cluster="threads", batch="b1", **FAULT
         )
     finally:
@@ -227,7 +226,7 @@ def test_a_killed_dask_worker_is_replaced_and_the_results_are_unchanged(
     killer = WorkerKiller(runners, store / "cache", kind="pairs", after=1)
     killer.start()
     try:
-        summary = score_line(
+        summary = run_line(
             data=str(line), storage=str(store), cluster="local", workers=2, batch="b1", **FAULT
         )
     finally:
@@ -235,7 +234,7 @@ def test_a_killed_dask_worker_is_replaced_and_the_results_are_unchanged(
         killer.join()
     assert killer.error is None, killer.error
     assert len(killer.killed) == 1, "a worker was killed while it ran a task"
-    undisturbed = score_line(
+    undisturbed = run_line(
         data=str(line), storage=str(tmp_path / "undisturbed"), cluster="local", workers=2,
         batch="b1", **FAULT,
     )
@@ -266,7 +265,7 @@ def test_a_killed_flow_process_is_resumed_computing_only_missing_entries(
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{log}"
     stored = kind_counts(complete_entries(store / "cache"))
     assert stored.get("reduced", 0) == 0 and stored["snamd"] < 16, "killed mid-run"
-    summary = score_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
+    summary = run_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
     final = kind_counts(complete_entries(store / "cache"))
     work = grouped_work(summary["counts"])
     assert set(work) == {"tokens", "snamd", "grouping", "pairs", "reduced"}
@@ -430,7 +429,7 @@ def test_sigterm_under_load_stops_at_once_and_a_rerun_computes_only_missing_entr
     assert "musc: stopped" in log and "re-run to resume" in log and "Traceback" not in log, log
     stored = kind_counts(complete_entries(store / "cache"))
     assert stored.get("reduced", 0) == 0 and stored["snamd"] < 16, "stopped mid-run"
-    summary = score_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
+    summary = run_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
     final = kind_counts(complete_entries(store / "cache"))
     work = grouped_work(summary["counts"])
     for kind, count in work.items():

@@ -11,13 +11,20 @@ import yaml
 
 from flows.cli import main
 from flows.score_line import score_line
-from flows.score_new import score_new
 from musc_core.fpfh import FpfhParams
 from musc_core.pipeline import score
 from tasks.backbones import BackboneSpec, build_backbones
 from tasks.datasets import read_dataset
 from tasks.prepare import prepare_records
-from tests.flows.conftest import SIZE, assert_matches, pool_order, read_scores, small_config
+from tests.flows.conftest import (
+    SIZE,
+    assert_matches,
+    pool_order,
+    read_scores,
+    run_line,
+    run_score_new,
+    small_config,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -64,7 +71,7 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
         distance_dtype="float32", vit_dtype="float32", storage=str(tmp_path / "store"),
         cluster="threads", workers=1, shard_size=100,
     )
-    summary = score_line(batch="b1", **params)
+    summary = run_line(batch="b1", **params)
     assert summary["scored"] == 8 and summary["random_weights"]  # the random ViT, not FPFH
     config = small_config()
     order = pool_order([line], config)
@@ -77,7 +84,7 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
     built = build_backbones(spec, config, torch.device("cpu"))
     reference = score(samples, config, built.extractor_2d, built.extractor_3d)
     assert_matches(summary, reference, [n for _, n in order], map_atol=1e-5, score_atol=1e-5)
-    again = score_line(batch="b2", **params)
+    again = run_line(batch="b2", **params)
     assert again["counts"]["tokens_3d"] == {"computed": 0, "cached": 8}
     assert read_scores(again["outputs"]["scores"]).keys() == {n for _, n in order}
     # score-new takes the 3D backbone from the bank's record: a bank sample's FPFH entry is
@@ -88,7 +95,7 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
         target = tmp_path / "new" / "part" / "test" / defect / kind
         target.mkdir(parents=True)
         shutil.copy(line / "part" / "test" / defect / kind / f"{stem}.{suffix}", target)
-    new = score_new(line="part", inputs=[str(tmp_path / "new")], data_format="mvtec3d",
+    new = run_score_new(line="part", inputs=[str(tmp_path / "new")], data_format="mvtec3d",
                     storage=params["storage"], out=str(tmp_path / "new-out"))
     assert new["scored"] == 1
     assert new["counts"].get("tokens_3d", {"computed": 0})["computed"] == 0
@@ -100,5 +107,6 @@ def test_the_airgapped_deployment_asks_for_fpfh_with_score_line_parameters():
     config = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())
     (deployment,) = [d for d in config["deployments"] if d["name"] == "airgapped-line"]
     parameters = deployment["parameters"]
-    assert parameters["backbone_3d"] == "fpfh" and "weights_3d" not in parameters
+    backbones = parameters["backbones"]
+    assert backbones["backbone_3d"] == "fpfh" and "weights_3d" not in backbones
     assert set(parameters) <= set(inspect.signature(score_line.fn).parameters)

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.score_line import score_line
 from tasks.artifacts import artifact_key
 from tasks.colormap import blend_heat
 from tasks.datasets import read_dataset
 from tasks.history import _fmt
 from tasks.prepare import prepare_records
 from tasks.synth import generate_line
-from tests.flows.conftest import SMALL, read_scores, small_config
+from tests.flows.conftest import SMALL, read_scores, run_line, small_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -48,8 +47,8 @@ def test_history_after_three_nights_of_a_real_line(tmp_path):
                       seed=seed)
         if number == 2:  # a file that cannot be read: one sample set aside that night
             (data / "part" / "test" / "good" / "rgb" / "000.png").write_bytes(b"")
-        nights.append(score_line(data=str(data), storage=store, cluster="threads",
-                                 batch=f"n{number}", reference_nights=1, **SMALL))
+        nights.append(run_line(data=str(data), storage=store, cluster="threads",
+                               batch=f"n{number}", reference_nights=1, **SMALL))
     location = nights[-1]["outputs"]["history"]
     assert location == f"{store}/results/part/history.html"
     assert all(s["outputs"]["history"] == location for s in nights)

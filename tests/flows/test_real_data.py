@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.score_line import score_line
 from tasks.prepare import PLANE_ALREADY_REMOVED, PLANE_REMOVED
 from tasks.synth import generate_line
 from tests.flows.conftest import (
@@ -17,6 +16,7 @@ from tests.flows.conftest import (
     in_memory,
     pool_order,
     read_scores,
+    run_line,
     small_config,
 )
 from tests.flows.test_score_line import ForwardCounter
@@ -27,7 +27,7 @@ FEATURE_STAGES = ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d")
 
 
 def _run(data, store, batch, **changes):
-    return score_line(
+    return run_line(
         data=str(data), storage=str(store), cluster="threads", batch=batch,
         **{**SMALL, **changes},
     )

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from flows.score_line import score_line
-from flows.score_new import score_new
 from infra.storage import open_filesystem
-from tests.flows.conftest import SMALL, read_scores, upload_tree
+from tests.flows.conftest import SMALL, read_scores, run_line, run_score_new, upload_tree
 from tests.flows.test_cli_checks import TINY
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -22,10 +20,10 @@ def _maps(summary):
 
 def test_a_line_in_a_bucket_scores_like_the_line_on_disk(line, s3_env, tmp_path):
     url = upload_tree(line, f"{s3_env}/data")
-    on_disk = score_line(data=str(line), storage=str(tmp_path / "disk"), cluster="threads",
+    on_disk = run_line(data=str(line), storage=str(tmp_path / "disk"), cluster="threads",
+                       batch="n1", **SMALL)
+    in_bucket = run_line(data=url, storage=str(tmp_path / "bucket"), cluster="threads",
                          batch="n1", **SMALL)
-    in_bucket = score_line(data=url, storage=str(tmp_path / "bucket"), cluster="threads",
-                           batch="n1", **SMALL)
     assert in_bucket["scored"] == on_disk["scored"] == 8 and not in_bucket["set_aside"]
     rows_disk, maps_disk = _maps(on_disk)
     rows_url, maps_url = _maps(in_bucket)
@@ -37,10 +35,10 @@ def test_a_line_in_a_bucket_scores_like_the_line_on_disk(line, s3_env, tmp_path)
     defect, stem = sorted(rows_disk)[0].split("/")
     relative = [f"part/test/{defect}/rgb/{stem}.png", f"part/test/{defect}/xyz/{stem}.tiff"]
     store = str(tmp_path / "disk")
-    local = score_new(line="part", inputs=[str(line / relative[0])],
-                      xyz=[str(line / relative[1])], storage=store, out=str(tmp_path / "l"))
-    remote = score_new(line="part", inputs=[f"{url}/{relative[0]}"],
-                       xyz=[f"{url}/{relative[1]}"], storage=store, out=str(tmp_path / "r"))
+    local = run_score_new(line="part", inputs=[str(line / relative[0])],
+                          xyz=[str(line / relative[1])], storage=store, out=str(tmp_path / "l"))
+    remote = run_score_new(line="part", inputs=[f"{url}/{relative[0]}"],
+                           xyz=[f"{url}/{relative[1]}"], storage=store, out=str(tmp_path / "r"))
     ((_, row_local),), ((name, row_remote),) = (
         read_scores(local["outputs"]["scores"]).items(),
         read_scores(remote["outputs"]["scores"]).items(),
@@ -58,8 +56,8 @@ def test_a_line_in_a_bucket_scores_like_the_line_on_disk(line, s3_env, tmp_path)
     for kind, suffix in (("rgb", "png"), ("xyz", "tiff"), ("gt", "png")):
         key = f"part/test/{defect}/{kind}/{stem}.{suffix}"
         fs.pipe_file(f"{base}/one/{key}", (line / key).read_bytes())
-    folder = score_new(line="part", inputs=[f"{s3_env}/one"], data_format="mvtec3d",
-                       storage=store, out=str(tmp_path / "f"))
+    folder = run_score_new(line="part", inputs=[f"{s3_env}/one"], data_format="mvtec3d",
+                           storage=store, out=str(tmp_path / "f"))
     ((name, row_folder),) = read_scores(folder["outputs"]["scores"]).items()
     assert name == f"{defect}/{stem}" and folder["pool"] == local["pool"]
     for field in ("score", "score_rescored", "flagged"):

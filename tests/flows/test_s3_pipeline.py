@@ -8,12 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from flows.rescore import rescore
-from flows.score_line import score_line
 from infra.storage import open_filesystem
 from musc_core.features_2d import ViTFeatureExtractor
 from tasks import backbones
-from tests.flows.conftest import SMALL
+from tests.flows.conftest import SMALL, run_line, run_rescore
 from tests.flows.test_score_line import ForwardCounter
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -33,7 +31,7 @@ def test_runs_cache_and_results_live_in_the_bucket(line, s3_env, monkeypatch):
     storage = f"{s3_env}/store"
     fs, root = open_filesystem(storage)
     counter = ForwardCounter(monkeypatch)
-    first = score_line(data=str(line), storage=storage, cluster="threads", batch="n1", **SMALL)
+    first = run_line(data=str(line), storage=storage, cluster="threads", batch="n1", **SMALL)
     assert counter.counts == {"2d": 8, "3d": 8}
     assert first["out"].startswith("s3://") and first["outputs"]["report"].startswith("s3://")
     written = fs.find(root)
@@ -45,7 +43,7 @@ def test_runs_cache_and_results_live_in_the_bucket(line, s3_env, monkeypatch):
     run = json.loads(fs.cat_file(first["outputs"]["run"].removeprefix("s3://")))
     assert run["counts"]["tokens_2d"]["computed"] == 8
 
-    second = score_line(data=str(line), storage=storage, cluster="threads", batch="n2", **SMALL)
+    second = run_line(data=str(line), storage=storage, cluster="threads", batch="n2", **SMALL)
     assert counter.counts == {"2d": 8, "3d": 8}, "the second run computes no feature"
     assert all(c["computed"] == 0 for c in second["counts"].values())
     assert _scores(fs, first["outputs"]["scores"]) == _scores(fs, second["outputs"]["scores"])
@@ -57,12 +55,12 @@ def test_runs_cache_and_results_live_in_the_bucket(line, s3_env, monkeypatch):
         patch.setattr(backbones, "build_2d", refuse)
         patch.setattr(backbones, "build_3d", refuse)
         patch.setattr(ViTFeatureExtractor, "create", refuse)
-        again = rescore(
+        again = run_rescore(
             line="part", batch="n1", storage=storage, interval_ratio=0.6, cluster="threads"
         )
     assert again["out"].startswith(f"{storage}/results/part/n1-rescore-")
     assert again["counts"]["pairs"]["computed"] == 0
-    fresh = score_line(
+    fresh = run_line(
         data=str(line),
         storage=f"{s3_env}/fresh",
         cluster="threads",

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from flows.rescore import rescore
-from flows.score_line import score_line
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.point_mae import PointFeatureExtractor
 from tasks import backbones
@@ -18,6 +16,8 @@ from tests.flows.conftest import (
     in_memory,
     pool_order,
     read_scores,
+    run_line,
+    run_rescore,
     small_config,
 )
 
@@ -60,7 +60,7 @@ def _computed(summary, stage):
 
 @pytest.mark.slow
 def test_one_shard_one_worker_equals_in_memory_pipeline(line, tmp_path):
-    summary = score_line(
+    summary = run_line(
         data=str(line), storage=str(tmp_path / "store"), cluster="threads", workers=1,
         shard_size=100, batch="b1", **SMALL,
     )
@@ -75,7 +75,7 @@ def test_one_shard_one_worker_equals_in_memory_pipeline(line, tmp_path):
 
 @pytest.mark.slow
 def test_many_shards_two_dask_workers_equal_in_memory_pipeline(line, tmp_path):
-    summary = score_line(
+    summary = run_line(
         data=str(line), storage=str(tmp_path / "store"), cluster="local", workers=2,
         shard_size=2, batch="b1", **SMALL,
     )
@@ -96,9 +96,9 @@ def test_many_shards_two_dask_workers_equal_in_memory_pipeline(line, tmp_path):
 def test_second_run_computes_nothing_and_rescore_loads_no_backbone(line, tmp_path, monkeypatch):
     store = str(tmp_path / "store")
     counter = ForwardCounter(monkeypatch)
-    first = score_line(data=str(line), storage=store, cluster="threads", batch="b1", **SMALL)
+    first = run_line(data=str(line), storage=store, cluster="threads", batch="b1", **SMALL)
     assert counter.counts == {"2d": 8, "3d": 8}
-    second = score_line(data=str(line), storage=store, cluster="threads", batch="b2", **SMALL)
+    second = run_line(data=str(line), storage=store, cluster="threads", batch="b2", **SMALL)
     assert counter.counts == {"2d": 8, "3d": 8}, "a second run must not run the backbones"
     for stage, count in second["counts"].items():
         assert count["computed"] == 0, stage
@@ -110,14 +110,14 @@ def test_second_run_computes_nothing_and_rescore_loads_no_backbone(line, tmp_pat
     monkeypatch.setattr(backbones, "build_2d", refuse)
     monkeypatch.setattr(backbones, "build_3d", refuse)
     monkeypatch.setattr(ViTFeatureExtractor, "create", refuse)
-    again = rescore(
+    again = run_rescore(
         line="part", batch="b1", storage=store, out=str(tmp_path / "again"),
         interval_ratio=0.6, cluster="threads",
     )
     assert counter.counts == {"2d": 8, "3d": 8}
     assert _computed(again, "pairs") == 0 and _computed(again, "reduced") == 8
     monkeypatch.undo()
-    fresh = score_line(
+    fresh = run_line(
         data=str(line), storage=str(tmp_path / "fresh"), cluster="threads", batch="b1",
         interval_ratio=0.6, **SMALL,
     )
@@ -150,17 +150,17 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(line, tmp_path, mo
     monkeypatch.setattr(scoring, "pair_minima_tiled", fail_after_three)
     with pytest.raises(Exception, match="simulated"):
         # one thread: the shards run one after another; the between-block ones call the patch
-        score_line(data=str(line), storage=store, cluster="threads", workers=1, shard_size=2,
+        run_line(data=str(line), storage=store, cluster="threads", workers=1, shard_size=2,
                    batch="b1", **SMALL)
     monkeypatch.undo()
-    resumed = score_line(data=str(line), storage=store, cluster="threads", workers=1,
+    resumed = run_line(data=str(line), storage=store, cluster="threads", workers=1,
                          shard_size=2, batch="b1", **SMALL)
     pairs = resumed["counts"]["pairs"]
     assert pairs["computed"] + pairs["cached"] == 20  # 10 shards, one entry per modality
     assert pairs["cached"] >= 3 and pairs["computed"] == 20 - pairs["cached"]
     for stage in ("tokens_2d", "tokens_3d", "grouping", "snamd_2d", "snamd_3d"):
         assert resumed["counts"][stage] == {"computed": 0, "cached": 8}, stage
-    reference = score_line(data=str(line), storage=str(tmp_path / "clean"), cluster="threads",
+    reference = run_line(data=str(line), storage=str(tmp_path / "clean"), cluster="threads",
                            workers=1, shard_size=2, batch="b1", **SMALL)
     assert read_scores(resumed["outputs"]["scores"]) == read_scores(reference["outputs"]["scores"])
 
@@ -170,9 +170,9 @@ def test_rolling_bank_night_two_equals_in_memory_union(line, tmp_path, monkeypat
     night2 = tmp_path / "night2"
     generate_line(night2, category="part", num_samples=5, image_size=64, defect_rate=0.4, seed=11)
     store = str(tmp_path / "store")
-    score_line(data=str(line), storage=store, cluster="threads", batch="n1", shard_size=3, **SMALL)
+    run_line(data=str(line), storage=store, cluster="threads", batch="n1", shard_size=3, **SMALL)
     counter = ForwardCounter(monkeypatch)
-    summary = score_line(
+    summary = run_line(
         data=str(night2), storage=store, cluster="threads", batch="n2", shard_size=3,
         reference_nights=1, clean_bank=False, **SMALL,
     )
@@ -193,14 +193,14 @@ def test_changed_input_file_recomputes_only_that_sample(line, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(line, data)
     store = str(tmp_path / "store")
-    score_line(data=str(data), storage=store, cluster="threads", batch="b1", shard_size=4, **SMALL)
+    run_line(data=str(data), storage=store, cluster="threads", batch="b1", shard_size=4, **SMALL)
     image = data / "part" / "test" / "good" / "rgb" / "000.png"
     from PIL import Image
 
     pixels = np.asarray(Image.open(image)).copy()
     pixels[10:14, 10:14] = 255 - pixels[10:14, 10:14]
     Image.fromarray(pixels).save(image)
-    again = score_line(data=str(data), storage=store, cluster="threads", batch="b2", shard_size=4,
+    again = run_line(data=str(data), storage=store, cluster="threads", batch="b2", shard_size=4,
                        **SMALL)
     for stage in ("tokens_2d", "snamd_2d"):
         assert again["counts"][stage] == {"computed": 1, "cached": 7}, stage
@@ -212,7 +212,7 @@ def test_changed_input_file_recomputes_only_that_sample(line, tmp_path):
     xyz = tifffile.imread(cloud)
     xyz[xyz[..., 2] != 0] *= 1.01
     tifffile.imwrite(cloud, xyz, photometric="rgb")
-    third = score_line(data=str(data), storage=store, cluster="threads", batch="b3", shard_size=4,
+    third = run_line(data=str(data), storage=store, cluster="threads", batch="b3", shard_size=4,
                        **SMALL)
     # the XYZ map cleans the image (MVTec 3D-AD): both modalities of that sample are new
     for stage in ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d"):

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from flows.score_line import score_line
-from flows.score_new import part_records, score_new
+from flows.score_new import part_records
 from tasks.bank import bank_reductions
 from tasks.batches import list_batches, read_batch_record
 from tasks.synth import generate_line
-from tests.flows.conftest import SMALL, read_scores
+from tests.flows.conftest import SMALL, read_scores, run_line, run_score_new
 from tests.flows.test_score_line import ForwardCounter
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -23,7 +22,7 @@ CLI_SMALL = ["--cluster", "threads", "--quiet"]
 def batch(line, tmp_path_factory, prefect_server):
     """The 8-sample line scored as batch b1 in blocks of 3: (storage, summary)."""
     store = str(tmp_path_factory.mktemp("bank") / "store")
-    summary = score_line(
+    summary = run_line(
         data=str(line), storage=store, cluster="threads", batch="b1", shard_size=3, **SMALL
     )
     return store, summary
@@ -69,7 +68,7 @@ def test_sample_against_rest_of_its_batch_equals_the_batch_run(
     counter = ForwardCounter(monkeypatch)
     for number, name in enumerate((top, normal), start=1):
         folder = _as_folder(line, name, tmp_path / f"new{number}")
-        result = score_new(
+        result = run_score_new(
             line="part", inputs=[str(folder)], data_format="mvtec3d", storage=store,
             out=str(tmp_path / f"out{number}"), clean_bank=False,
         )
@@ -105,7 +104,7 @@ def test_part_files_without_masks_leave_their_masked_bank_copies_out(
     top = max(rows, key=lambda n: float(rows[n]["score_rescored"]))
     image, cloud = _files(line, top)
     counter = ForwardCounter(monkeypatch)
-    result = score_new(
+    result = run_score_new(
         line="part", inputs=[image], xyz=[cloud], storage=store, out=str(tmp_path / "one"),
         clean_bank=False,
     )
@@ -119,7 +118,7 @@ def test_part_files_without_masks_leave_their_masked_bank_copies_out(
     copy_image, copy_cloud = tmp_path / "copy.png", tmp_path / "copy.tiff"
     shutil.copy(_files(line, normal)[0], copy_image)
     shutil.copy(_files(line, normal)[1], copy_cloud)
-    both = score_new(
+    both = run_score_new(
         line="part", inputs=[image, str(copy_image)], xyz=[cloud, str(copy_cloud)],
         storage=store, out=str(tmp_path / "two"), clean_bank=False,
     )
@@ -132,9 +131,9 @@ def test_reductions_of_an_old_record_are_derived_again(batch):
     record = read_batch_record(store, "part", "b1")
     recorded = bank_reductions(store, record)
     assert len(recorded) == 8
-    old = {**record, "samples": [
-        {k: v for k, v in s.items() if k != "reduced"} for s in record["samples"]
-    ]}
+    old = record.model_copy(update={"samples": tuple(
+        s.model_copy(update={"reduced": None}) for s in record.samples
+    )})
     assert bank_reductions(store, old) == recorded
 
 
@@ -157,7 +156,7 @@ def test_cli_scores_new_part_files_against_the_latest_batch(
     status = main(
         ["score-new", "part", *[str(tmp_path / f"{n}.png") for n in names], "--xyz",
          *[str(tmp_path / f"{n}.tiff") for n in names], "--storage", store, "--out", str(out),
-         "--record-as", "extra-1", "--naive-bank", *CLI_SMALL]
+         "--record-as", "extra-1", "--no-clean-bank", *CLI_SMALL]
     )
     printed = capsys.readouterr().out
     assert status == 0
@@ -174,7 +173,7 @@ def test_cli_scores_new_part_files_against_the_latest_batch(
     assert run["warning"] and run["bank"] == ["b1"] and run["pool"] == 10
     assert "reference bank" in (out / "report.html").read_text()
     record = read_batch_record(store, "part", "extra-1")
-    assert record["scored_against_bank"] and len(record["samples"]) == 2
+    assert record.scored_against_bank and len(record.samples) == 2
 
 
 def test_part_files_are_named_by_their_path_as_given(monkeypatch, tmp_path):

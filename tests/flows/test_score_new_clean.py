@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from flows.score_line import score_line
-from flows.score_new import score_new
-from tests.flows.conftest import SMALL, read_scores
+from tests.flows.conftest import SMALL, read_scores, run_line, run_score_new
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -30,7 +28,7 @@ def _part_map(result):
 
 def test_a_flagged_sample_is_no_reference_for_a_new_part_until_cleared(line, tmp_path):
     store = str(tmp_path / "store")
-    night = score_line(data=str(line), storage=store, cluster="threads", batch="b1", **SMALL)
+    night = run_line(data=str(line), storage=store, cluster="threads", batch="b1", **SMALL)
     flagged = night["flagged"]
     assert flagged, "the test line must have a flagged sample"
     rows = read_scores(night["outputs"]["scores"])
@@ -38,15 +36,15 @@ def test_a_flagged_sample_is_no_reference_for_a_new_part_until_cleared(line, tmp
     new = tmp_path / "new"
     _copy_sample(line, part, new)
 
-    clean = score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
-                      out=str(tmp_path / "clean"))
+    clean = run_score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
+                          out=str(tmp_path / "clean"))
     # the part's own bank copy is left out (same inputs), and so is every flagged sample
     assert clean["pool"] == 8 - len(flagged)
     run = json.loads((tmp_path / "clean" / "run.json").read_text())
     left = {"b1": dict.fromkeys(flagged, "flagged, not cleared")}
     assert run["settings"]["bank_left_out"] == left
-    naive = score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
-                      out=str(tmp_path / "naive"), clean_bank=False)
+    naive = run_score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
+                          out=str(tmp_path / "naive"), clean_bank=False)
     assert naive["pool"] == 8
 
     # Independent truth: a bank in which the flagged samples never were. The part's map and
@@ -56,9 +54,9 @@ def test_a_flagged_sample_is_no_reference_for_a_new_part_until_cleared(line, tmp
         if name not in flagged:
             _copy_sample(line, name, kept)
     other = str(tmp_path / "other-store")
-    score_line(data=str(kept), storage=other, cluster="threads", batch="k1", **SMALL)
-    truth = score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=other,
-                      out=str(tmp_path / "truth"), clean_bank=False)
+    run_line(data=str(kept), storage=other, cluster="threads", batch="k1", **SMALL)
+    truth = run_score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=other,
+                          out=str(tmp_path / "truth"), clean_bank=False)
     (clean_row, clean_map), (truth_row, truth_map) = _part_map(clean), _part_map(truth)
     span = float(truth_map.max() - truth_map.min())
     np.testing.assert_allclose(clean_map, truth_map, atol=0.005 * span)
@@ -69,8 +67,8 @@ def test_a_flagged_sample_is_no_reference_for_a_new_part_until_cleared(line, tmp
     # an operator clears one flag: that sample is a reference again
     cleared = flagged[0]
     assert main(["verdict", "part", cleared, "ok", "--batch", "b1", "--storage", store]) == 0
-    after = score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
-                      out=str(tmp_path / "after"))
+    after = run_score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
+                          out=str(tmp_path / "after"))
     assert after["pool"] == 8 - len(flagged) + 1
     run = json.loads((tmp_path / "after" / "run.json").read_text())
     assert run["settings"]["bank_left_out"] == (

@@ -10,6 +10,7 @@ from tasks.batches import write_batch_record
 from tasks.history import history_link, line_nights, render_history, write_history
 from tasks.outputs import ResultStore
 from tasks.verdicts import record_verdict
+from tests.records import hand_record
 
 EVIL = "<script>alert(1)</script>"
 
@@ -30,11 +31,11 @@ def _write_night(storage, night, scores, bank, flagged):
     )
     write_batch_record(
         storage,
-        {
-            "line": "part", "batch": batch, "out": out, "bank": bank, "flagged": flagged,
-            "samples": [{"name": n, "prepared": f"{batch}-{n}", "block": 0} for n in names],
-            "set_aside": [{"name": "bad", "path": "x", "problem": "empty"}] if night == 3 else [],
-        },
+        hand_record(
+            "part", batch, [{"name": n, "prepared": f"{batch}-{n}", "block": 0} for n in names],
+            out=out, bank=bank, flagged=flagged,
+            set_aside=[{"name": "bad", "path": "x", "problem": "empty"}] if night == 3 else [],
+        ),
     )
     return batch, np.array(scores)
 

@@ -13,17 +13,16 @@ from tasks.verdicts import (
     record_verdict,
     without_left_out,
 )
+from tests.records import hand_record
 
 
-def _record(batch, names, flagged=()):
-    return {
-        "line": "part",
-        "batch": batch,
-        "samples": [
-            {"name": n, "prepared": f"key-{batch}-{n}", "block": 0, "label": None} for n in names
-        ],
-        "flagged": list(flagged),
-    }
+def _record(batch, names, flagged=(), prepared=None):
+    keys = {n: f"key-{batch}-{n}" for n in names} | (prepared or {})
+    return hand_record(
+        "part", batch,
+        [{"name": n, "prepared": keys[n], "block": 0, "label": None} for n in names],
+        flagged=list(flagged),
+    )
 
 
 @pytest.fixture
@@ -85,8 +84,7 @@ def test_flagged_samples_stay_out_unless_cleared_and_defects_never_enter():
 
 
 def test_a_confirmed_defect_is_left_out_wherever_its_content_appears():
-    n2 = _record("n2", ["a", "d"])
-    n2["samples"][0]["prepared"] = "same-content"
+    n2 = _record("n2", ["a", "d"], prepared={"a": "same-content"})
     verdicts = [{"batch": "n1", "sample": "x", "prepared": "same-content", "verdict": "defect"}]
     assert left_out_of_bank(n2, verdicts) == {"a": "confirmed defect"}
 
@@ -94,16 +92,16 @@ def test_a_confirmed_defect_is_left_out_wherever_its_content_appears():
 def test_clean_records_drop_only_the_left_out_samples():
     records = [_record("n2", ["a", "d"], flagged=["d"]), _record("n1", ["a", "b"])]
     cleaned, left = clean_records(records, [])
-    assert [s["name"] for s in cleaned[0]["samples"]] == ["a"]
-    assert [s["name"] for s in cleaned[1]["samples"]] == ["a", "b"]
+    assert [s.name for s in cleaned[0].samples] == ["a"]
+    assert [s.name for s in cleaned[1].samples] == ["a", "b"]
     assert left == {"n2": {"d": "flagged, not cleared"}}
-    assert [s["name"] for s in records[0]["samples"]] == ["a", "d"]  # inputs untouched
+    assert [s.name for s in records[0].samples] == ["a", "d"]  # inputs untouched
 
 
 def test_without_left_out_drops_what_a_run_recorded():
     records = [_record("n2", ["a", "d"]), _record("n1", ["a", "b"])]
     kept = without_left_out(records, {"n1": {"b": "flagged, not cleared"}})
-    assert [[s["name"] for s in r["samples"]] for r in kept] == [["a", "d"], ["a"]]
+    assert [[s.name for s in r.samples] for r in kept] == [["a", "d"], ["a"]]
 
 
 def test_the_verdict_command_stores_and_explains(storage, capsys):

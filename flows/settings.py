@@ -1,0 +1,288 @@
+"""Every setting of the flows, declared once: type, default, range and a one-line help.
+
+The flows take these models as their parameters (Prefect renders them as typed forms and
+validates ``--param``/``--params`` and ``prefect.yaml`` against them); the ``musc`` command
+builds its options from the same fields (:mod:`flows.options`), so no default is written
+twice. The algorithm settings are :class:`musc_core.config.MuscConfig`'s own fields
+(:class:`Algorithm` is generated from them); the run settings are declared here.
+
+An invalid value is refused naming its field, never clamped. Importing this module costs
+pydantic only (no PyTorch, Prefect or Dask): ``musc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from musc_core.config import MuscConfig
+from tasks.choices import BACKBONES_3D, DEFAULT_BACKBONE_2D, DEFAULT_STORAGE, FORMATS
+
+DataFormat = Literal[FORMATS]  # type: ignore[valid-type]
+Backbone3D = Literal[BACKBONES_3D]  # type: ignore[valid-type]
+_OWN_DEFAULT = re.compile(r" \(default: [^)]*\)$")
+
+
+class Settings(BaseModel):
+    """Base of every settings model: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AlgorithmBase(Settings):
+    """Base of :class:`Algorithm`: validated by :class:`MuscConfig` itself."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> AlgorithmBase:
+        self.to_config()
+        return self
+
+    def to_config(self) -> MuscConfig:
+        """The core's settings object.
+
+        Raises:
+            ValueError: a value :class:`MuscConfig` refuses (the message names the field).
+        """
+        return MuscConfig(**{name: getattr(self, name) for name in type(self).model_fields})
+
+
+def _algorithm_fields() -> dict[str, tuple[object, object]]:
+    """``create_model`` field definitions from :class:`MuscConfig`'s declarations."""
+    hints = typing.get_type_hints(MuscConfig)
+    out: dict[str, tuple[object, object]] = {}
+    for item in dataclasses.fields(MuscConfig):
+        meta = item.metadata
+        annotation = Literal[meta["choices"]] if meta["choices"] else hints[item.name]
+        text = meta["help"] + (f"; range {meta['range']}" if meta["range"] else "")
+        out[item.name] = (annotation, Field(item.default, description=text))
+    return out
+
+
+Algorithm = create_model(
+    "Algorithm",
+    __base__=AlgorithmBase,
+    __doc__="MuSc-V2's settings, with the paper's defaults (musc_core.config.MuscConfig).",
+    **_algorithm_fields(),  # type: ignore[arg-type]
+)
+
+
+def algorithm_from(config: MuscConfig) -> AlgorithmBase:
+    """The :class:`Algorithm` model holding ``config``'s values."""
+    return Algorithm(**config.as_dict())
+
+
+class LineInput(Settings):
+    """The samples of one run of a line: where they are and how they are laid out."""
+
+    data: str = Field(
+        description="dataset root: a local path, or an s3://bucket/prefix or other fsspec URL"
+    )
+    data_format: DataFormat = Field("mvtec3d", description="dataset layout")
+    category: str | None = Field(
+        None, description="the category to score (default: the dataset's only one)"
+    )
+    line: str | None = Field(
+        None, description="the line's name in records and results (default: the category)"
+    )
+    samples: list[str] | None = Field(
+        None, description="names of the samples to score, a subset of the category (default: all)"
+    )
+
+
+class Backbones(Settings):
+    """The feature extractors and their weights."""
+
+    backbone_2d: str = Field(DEFAULT_BACKBONE_2D, description="timm ViT name")
+    weights_2d: str = Field(
+        "pretrained",
+        description="'pretrained' (timm), a checkpoint path, or 'random' (results not meaningful)",
+    )
+    weights_3d: str | None = Field(
+        None, description="Point-MAE checkpoint path, or 'random' (results not meaningful)"
+    )
+    backbone_3d: Backbone3D = Field(
+        "point-mae",
+        description="3D features: 'point-mae' (needs weights_3d) or 'fpfh' (weight-free)",
+    )
+    patch_size_2d: int | None = Field(
+        None, ge=1, description="patch size of a random-weights ViT (small test models)"
+    )
+
+
+class RollingBank(Settings):
+    """Earlier batches of the line used as extra references, and the reference budget."""
+
+    reference_budget: int | None = Field(
+        None, ge=1, description="most references per sample (default: all)"
+    )
+    reference_nights: int = Field(
+        0, ge=0, description="earlier batches of the line used as extra references"
+    )
+    reference_samples: int | None = Field(
+        None, ge=1, description="most samples taken from earlier batches (default: no limit)"
+    )
+    clean_bank: bool = Field(
+        True,
+        description="leave flagged (not cleared) and confirmed-defective samples of earlier "
+        "batches out of the rolling bank",
+    )
+
+
+class StorageSettings(Settings):
+    """Where the cache, the batch records and the results go."""
+
+    storage: str = Field(
+        DEFAULT_STORAGE,
+        description="storage root (path or s3://bucket/prefix) of the feature cache and the "
+        "batch records",
+    )
+    out: str | None = Field(
+        None, description="output prefix of the results (default: below <storage>/results/<line>)"
+    )
+
+
+class ComputeSettings(Settings):
+    """Where the tasks run."""
+
+    cluster: str = Field(
+        "local",
+        description="'local' (local Dask cluster), 'threads' (this process) or "
+        "tcp://scheduler:8786",
+    )
+    workers: int = Field(1, ge=1, description="local Dask worker processes (or threads)")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class RescoreRun(StorageSettings, ComputeSettings):
+    """Storage and compute of a re-scoring run."""
+
+
+class LineRun(StorageSettings, ComputeSettings):
+    """Storage, compute and block size of a run that extracts features."""
+
+    shard_size: int = Field(16, ge=1, description="samples per block")
+
+
+class NewPartsRun(LineRun):
+    """As :class:`LineRun`; a few parts are scored fastest in this process."""
+
+    cluster: str = Field(
+        "threads",
+        description="'threads' (this process: the fastest for a few parts), 'local' or "
+        "tcp://scheduler:8786",
+    )
+
+
+class RecordedBatch(Settings):
+    """A recorded batch of a line."""
+
+    line: str = Field(description="the line (category) name")
+    batch: str | None = Field(None, description="the batch (default: the line's latest)")
+
+
+def _overrides(
+    name: str, doc: str, sources: dict[type[BaseModel], tuple[str, ...]], suffix: str
+) -> type[Settings]:
+    """A model of optional replacements of fields declared elsewhere (None keeps the value)."""
+    fields: dict[str, tuple[object, object]] = {}
+    for model, names in sources.items():
+        for field in names:
+            info = model.model_fields[field]
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else (
+                info.annotation
+            )
+            text = _OWN_DEFAULT.sub("", info.description or "")
+            described = Field(None, description=f"{text} (default: {suffix})")
+            fields[field] = (annotation | None, described)
+    return create_model(name, __base__=Settings, __doc__=doc, **fields)  # type: ignore[arg-type]
+
+
+Rescoring = _overrides(
+    "Rescoring",
+    "What a re-scoring run changes; None keeps the batch's value.",
+    {Algorithm: ("interval_ratio", "rescoring_windows", "flag_mad_k"),
+     RollingBank: ("reference_budget", "reference_nights", "reference_samples")},
+    "the batch's",
+)
+
+
+class NewParts(Settings):
+    """New parts of a line scored against its recorded batches."""
+
+    line: str = Field(description="the line (category) name")
+    inputs: list[str] = Field(
+        description="image files of the new parts (XYZ TIFFs for a 3D-only line), or one folder"
+    )
+    xyz: list[str] | None = Field(None, description="XYZ TIFFs, one per image, in order")
+    data_format: DataFormat = Field(
+        "folder", description="layout of a folder input (preprocessing is always the bank's)"
+    )
+    category: str | None = Field(None, description="category of a folder input")
+    record_as: str | None = Field(
+        None, description="record the new parts as a batch of the line with this id"
+    )
+
+
+class BankChoice(Settings):
+    """Which recorded batches form the bank of new parts."""
+
+    bank: list[str] | None = Field(
+        None, description="batch ids forming the bank (default: the latest bank_nights)"
+    )
+    bank_nights: int = Field(
+        1, ge=1, description="how many of the line's latest batches form the bank"
+    )
+    reference_budget: int | None = Field(
+        None, ge=1, description="most bank samples per part (default: all)"
+    )
+    clean_bank: bool = Field(
+        True,
+        description="leave bank samples flagged in their night (not cleared by a verdict ok) "
+        "and confirmed-defective ones out of the bank (false: every sample is a reference)",
+    )
+
+
+NewPartsChanges = _overrides(
+    "NewPartsChanges",
+    "What new parts change of the bank's settings; None keeps the bank's.",
+    {Algorithm: ("flag_mad_k",), Backbones: ("weights_2d", "weights_3d")},
+    "the bank's",
+)
+
+
+def split_settings(
+    models: dict[str, type[BaseModel]], values: dict[str, object], loose: tuple[str, ...] = ()
+) -> dict[str, object]:
+    """Flow parameters from flat setting values: each value goes to the model declaring it.
+
+    Args:
+        models: the flow's model parameters by name (``{"run": LineRun, ...}``).
+        values: ``{field: value}``; a field declared by several models goes to each.
+        loose: the flow's plain (not model) parameters, passed through.
+
+    Returns:
+        ``{parameter: model instance or value}``.
+
+    Raises:
+        TypeError: a value no model declares.
+        pydantic.ValidationError: a value a model refuses.
+    """
+    unknown = set(values) - set(loose) - {f for m in models.values() for f in m.model_fields}
+    if unknown:
+        raise TypeError(f"no such setting: {sorted(unknown)}")
+    out: dict[str, object] = {k: values[k] for k in loose if k in values}
+    for name, model in models.items():
+        out[name] = model(**{k: v for k, v in values.items() if k in model.model_fields})
+    return out
+
+
+#: The model parameters of each flow, by parameter name.
+SCORE_LINE = {"data": LineInput, "backbones": Backbones, "algorithm": Algorithm,
+              "bank": RollingBank, "run": LineRun}
+RESCORE = {"target": RecordedBatch, "changes": Rescoring, "run": RescoreRun}
+SCORE_NEW = {"parts": NewParts, "bank": BankChoice, "changes": NewPartsChanges,
+             "run": NewPartsRun}
