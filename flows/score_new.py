@@ -294,7 +294,7 @@ def score_new_stages(request: NewPartsRequest) -> dict:
             line=request.line, batch=request.record_as, config=config, spec=request.spec,
             storage=request.storage, out=request.out, shard_size=request.shard_size,
             reference_budget=request.reference_budget, reference_nights=len(records),
-            reference_samples=None, device=request.device,
+            reference_samples=None, device=request.device, clean_bank=request.clean_bank,
         )
         record = batch_record(
             line_request, identities, new_blocks, set_aside, bank_ids, result, new_reduced,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
+from tasks.batches import read_batch_record
 from tests.flows.conftest import SMALL, read_scores, run_line, run_score_new
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -68,9 +69,11 @@ def test_a_flagged_sample_is_no_reference_for_a_new_part_until_cleared(line, tmp
     cleared = flagged[0]
     assert main(["verdict", "part", cleared, "ok", "--batch", "b1", "--storage", store]) == 0
     after = run_score_new(line="part", inputs=[str(new)], data_format="mvtec3d", storage=store,
-                          out=str(tmp_path / "after"))
+                          out=str(tmp_path / "after"), record_as="day1")
     assert after["pool"] == 8 - len(flagged) + 1
     run = json.loads((tmp_path / "after" / "run.json").read_text())
-    assert run["settings"]["bank_left_out"] == (
-        {"b1": dict.fromkeys(flagged[1:], "flagged, not cleared")} if flagged[1:] else {}
-    )
+    left = {"b1": dict.fromkeys(flagged[1:], "flagged, not cleared")} if flagged[1:] else {}
+    assert run["settings"]["bank_left_out"] == left
+    # the recorded parts' batch record says what their bank left out (rescore reads it)
+    record = read_batch_record(store, "part", "day1")
+    assert record.scored_against_bank and record.bank_left_out == left
