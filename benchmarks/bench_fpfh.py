@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.machine import machine_info
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams
@@ -161,26 +161,6 @@ def markdown(title: str, table: dict[str, dict[str, float]]) -> str:
         f"| {row} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |\n"
         for row, v in table.items()
     )
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, torch capability, threads, load."""
-    model = platform.processor()
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                model = text.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "load_average_start": os.getloadavg(),
-    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.machine import machine_info as shared_machine_info
 from musc_core import grouping as grouping_module
 from musc_core.aggregation import snamd_2d, snamd_3d
 from musc_core.anomaly_maps import map_3d
@@ -32,7 +33,7 @@ from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams, point_descriptors, pool_groups
 from musc_core.grouping import PointSample
-from musc_core.hardware import cpu_has_fast_bf16, cpu_kind
+from musc_core.hardware import cpu_has_fast_bf16
 from musc_core.mutual_scoring import pair_distances, pair_minima_untiled
 from musc_core.pipeline import prepare_points, vit_autocast
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
@@ -80,21 +81,8 @@ def rate(flops: float, timing: dict[str, Any], peak: float | None) -> dict[str, 
 
 
 def machine_info() -> dict[str, Any]:
-    """Torch version, threads and the CPU kind (model, ISA level, capability, fast bf16)."""
-    kind = cpu_kind()
-    return {
-        "torch": torch.__version__,
-        "threads": kind.threads,
-        "cpu_count": os.cpu_count(),
-        "cpu_capability": kind.capability,
-        "cpu_model": kind.model,
-        "cpu_isa": kind.isa,
-        "fast_bf16": kind.fast_bf16,
-        "cpu_kind": kind.label(),
-        "dtypes_measured": list(DTYPES),
-        "load_average_start": os.getloadavg(),
-        "note": RANDOM_NOTE,
-    }
+    """The shared machine record plus the dtypes this run measures and the weights note."""
+    return {**shared_machine_info(), "dtypes_measured": list(DTYPES), "note": RANDOM_NOTE}
 
 
 def bench_peak(sizes: Sequence[int], repeat: int) -> dict[str, Any]:

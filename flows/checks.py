@@ -183,16 +183,13 @@ def _dataset_folder(data: str) -> Path | ObjectPath:
         if not root.is_dir():
             raise UsageError("data", f"no such folder {data!r}")
         return root
-    from infra.storage import StorageUnreachable, redact, s3_endpoint_url, tcp_reachable
+    from infra.storage import StorageUnreachable, redact, require_s3_endpoint
 
     if data.partition("://")[0].lower() in ("s3", "s3a"):
-        endpoint = s3_endpoint_url() or "https://s3.amazonaws.com"
-        if not tcp_reachable(endpoint):
-            raise UsageError(
-                "data",
-                f"{data!r}: the S3 endpoint {endpoint} refuses connections or does not "
-                "resolve; start it or point MUSC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL at it",
-            )
+        try:
+            require_s3_endpoint()
+        except StorageUnreachable as error:
+            raise UsageError("data", f"{data!r}: {error}") from None
     try:
         return ObjectTree.list(data).path()
     except FileNotFoundError:

@@ -354,6 +354,20 @@ def _unreachable(what: str, error: BaseException, seconds: float) -> StorageUnre
     )
 
 
+def require_s3_endpoint() -> None:
+    """Check, within 2 s, that the configured S3 endpoint accepts a TCP connection.
+
+    Raises:
+        StorageUnreachable: the endpoint refused the connection or did not resolve.
+    """
+    endpoint = s3_endpoint_url() or "https://s3.amazonaws.com"
+    if not tcp_reachable(endpoint):
+        raise StorageUnreachable(
+            f"the S3 endpoint {endpoint} refuses connections or does not resolve; start it or "
+            "point MUSC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL at it"
+        )
+
+
 def check_writable(url: str) -> None:
     """Check that a storage URL can be written, quickly and without retries.
 
@@ -382,12 +396,7 @@ def check_writable(url: str) -> None:
             pass
         os.remove(target)
         return
-    endpoint = s3_endpoint_url() or "https://s3.amazonaws.com"
-    if not tcp_reachable(endpoint):
-        raise StorageUnreachable(
-            f"the S3 endpoint {endpoint} refuses connections or does not resolve; start it or "
-            "point MUSC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL at it"
-        )
+    require_s3_endpoint()
     import s3fs
 
     options = s3_storage_options()

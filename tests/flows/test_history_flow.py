@@ -28,6 +28,7 @@ async def _artifact(key):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
+    # Newest first: the session's server also holds this key's versions from other tests.
     async with get_client() as client:
         found = await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),

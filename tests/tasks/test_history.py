@@ -1,6 +1,8 @@
 """The line's history page over a 7-night synthetic history, in HTML and in headless Chromium."""
 
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from tasks.history import history_link, line_nights, render_history, write_histo
 from tasks.outputs import ResultStore
 from tasks.verdicts import record_verdict
 from tests.records import hand_record
+
+REPO = Path(__file__).resolve().parents[2]
 
 EVIL = "<script>alert(1)</script>"
 
@@ -119,6 +123,8 @@ def test_history_renders_in_headless_chromium(week, tmp_path):
     finally:
         driver.quit()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("MUSC_UPDATE_SCREENSHOT") == "1":
+        (REPO / "docs" / "history-screenshot.png").write_bytes(png)
 
 
 def test_links_between_reports_and_history_are_relative_next_to_the_results(tmp_path):

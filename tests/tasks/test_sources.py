@@ -270,3 +270,18 @@ def test_objects_too_large_for_the_pixel_limit_are_not_fetched(tmp_path, monkeyp
             image_io.load_image(url)
     finally:
         fs.rm(url)
+
+
+def test_an_unreachable_s3_endpoint_for_data_is_an_error_naming_data(monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a free port on 127.0.0.1, closed again: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MUSC_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(
+        UsageError,
+        match=rf"argument data: 's3://bucket/line': the S3 endpoint http://127.0.0.1:{port} "
+        "refuses connections",
+    ):
+        check_dataset("s3://bucket/line", "folder", None)
