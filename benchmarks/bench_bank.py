@@ -4,7 +4,8 @@ Run from the repository root (about 5 minutes on 2 cores)::
 
     python -m benchmarks.bench_bank --out benchmarks/out/bank.json
 
-The line (``tasks.synth``, 64 px, 2D, a tiny ViT with **random weights**) runs 7 nights of
+The line (``tasks.synthetic.generator``, 64 px, 2D, a tiny ViT with **random weights**) runs 7
+nights of
 ``--parts`` parts. Every night ``--rate`` of them (20-30 %) carry *the same* defect (``--kind``,
 a crack by default): rendered with one ``defect_seed``, so its size, shape and place on the part
 repeat, as a worn tool would make them. Each night is scored with the in-memory pipeline over
@@ -40,7 +41,7 @@ from musc_core.metrics import image_metrics, pixel_metrics
 from musc_core.pipeline import Sample, score
 from musc_core.preprocess_image import resize_image
 from tasks.backbones import BackboneSpec, build_backbones
-from tasks.synth import plan_line, render_sample
+from tasks.synthetic.generator import plan_line, render_sample
 
 NIGHTS = 7
 RANDOM_NOTE = "random weights: clean and naive banks are compared with each other only"

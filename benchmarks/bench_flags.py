@@ -6,7 +6,7 @@ once)::
     python -m benchmarks.bench_flags --table benchmarks/out/flag_table.md
 
 Method. Re-running the pipeline for every (rate, size) cell would take hours, so one generated
-line (``tasks.synth``, 120 samples, half of them defective, 64 px, 2D, a tiny ViT with
+line (``tasks.synthetic.generator``, 120 samples, half of them defective, 64 px, 2D, a tiny ViT with
 **random weights**) is scored once with the in-memory pipeline; its scores before RsCon, its
 salient features and its labels are kept (``--pool``, reused when present). Each cell then
 draws ``--reps`` batches of N samples with round(N · rate) defective ones (with replacement
@@ -58,9 +58,9 @@ def score_pool(path: Path, num_samples: int, seed: int, modality: str) -> dict[s
             return {name: stored[name] for name in stored.files}
     from musc_core.pipeline import score
     from tasks.backbones import BackboneSpec, build_backbones
-    from tasks.datasets import read_dataset
-    from tasks.prepare import prepare_records
-    from tasks.synth import generate_line
+    from tasks.formats.datasets import read_dataset
+    from tasks.formats.prepare import prepare_records
+    from tasks.synthetic.generator import generate_line
 
     config = MuscConfig(
         modality=modality, image_size=64, num_groups=32, group_size=16, ipg_step=8,

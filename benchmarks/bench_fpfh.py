@@ -4,7 +4,8 @@ Run from the repository root::
 
     python -m benchmarks.bench_fpfh --out benchmarks/out/fpfh.json
 
-Lines come from :mod:`tasks.synth`, rendered in memory without the support plane (so no
+Lines come from :mod:`tasks.synthetic.generator`, rendered in memory without the support plane (so
+no
 RANSAC/DBSCAN cleaning is involved: the object's points are the foreground), one line per
 (seed, object kind) of ``--lines``; the default includes two ``ribs`` lines, the object whose
 rib tops and groove floors lie side by side (where Iterative Point Grouping matters). Every
@@ -47,7 +48,7 @@ from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams
 from musc_core.grouping import Grouping
 from musc_core.metrics import image_metrics, pixel_metrics
 from musc_core.pipeline import Sample, score
-from tasks.synth import plan_line, render_sample
+from tasks.synthetic.generator import plan_line, render_sample
 
 DEFAULT_LINES = ("0:puck", "1:dome", "2:box", "3:ribs", "4:ribs")
 GEOMETRIC = ("dent", "crack")

@@ -106,7 +106,7 @@ def bench_e2e(work: Path, sizes: list[int], modalities: list[str]) -> list[dict]
     """The score-line flow end to end on generated 224 px lines (ViT-B/8, Point-MAE)."""
     from flows.score_line import score_line
     from flows.settings import Algorithm, Backbones, LineInput, LineRun
-    from tasks.synth import generate_line
+    from tasks.synthetic.generator import generate_line
 
     results = []
     for n in sizes:
@@ -144,9 +144,9 @@ def bench_e2e(work: Path, sizes: list[int], modalities: list[str]) -> list[dict]
 # -------------------------------------------------------------------------------- memory
 def _synthetic_pool(cache_url: str, n: int, config, seed: int):
     """Pool samples whose SNAMD features (real 784 × 768 shape) are written to the cache."""
-    from tasks.cache import FeatureCache
-    from tasks.keys import Identities, PreparedKeys, sample_keys
-    from tasks.plan import PoolSample
+    from tasks.cache.keys import Identities, PreparedKeys, sample_keys
+    from tasks.cache.store import FeatureCache
+    from tasks.planning.blocks import PoolSample
 
     cache = FeatureCache(cache_url)
     identities = Identities("synthetic-features", None)
@@ -174,7 +174,7 @@ def bench_memory(work: Path, sizes: list[int], budget: int, shard_size: int) -> 
     from flows.progress import StageTracker
     from flows.stages import report_run, score_pool
     from musc_core.config import MuscConfig
-    from tasks.plan import batch_blocks
+    from tasks.planning.blocks import batch_blocks
     from tasks.results import RunInfo
     from tasks.runtime import Runtime
 
@@ -230,7 +230,7 @@ def bench_budget(work: Path, n: int, budgets: list[int | None]) -> list[dict]:
     """Time and detection quality versus the reference budget on one generated line."""
     from flows.score_line import score_line
     from flows.settings import Algorithm, Backbones, LineInput, LineRun, RollingBank
-    from tasks.synth import generate_line
+    from tasks.synthetic.generator import generate_line
 
     data = work / f"budget-line{n}"
     if not data.exists():
@@ -276,7 +276,7 @@ def bench_workers(work: Path, n: int) -> list[dict]:
     from flows.requests import LineRequest
     from musc_core.config import MuscConfig
     from tasks.backbones import BackboneSpec
-    from tasks.synth import generate_line
+    from tasks.synthetic.generator import generate_line
 
     data = work / f"workers-line{n}"
     if not data.exists():

@@ -37,7 +37,7 @@ def score_synthetic_line(work: Path, num_samples: int) -> dict:
     from flows.score_line import score_line
     from flows.settings import Algorithm, Backbones, LineInput, LineRun
     from infra.prefect_api import prefect_api
-    from tasks.synth import generate_line
+    from tasks.synthetic.generator import generate_line
 
     data = work / "line"
     generate_line(data, category="part", num_samples=num_samples, image_size=224, seed=0)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from musc_core.config import MuscConfig
 
 if TYPE_CHECKING:
-    from tasks.sources import ObjectPath
+    from tasks.formats.sources import ObjectPath
 
 _PATCH = re.compile(r"patch(\d+)")
 
@@ -176,7 +176,7 @@ def _patch_size(name: str) -> int | None:
 
 def _dataset_folder(data: str) -> Path | ObjectPath:
     """The dataset root as a folder (a URL root listed once), or a UsageError naming DATA."""
-    from tasks.sources import ObjectTree, is_url, local_path
+    from tasks.formats.sources import ObjectTree, is_url, local_path
 
     if not is_url(data):
         root = Path(local_path(data))
@@ -206,7 +206,7 @@ def check_dataset(data: str, data_format: str, category: str | None) -> None:
     """The dataset root exists and, for a named category, holds it.
 
     A URL root (``s3://bucket/prefix``) must hold objects; it is listed with the storage
-    layer's credentials (:mod:`tasks.sources`).
+    layer's credentials (:mod:`tasks.formats.sources`).
 
     Raises:
         UsageError: no such folder (no object below the URL), or no such category (the ones

@@ -513,7 +513,7 @@ def _score_categories(
     """
     from flows.score_line import LineNotScored, score_line
     from infra.storage import redact
-    from tasks.outputs import safe_file_stem
+    from tasks.records.result_store import safe_file_stem
 
     def say(text: str) -> None:
         if not args.quiet:
@@ -617,8 +617,8 @@ def _announce_random_weights() -> None:
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     from flows.locations import default_batch_id
     from musc_core.metrics import summarize
-    from tasks.datasets import list_categories
-    from tasks.outputs import ResultStore
+    from tasks.formats.datasets import list_categories
+    from tasks.records.result_store import ResultStore
 
     categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
@@ -707,7 +707,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from tasks.synth import generate_line
+    from tasks.synthetic.generator import generate_line
 
     check_counts(args)
     summary = generate_line(
@@ -733,7 +733,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tasks.synth import generate_line
+    from tasks.synthetic.generator import generate_line
 
     data = Path(args.out) / "line"
     generate_line(

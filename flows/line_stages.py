@@ -24,18 +24,18 @@ from flows.stages import (
     timed,
 )
 from infra.cluster import task_runner
-from tasks.artifacts import publish_history
-from tasks.bank import bank_blocks
 from tasks.batches import load_bank, record_batch
-from tasks.cache import CacheCorruption
+from tasks.cache.keys import Identities
+from tasks.cache.store import CacheCorruption
 from tasks.discover import DiscoveredSample, discover_samples
 from tasks.features import drop_entry
-from tasks.history import write_history
-from tasks.keys import Identities
-from tasks.plan import batch_blocks
-from tasks.prepare import SetAside
+from tasks.formats.prepare import SetAside
+from tasks.planning.bank import bank_blocks
+from tasks.planning.blocks import batch_blocks
+from tasks.records.verdicts import clean_records, read_verdicts
+from tasks.reporting.artifacts import publish_history
+from tasks.reporting.history_page import write_history
 from tasks.runtime import Runtime, identify_backbones
-from tasks.verdicts import clean_records, read_verdicts
 
 #: Times a run drops a corrupted cache entry and runs again before giving up.
 CORRUPTION_RETRIES = 3
@@ -62,7 +62,7 @@ def select_samples(
 @flow(name="score-line-stages", validate_parameters=False)
 def score_line_stages(request: LineRequest) -> dict:
     """The stages of one line's run on the task runner the outer flow chose."""
-    timings, started, runtime, tracker = begin_run(request.storage, request.device, 5)
+    timings, started, runtime, tracker = begin_run(request.storage, request.device, 6)
     config = request.config
     with timed(timings, "discover"):
         found, set_aside = discover_samples.submit(

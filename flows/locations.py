@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from tasks.outputs import safe_file_stem
+from tasks.records.result_store import safe_file_stem
 
 
 def cache_url(storage: str) -> str:

@@ -1,11 +1,13 @@
 """Paper-style evaluation of a benchmark dataset: runs of a line's stages composed per protocol.
 
 For each category of the dataset and each seed, the category's test set is split into g
-random subsets (:func:`tasks.paper_eval.split_subsets`), each subset is one ``score_line`` run
+random subsets (:func:`tasks.evaluation.paper_protocol.split_subsets`), each subset is one
+``score_line`` run
 (line ``eval-<category>``, batch ``<eval id>-s<seed>-<k>of<g>``), and the category's metrics
 are computed over the union of its subsets; the seeds are then averaged and the table is
 written in the paper's layout beside the paper's published means (see
-:mod:`tasks.paper_eval` for the protocol and :mod:`tasks.published` for the paper's numbers).
+:mod:`tasks.evaluation.paper_protocol` for the protocol and :mod:`tasks.evaluation.published` for
+the paper's numbers).
 The feature cache is content-addressed, so every sample goes through the backbones once
 whatever the number of seeds: another seed only computes new pair shards and reductions.
 """
@@ -19,10 +21,8 @@ from flows.line_stages import run_line
 from flows.locations import cache_url
 from flows.requests import line_request
 from flows.settings import AlgorithmBase, Backbones, LineInput, LineRun, RollingBank
-from tasks.cache import FeatureCache
-from tasks.datasets import list_categories, read_dataset
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
-from tasks.paper_eval import (
+from tasks.cache.store import FeatureCache
+from tasks.evaluation.paper_protocol import (
     aggregate,
     collect_run,
     csv_rows,
@@ -31,7 +31,9 @@ from tasks.paper_eval import (
     split_subsets,
     union_metrics,
 )
-from tasks.published import COLUMNS, published_mean
+from tasks.evaluation.published import COLUMNS, published_mean
+from tasks.formats.datasets import list_categories, read_dataset
+from tasks.records.result_store import RANDOM_WEIGHTS_WARNING, ResultStore, safe_file_stem
 
 #: Called after each subset run with (category, seed, subset index, g, the run's summary).
 Progress = Callable[[str, int, int, int, dict], None]

@@ -10,7 +10,11 @@ from flows.settings import AlgorithmBase, Backbones, LineInput, LineRun, Rolling
 from infra.hub import pretrained_weights_problem
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
-from tasks.batches import (
+from tasks.cache.keys import Identities
+from tasks.formats.datasets import list_categories
+from tasks.formats.prepare import SetAside
+from tasks.planning.blocks import PoolSample
+from tasks.records.batch_record import (
     BatchRecord,
     PrepSettings,
     RecordedBackbones,
@@ -18,10 +22,6 @@ from tasks.batches import (
     SetAsideSample,
     check_batch_id,
 )
-from tasks.datasets import list_categories
-from tasks.keys import Identities
-from tasks.plan import PoolSample
-from tasks.prepare import SetAside
 from tasks.results import LineResult
 
 
@@ -47,7 +47,7 @@ class LineRequest:
         samples: names of the category's samples to score (a subset of the line, e.g. one of
             the paper's g random subsets); None for all.
         clean_bank: leave out of the rolling bank the samples flagged in their night (unless
-            an operator cleared them) and those confirmed defective (:mod:`tasks.verdicts`);
+            an operator cleared them) and those confirmed defective (:mod:`tasks.records.verdicts`);
             False takes every sample of the earlier batches.
     """
 

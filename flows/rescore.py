@@ -17,12 +17,13 @@ from flows.locations import default_batch_id
 from flows.settings import RecordedBatch, RescoreRun, Rescoring
 from flows.stages import begin_run, report_run, run_info, score_pool
 from infra.cluster import task_runner
-from tasks.bank import bank_blocks, record_identities
-from tasks.batches import BatchRecord, config_from_record, load_bank, read_batch, read_batches
+from tasks.batches import load_bank, read_batch, read_batches
 from tasks.features import missing_features
-from tasks.outputs import safe_file_stem
-from tasks.prepare import SetAside
-from tasks.verdicts import clean_records, read_verdicts, without_left_out
+from tasks.formats.prepare import SetAside
+from tasks.planning.bank import bank_blocks, record_identities
+from tasks.records.batch_record import BatchRecord, config_from_record
+from tasks.records.result_store import safe_file_stem
+from tasks.records.verdicts import clean_records, read_verdicts, without_left_out
 
 
 class FeaturesNotCached(RuntimeError):
@@ -38,7 +39,7 @@ def rescore_stages(record: BatchRecord, changes: Rescoring, run: RescoreRun) -> 
         changes: what changes (None keeps the batch's value).
         run: storage, output prefix (resolved), device.
     """
-    timings, started, runtime, tracker = begin_run(run.storage, run.device, 3)
+    timings, started, runtime, tracker = begin_run(run.storage, run.device, 4)
     storage, line = run.storage, record.line
     config = config_from_record(record)
     new = {k: v for k, v in changes.model_dump().items()

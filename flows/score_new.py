@@ -20,7 +20,7 @@ line's latest N):
   map, score and RsCon score for it;
 - the bank is clean by default, like the batch run's rolling bank: a bank sample flagged in
   its night is no reference unless an operator cleared it (``musc verdict LINE SAMPLE ok``),
-  and a confirmed defect never is (:func:`tasks.verdicts.clean_records`);
+  and a confirmed defect never is (:func:`tasks.records.verdicts.clean_records`);
 - a part is flagged when its RsCon score exceeds the robust threshold of the bank's RsCon
   scores in the same pool; the pixel threshold comes from the bank's map maxima.
 
@@ -53,23 +53,24 @@ from flows.stages import (
 from infra.cluster import task_runner
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
-from tasks.bank import (
+from tasks.batches import record_batch
+from tasks.cache.keys import Identities
+from tasks.discover import DiscoveredSample, discover_line, input_digests
+from tasks.features import missing_features
+from tasks.formats.datasets import SampleRecord, list_categories
+from tasks.formats.prepare import SetAside
+from tasks.formats.sources import is_folder, is_url
+from tasks.planning.bank import (
     bank_blocks,
     bank_reductions,
     choose_bank,
     plan_against_bank,
     record_identities,
 )
-from tasks.batches import BatchRecord, check_batch_id, config_from_record, record_batch
-from tasks.datasets import SampleRecord, list_categories
-from tasks.discover import DiscoveredSample, discover_line, input_digests
-from tasks.features import missing_features
-from tasks.keys import Identities
-from tasks.plan import PoolSample, batch_blocks
-from tasks.prepare import SetAside
+from tasks.planning.blocks import PoolSample, batch_blocks
+from tasks.records.batch_record import BatchRecord, check_batch_id, config_from_record
+from tasks.records.verdicts import clean_records, read_verdicts
 from tasks.runtime import Runtime, identify_backbones
-from tasks.sources import is_folder, is_url
-from tasks.verdicts import clean_records, read_verdicts
 
 
 class BankNotUsable(RuntimeError):
@@ -240,7 +241,7 @@ def _check_bank(
 @flow(name="score-new-stages", validate_parameters=False)
 def score_new_stages(request: NewPartsRequest) -> dict:
     """The stages of one ``score_new`` run on the task runner the outer flow chose."""
-    timings, started, runtime, tracker = begin_run(request.storage, request.device, 5)
+    timings, started, runtime, tracker = begin_run(request.storage, request.device, 6)
     config = request.config
     fmt = request.records[0].prep.format
     with timed(timings, "discover"):
@@ -322,7 +323,7 @@ def score_new(
             most bank samples per part, and whether the bank is clean: by default the samples
             flagged in their night (unless an operator cleared them with a verdict ``ok``) and
             those confirmed defective are left out, as the batch run's rolling bank does
-            (:func:`tasks.verdicts.clean_records`); what was left out is in ``run.json``
+            (:func:`tasks.records.verdicts.clean_records`); what was left out is in ``run.json``
             (``settings.bank_left_out``) and in the batch record when the parts are recorded.
         changes: the flag rule's k and the weights' locations where they differ from the
             bank's (checked against the bank's backbone identity); None keeps the bank's.

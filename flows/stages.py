@@ -20,6 +20,8 @@ from flows.progress import StageTracker
 from infra.storage import is_unreachable
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec
+from tasks.cache.keys import Identities, decisions_key, prepared_keys, sample_keys
+from tasks.decisions import decide
 from tasks.discover import DiscoveredSample
 from tasks.features import (
     aggregate_2d,
@@ -29,14 +31,13 @@ from tasks.features import (
     group_samples,
     prepare_samples,
 )
-from tasks.keys import Identities, prepared_keys, sample_keys
-from tasks.plan import PoolSample, ScoringPlan, plan_scoring
-from tasks.prepare import PLANE_ALREADY_REMOVED, SetAside
+from tasks.formats.prepare import PLANE_ALREADY_REMOVED, SetAside
+from tasks.planning.blocks import PoolSample, ScoringPlan, plan_scoring
+from tasks.records.run_summary import RunFacts
 from tasks.results import LineResult, RunInfo, report_line
 from tasks.runtime import Runtime
 from tasks.scoring import reduce_samples, score_pairs
 from tasks.stage import StageCount, add_counts
-from tasks.summary import RunFacts
 
 
 @contextmanager
@@ -276,7 +277,7 @@ def preparation_summary(cleaning: dict[str, str]) -> dict[str, object]:
     """What ``run.json`` says about the dataset cleaning of the scored samples.
 
     Args:
-        cleaning: the cleaning applied (see :class:`tasks.prepare.PrepInfo`) by sample name,
+        cleaning: the cleaning applied (see :class:`tasks.formats.prepare.PrepInfo`) by sample name,
             for the samples that had one.
 
     Returns:
@@ -305,7 +306,7 @@ def report_run(
     against_bank: bool = False,
     preparation: dict[str, object] | None = None,
 ) -> tuple[LineResult, dict]:
-    """RsCon, decisions, metrics and result files; the run's summary.
+    """RsCon and the decisions (a cached stage), then metrics and result files; the summary.
 
     Args:
         info: the run's identity and settings.
@@ -316,17 +317,21 @@ def report_run(
         config: the run's settings.
         runtime: cache and device of the tasks.
         counts: work counts of the stages so far.
-        timings: stage wall times (``report`` is added).
+        timings: stage wall times (``decisions`` and ``report`` are added).
         tracker: progress of the run.
         bank: batch ids of the rolling bank.
         against_bank: new parts scored against a reference bank: decisions use the bank's
-            thresholds (see :func:`tasks.results.report_line`).
+            thresholds (see :func:`tasks.decisions.decide_pool`).
         preparation: what the dataset cleaning did (:func:`preparation_summary`), for
             ``run.json``; None to leave it out.
 
     Returns:
         The report task's result and the summary the flow returns (also in ``run.json``).
     """
+    key = decisions_key(reduced, current, config, against_bank)
+    with timed(timings, "decisions"):
+        decided = decide.submit(reduced, current, key, config, runtime, against_bank)
+        counts = [*counts, *wait_stage(tracker, "decisions", [decided])]
     started = datetime.fromisoformat(info.started)
     facts = RunFacts(
         counts=add_counts(counts),
@@ -337,7 +342,7 @@ def report_run(
     )
     with timed(timings, "report"):
         result = report_line.submit(
-            info, pool, reduced, current, set_aside, config, runtime, facts, against_bank
+            info, pool, reduced, current, key, set_aside, config, runtime, facts, against_bank
         ).result()
         tracker.report("report", 1, 1)
     final = result.summary.model_copy(update={

@@ -30,7 +30,7 @@ def add_verdict_parser(sub: argparse._SubParsersAction, default_storage: str) ->
 
 def run_verdict(args: argparse.Namespace) -> int:
     """Store the verdict and print what was stored; returns the exit status."""
-    from tasks.verdicts import record_verdict
+    from tasks.records.verdicts import record_verdict
 
     stored = record_verdict(
         args.storage, args.line, args.sample, args.verdict, note=args.note, batch=args.batch

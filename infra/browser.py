@@ -1,6 +1,6 @@
 """Headless Chromium for the report: one driver set-up and one full-page capture.
 
-Used by the report test (tests/tasks/test_report.py) and the README screenshot script
+Used by the report test (tests/tasks/reporting/test_report.py) and the README screenshot script
 (docs/make_screenshot.py). Needs the Debian ``chromium`` and ``chromium-driver`` packages
 (``infra/install_system_deps.sh --with-browser``) and selenium (the ``dev`` extra), imported
 only when a driver is started.

@@ -14,8 +14,8 @@ from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.fpfh import FpfhFeatureExtractor, FpfhParams
 from musc_core.pipeline import PointExtractor
 from musc_core.point_mae import PointFeatureExtractor, load_point_mae
+from tasks.cache.keys import Identities
 from tasks.choices import BACKBONES_3D, DEFAULT_BACKBONE_2D
-from tasks.keys import Identities
 
 
 @dataclass(frozen=True)

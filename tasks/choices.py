@@ -6,13 +6,14 @@ PyTorch, Prefect or Dask.
 
 from __future__ import annotations
 
-#: Dataset layouts :mod:`tasks.datasets` reads.
+#: Dataset layouts :mod:`tasks.formats.datasets` reads.
 FORMATS = ("mvtec3d", "eyecandies", "mvtec", "visa", "btad", "mpdd", "folder")
 #: timm ViT of the 2D modality by default (DINO ViT-B/8, the paper's).
 DEFAULT_BACKBONE_2D = "vit_base_patch8_224.dino"
 #: 3D backbones: the Point-MAE transformer (default) and weight-free FPFH descriptors.
 BACKBONES_3D = ("point-mae", "fpfh")
-#: Object kinds of the synthetic generator (:mod:`tasks.synth`): drawn from the seed among
+#: Object kinds of the synthetic generator (:mod:`tasks.synthetic.generator`): drawn from the seed
+#: among
 #: SYNTH_SHAPES unless one is named; SYNTH_NAMED_SHAPES only when named.
 SYNTH_SHAPES = ("puck", "dome", "box")
 SYNTH_NAMED_SHAPES = ("ribs",)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from prefect import task
 
-from tasks.datasets import SampleRecord, inside_root, read_dataset
-from tasks.prepare import SetAside, main_file, record_files, split_duplicates
-from tasks.sources import content_digest, is_url
+from tasks.formats.datasets import SampleRecord, inside_root, read_dataset
+from tasks.formats.prepare import SetAside, main_file, record_files, split_duplicates
+from tasks.formats.sources import content_digest, is_url
 from tasks.stage import TASK_OPTIONS
 
 #: Record fields naming input files, and the role each file's digest is filed under.
@@ -32,7 +32,7 @@ class DiscoveredSample:
         digests: hex SHA-256 of each input file's bytes by role (``image``, ``xyz``,
             ``mask``, ``depth``, ``info``, ``pose``; absent files left out). Each prepared
             entry's key takes the digests of the files it is made from
-            (:func:`tasks.keys.prepared_keys`), so a new mask never changes a feature key.
+            (:func:`tasks.cache.keys.prepared_keys`), so a new mask never changes a feature key.
     """
 
     record: SampleRecord
@@ -70,14 +70,14 @@ def discover_line(
     """Every sample of a line with its input digest; bad ones set aside with their problem.
 
     Set aside here: samples sharing a name (all of them, see
-    :func:`tasks.prepare.split_duplicates`), samples whose mask is ambiguous (the reader's
+    :func:`tasks.formats.prepare.split_duplicates`), samples whose mask is ambiguous (the reader's
     ``mask_problem``), samples with a file that resolves outside the
     dataset root (a symlink to elsewhere, or an object URL outside the prefix or with a
     ``..`` segment: not read), and files that cannot be read.
 
     Args:
         data: dataset root (local path, or a URL: ``s3://bucket/prefix``).
-        fmt: dataset format (see :data:`tasks.datasets.FORMATS`).
+        fmt: dataset format (see :data:`tasks.formats.datasets.FORMATS`).
         category: the line (category) to read.
 
     Returns:

@@ -18,10 +18,10 @@ from musc_core.config import MuscConfig
 from musc_core.grouping import Grouping
 from musc_core.pipeline import POINT_BATCH, prepare_points, vit_autocast
 from tasks.backbones import BackboneSpec
-from tasks.cache import FeatureCache
+from tasks.cache.keys import PreparedKeys
+from tasks.cache.store import FeatureCache
 from tasks.discover import DiscoveredSample
-from tasks.keys import PreparedKeys
-from tasks.prepare import PreparedSample, PrepInfo, check_prepared, prepare_record
+from tasks.formats.prepare import PreparedSample, PrepInfo, check_prepared, prepare_record
 from tasks.runtime import Runtime, extractor_2d, extractor_3d, feature_cache
 from tasks.stage import TASK_OPTIONS, StageCount
 
@@ -85,7 +85,7 @@ def prepare_samples(
     """Load, clean and resize samples into the cache; unusable ones are reported, not raised.
 
     A sample is read again only when one of its entries (image, XYZ map, mask) is missing;
-    the checks that depend on the run's settings (:func:`tasks.prepare.check_prepared`) run
+    the checks that depend on the run's settings (:func:`tasks.formats.prepare.check_prepared`) run
     every time, on the facts stored with the entries.
 
     Args:
@@ -97,7 +97,7 @@ def prepare_samples(
     Returns:
         Per sample ``(name, problem, cleaning)``: problem None when its entries are valid,
         else naming the file and what is wrong with it (the flow sets such samples aside);
-        cleaning the dataset cleaning applied (see :class:`tasks.prepare.PrepInfo`).
+        cleaning the dataset cleaning applied (see :class:`tasks.formats.prepare.PrepInfo`).
     """
     cache = feature_cache(runtime.cache_url)
     outcomes: list[tuple[str, str | None, str | None]] = []

@@ -1,4 +1,4 @@
-"""The last stage of a run: RsCon over the pool, decisions, metrics and every result file.
+"""The last stage of a run: metrics and every result file, from the maps and the decisions.
 
 Written under the run's output prefix (local or ``s3://``)::
 
@@ -19,32 +19,27 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 from prefect import task
 
 from musc_core.config import MuscConfig
 from musc_core.decisions import (
-    flag_outliers,
-    flag_samples,
-    pixel_threshold,
     predicted_masks,
-    score_drift,
 )
 from musc_core.metrics import f1_optimal_threshold
-from musc_core.rescoring import rscon
-from tasks.artifacts import publish_artifacts
-from tasks.cache import FeatureCache
-from tasks.colormap import blend_heat
-from tasks.evaluate import line_metrics
-from tasks.history import history_link
-from tasks.outputs import RANDOM_WEIGHTS_WARNING, ResultStore, unique_stems
-from tasks.plan import PoolSample
-from tasks.prepare import SetAside
-from tasks.report import ReportData, ReportSample, rank_samples, render_report
+from tasks.cache.store import FeatureCache
+from tasks.decisions import read_decided
+from tasks.evaluation.metrics import line_metrics
+from tasks.formats.prepare import SetAside
+from tasks.planning.blocks import PoolSample
+from tasks.records.result_store import RANDOM_WEIGHTS_WARNING, ResultStore, unique_stems
+from tasks.records.run_summary import RunFacts, RunSummary, SetAsideSample
+from tasks.records.verdicts import latest_verdicts, read_verdicts
+from tasks.reporting.artifacts import publish_artifacts
+from tasks.reporting.colormap import blend_heat
+from tasks.reporting.history_page import history_link
+from tasks.reporting.run_report import ReportData, ReportSample, rank_samples, render_report
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS
-from tasks.summary import RunFacts, RunSummary, SetAsideSample
-from tasks.verdicts import latest_verdicts, read_verdicts
 
 #: Samples shown with thumbnails in the HTML report (the ranked table lists all of them).
 REPORT_THUMBNAILS = 40
@@ -141,7 +136,7 @@ def _write_sample_files(
     """Map (.npy) and overlay (.png, one colour scale for the line) of every sample.
 
     The overlay is the report's: the inferno heat map blended over the image, more opaque
-    where the map is higher (:func:`tasks.colormap.blend_heat`); the bare heat map for
+    where the map is higher (:func:`tasks.reporting.colormap.blend_heat`); the bare heat map for
     3D-only lines. Images are read one at a time, so memory does not grow with the line
     beyond the maps.
     """
@@ -208,56 +203,48 @@ def report_line(
     pool: list[PoolSample],
     reduced: list[str],
     current: int,
+    decided_key: str,
     set_aside: list[SetAside],
     config: MuscConfig,
     runtime: Runtime,
     extra: RunFacts,
     against_bank: bool = False,
 ) -> LineResult:
-    """RsCon over the pool, then decisions, metrics and the result files of tonight's samples.
+    """Metrics and the result files of tonight's samples, from their maps and decisions.
 
     Memory: the maps and masks of tonight's samples (needed for the pixel metrics and the
-    line's colour scale) and the RsCon inputs of the pool; images are streamed.
+    line's colour scale); images are streamed.
 
     Args:
         info: the run's identity and settings.
         pool: the pool's samples in order; the first ``current`` are tonight's.
         reduced: the reduced-entry key of each pool sample.
         current: how many pool samples are tonight's (the rest is the rolling bank).
+        decided_key: the pool's RsCon scores and decisions (:func:`tasks.decisions.decide`).
         set_aside: samples that could not be used.
-        config: RsCon windows, flag rule, modality.
+        config: flag rule (its text in the report), modality, image size.
         runtime: cache location.
         extra: the run's counts, timings and bank so far (for ``run.json``).
-        against_bank: new parts scored against a reference bank (``score_new``): the flag
-            and pixel thresholds come from the bank's part of the pool (its RsCon scores and
-            map maxima) instead of tonight's samples, and no metrics are computed.
+        against_bank: new parts scored against a reference bank (``score_new``): the report
+            states the bank's flag rule, and no metrics are computed.
 
     Returns:
         Names, flags, metrics and written files.
     """
     cache = feature_cache(runtime.cache_url)
     store = ResultStore(info.out)
-    scores = torch.tensor([cache.meta(key)["score"] for key in reduced], dtype=torch.float32)
-    salient = torch.stack([torch.from_numpy(cache.read_array(k, "salient")) for k in reduced])
-    rescored_pool = rscon(scores, salient, config.rescoring_windows)
+    decided = read_decided(cache, decided_key)
     tonight = pool[:current]
-    before = scores[:current].numpy()
-    after = rescored_pool[:current].numpy()
+    before, after = decided.before[:current], decided.after[:current]
+    pixel_cut = decided.pixel_threshold
     maps = np.stack([cache.read_array(key, "map") for key in reduced[:current]])
-    if against_bank:
-        bank = flag_samples(rescored_pool[current:].numpy(), config.flag_mad_k)
-        decision = bank._replace(flags=after > bank.threshold)
-        pixel_cut = pixel_threshold(scores[current:].numpy(), config.flag_mad_k)
-    else:
-        decision = flag_outliers(after, config.flag_mad_k)
-        pixel_cut = pixel_threshold(before, config.flag_mad_k)
     masks = [_ground_truth(cache, s, config.image_size) for s in tonight]
     labels = [s.label for s in tonight]
     metrics = None if against_bank else line_metrics(labels, before, after, masks, maps)
     stems = unique_stems([s.name for s in tonight])
     _write_sample_files(store, cache, tonight, stems, maps)
     outputs = {"maps": store.location("maps"), "overlays": store.location("overlays")}
-    rows = _ranked_rows(tonight, stems, before, after, decision.flags, info.random_weights)
+    rows = _ranked_rows(tonight, stems, before, after, decided.flags, info.random_weights)
     warning = RANDOM_WEIGHTS_WARNING if info.random_weights else ""
     outputs["scores"] = store.write_csv("scores.csv", rows)
     if set_aside:
@@ -273,10 +260,7 @@ def report_line(
         f1_cut = f1_optimal_threshold(np.asarray(labels, dtype=np.int64), after)
         f1_cut = None if math.isnan(f1_cut) else float(f1_cut)
     verdicts = _batch_verdicts(info)
-    drift = None
-    if len(pool) > current:
-        shift, drifted, limit = score_drift(before, scores[current:].numpy())
-        drift = {"shift": float(shift), "drifted": bool(drifted), "limit": float(limit)}
+    drift = decided.drift
     storage = info.settings.get("storage")
     history = history_link(storage, info.line, info.out) if isinstance(storage, str) else None
     samples = [
@@ -284,7 +268,7 @@ def report_line(
             name=sample.name,
             score=float(before[i]),
             score_rescored=float(after[i]),
-            flagged=bool(decision.flags[i]),
+            flagged=bool(decided.flags[i]),
             label=sample.label,
             defect_type=sample.defect_type,
             image=None,
@@ -312,10 +296,10 @@ def report_line(
         backbones=info.backbones,
         random_weights=info.random_weights,
         samples=samples,
-        flag_threshold=decision.threshold,
+        flag_threshold=decided.flag_threshold,
         pixel_threshold=pixel_cut,
         flag_rule=(FLAG_RULE_BANK if against_bank else FLAG_RULE).format(k=config.flag_mad_k),
-        flag_note=decision.reason,
+        flag_note=decided.flag_note,
         drift_note=_drift_note(drift),
         history=history,
         metrics=metrics,
@@ -340,11 +324,11 @@ def report_line(
         settings=info.settings,
         scored=len(tonight),
         pool=len(pool),
-        flag_threshold=decision.threshold,
-        flag_note=decision.reason,
+        flag_threshold=decided.flag_threshold,
+        flag_note=decided.flag_note,
         drift=drift,
         pixel_threshold=pixel_cut,
-        flagged=[tonight[i].name for i in np.flatnonzero(decision.flags)],
+        flagged=[tonight[i].name for i in np.flatnonzero(decided.flags)],
         set_aside=[SetAsideSample(name=a.name, path=a.path, problem=a.problem)
                    for a in set_aside],
         metrics=metrics,

@@ -25,8 +25,8 @@ from tasks.backbones import (
     build_3d,
     resolve_device,
 )
-from tasks.cache import FeatureCache
-from tasks.keys import Identities
+from tasks.cache.keys import Identities
+from tasks.cache.store import FeatureCache
 from tasks.stage import TASK_OPTIONS
 
 _LOCK = threading.Lock()

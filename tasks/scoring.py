@@ -19,7 +19,6 @@ Shard arrays (Y layers, L patches of the modality, ``m`` = 2 or 3):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,47 +28,16 @@ from musc_core.config import MuscConfig
 from musc_core.grouping import PointSample
 from musc_core.mutual_scoring import pair_distances, pair_minima_tiled, resolve_distance_dtype
 from musc_core.reduction import grid_patch_size, reduce_sample
-from tasks.cache import EntryReader, FeatureCache
+from tasks.cache.keys import PairKeys, SampleKeys
+from tasks.cache.store import EntryReader, FeatureCache
 from tasks.features import read_grouping
-from tasks.keys import PairKeys, SampleKeys
+from tasks.planning.blocks import PairSource, ReduceItem
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS, StageCount
 
 #: Modality digit in shard array names, and its slot in ``SampleKeys.features``.
 MODALITIES = (("2", 0), ("3", 1))
 _SLOTS = dict(MODALITIES)
-
-
-@dataclass(frozen=True)
-class PairSource:
-    """Where some of a sample's reference distances are stored.
-
-    Attributes:
-        key: the shard's cache keys, per modality (2D, 3D).
-        array: ``"d"`` (inside the sample's own block), ``"d_ab"`` or ``"d_ba"``.
-        row: the sample's row in that array.
-        columns: the columns (reference samples of the other block) to take, in order.
-    """
-
-    key: PairKeys
-    array: str
-    row: int
-    columns: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ReduceItem:
-    """One sample to reduce.
-
-    Attributes:
-        sample: the sample's cache keys.
-        key: the key of its reduced entry.
-        sources: where its distances to its references are, in reference order.
-    """
-
-    sample: SampleKeys
-    key: str
-    sources: tuple[PairSource, ...]
 
 
 def _features(cache: FeatureCache, keys: Sequence[str], device: torch.device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Batch records written by hand for tests (the fields a scoring run fills, set to stand-ins)."""
 
-from tasks.batches import BatchRecord
+from tasks.records.batch_record import BatchRecord
 
 
 def hand_record(line: str, batch: str, samples: list[dict], **fields) -> BatchRecord:

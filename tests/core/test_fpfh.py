@@ -19,7 +19,7 @@ from musc_core.grouping import group_points
 from musc_core.metrics import image_metrics
 from musc_core.pipeline import Sample, score
 from musc_core.preprocess_points import normalize_unit_sphere
-from tasks.synth import plan_line, render_sample
+from tasks.synthetic.generator import plan_line, render_sample
 
 # On a plane every pair of points has parallel normals and a connecting line orthogonal to
 # them: all three angle features are 0, which Open3D bins into the middle bin (5) of each

@@ -75,3 +75,34 @@ def test_layer_imports_nothing_from_the_layers_above_it(layer):
             if name.split(".")[0] in FORBIDDEN[layer]:
                 offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert offenders == []
+
+
+def _task_modules() -> set[str]:
+    """The modules of ``tasks/`` itself (the Prefect tasks and what they share)."""
+    paths = (ROOT / "tasks").glob("*.py")
+    return {f"tasks.{path.stem}" for path in paths if path.stem != "__init__"}
+
+
+def test_the_role_subpackages_of_tasks_import_no_task_module():
+    subpackages = sorted(p for p in (ROOT / "tasks").iterdir() if (p / "__init__.py").is_file())
+    assert len(subpackages) >= 5, [p.name for p in subpackages]
+    modules = _task_modules()
+    allowed = {"tasks.choices"}  # names shared with the command line, importable at no cost
+    offenders = []
+    for package in subpackages:
+        for path in sorted(package.rglob("*.py")):
+            for name in imported_modules(path.read_text(encoding="utf-8"), _module_name(path)):
+                if name in modules - allowed or any(
+                    name.startswith(f"{m}.") for m in modules - allowed
+                ):
+                    offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
+
+
+def test_only_the_task_modules_define_prefect_tasks():
+    defining = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tasks").rglob("*.py")
+        if "@task(" in path.read_text(encoding="utf-8")
+    )
+    assert defining and all(path.count("/") == 1 for path in defining), defining

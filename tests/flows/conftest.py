@@ -10,10 +10,10 @@ import torch
 from musc_core.config import MuscConfig
 from musc_core.pipeline import score
 from tasks.backbones import BackboneSpec, backbone_identities, build_backbones
+from tasks.cache.keys import prepared_keys
 from tasks.discover import discover_line
-from tasks.keys import prepared_keys
-from tasks.prepare import prepare_records
-from tasks.synth import generate_line
+from tasks.formats.prepare import prepare_records
+from tasks.synthetic.generator import generate_line
 
 SIZE = 64
 #: score_line parameters of the small test configuration (random tiny backbones).
@@ -74,7 +74,7 @@ def pool_order(roots_and_batches, config) -> list[tuple[str, str]]:
 
 def in_memory(order, config):
     """The in-memory core pipeline over the given (root, name) samples, in that order."""
-    from tasks.datasets import read_dataset
+    from tasks.formats.datasets import read_dataset
 
     samples = []
     for root, name in order:

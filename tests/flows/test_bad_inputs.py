@@ -25,9 +25,9 @@ from PIL import Image
 
 from flows.cli import main
 from flows.score_line import LineNotScored
-from tasks.cache import FeatureCache
-from tasks.image_io import DEFAULT_MAX_IMAGE_PIXELS
-from tasks.synth import generate_line
+from tasks.cache.store import FeatureCache
+from tasks.formats.image_io import DEFAULT_MAX_IMAGE_PIXELS
+from tasks.synthetic.generator import generate_line
 from tests.flows.chaos import PARAMS, cli_args
 from tests.flows.conftest import SIZE, read_scores, run_line
 

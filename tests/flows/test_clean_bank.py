@@ -6,8 +6,8 @@ import json
 import pytest
 
 from flows.cli import main
-from tasks.synth import generate_line
-from tasks.verdicts import read_verdicts
+from tasks.records.verdicts import read_verdicts
+from tasks.synthetic.generator import generate_line
 from tests.flows.conftest import (
     SMALL,
     assert_matches,

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from flows.cli import main
-from tasks.synth import generate_line
+from tasks.synthetic.generator import generate_line
 from tests.flows.conftest import read_scores, run_line
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

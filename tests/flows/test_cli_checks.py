@@ -23,7 +23,7 @@ from infra import hub
 from infra.cluster import bounded_dask_runner, close_quietly
 from infra.storage import StorageUnreachable, is_transient, with_retries
 from tasks.stage import retry_on_storage_error
-from tasks.synth import generate_line
+from tasks.synthetic.generator import generate_line
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [

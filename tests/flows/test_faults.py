@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from infra.storage import open_filesystem
-from tasks.cache import FeatureCache
+from tasks.cache.store import FeatureCache
 from tests.flows.chaos import (
     PARAMS,
     CpuLoad,

@@ -14,8 +14,8 @@ from flows.score_line import score_line
 from musc_core.fpfh import FpfhParams
 from musc_core.pipeline import score
 from tasks.backbones import BackboneSpec, build_backbones
-from tasks.datasets import read_dataset
-from tasks.prepare import prepare_records
+from tasks.formats.datasets import read_dataset
+from tasks.formats.prepare import prepare_records
 from tests.flows.conftest import (
     SIZE,
     assert_matches,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.artifacts import artifact_key
-from tasks.colormap import blend_heat
-from tasks.datasets import read_dataset
-from tasks.history import _fmt
-from tasks.prepare import prepare_records
-from tasks.synth import generate_line
+from tasks.formats.datasets import read_dataset
+from tasks.formats.prepare import prepare_records
+from tasks.reporting.artifacts import artifact_key
+from tasks.reporting.colormap import blend_heat
+from tasks.reporting.history_page import _fmt
+from tasks.synthetic.generator import generate_line
 from tests.flows.conftest import SMALL, read_scores, run_line, small_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

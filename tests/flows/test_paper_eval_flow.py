@@ -6,8 +6,8 @@ import json
 import pytest
 
 from flows.cli import main
-from tasks.published import COLUMNS
-from tasks.synth import generate_line
+from tasks.evaluation.published import COLUMNS
+from tasks.synthetic.generator import generate_line
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.prepare import PLANE_ALREADY_REMOVED, PLANE_REMOVED
-from tasks.synth import generate_line
+from tasks.formats.prepare import PLANE_ALREADY_REMOVED, PLANE_REMOVED
+from tasks.synthetic.generator import generate_line
 from tests.flows.conftest import (
     SMALL,
     assert_matches,
@@ -20,7 +20,7 @@ from tests.flows.conftest import (
     small_config,
 )
 from tests.flows.test_score_line import ForwardCounter
-from tests.tasks.test_prepare_datasets import pre_clean
+from tests.tasks.formats.test_prepare_datasets import pre_clean
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 FEATURE_STAGES = ("tokens_2d", "snamd_2d", "grouping", "tokens_3d", "snamd_3d")
@@ -52,7 +52,7 @@ def test_pre_cleaned_mvtec3d_line_is_scored_and_says_so(tmp_path):
     assert run["preparation"] == {"cleaning": {PLANE_ALREADY_REMOVED: 6}, "pre_cleaned": names}
     assert first["preparation"] == {"cleaning": {PLANE_REMOVED: 6}, "pre_cleaned": []}
     # Independent truth: the in-memory core on the pre-cleaned files, in the flow's order.
-    # (The raw line prepares to the same tensors, tests/tasks/test_prepare_datasets.py; its
+    # (The raw line prepares to the same tensors, tests/tasks/formats/test_prepare_datasets.py; its
     # files hash otherwise, so its pool comes in another order.)
     config = small_config()
     order = pool_order([cleaned], config)

@@ -9,7 +9,7 @@ import tifffile
 from musc_core.features_2d import ViTFeatureExtractor
 from musc_core.point_mae import PointFeatureExtractor
 from tasks import backbones
-from tasks.synth import generate_line
+from tasks.synthetic.generator import generate_line
 from tests.flows.conftest import (
     SMALL,
     assert_matches,
@@ -116,6 +116,7 @@ def test_second_run_computes_nothing_and_rescore_loads_no_backbone(line, tmp_pat
     )
     assert counter.counts == {"2d": 8, "3d": 8}
     assert _computed(again, "pairs") == 0 and _computed(again, "reduced") == 8
+    assert _computed(again, "decisions") == 1, "new reduced entries, new decisions"
     monkeypatch.undo()
     fresh = run_line(
         data=str(line), storage=str(tmp_path / "fresh"), cluster="threads", batch="b1",

@@ -8,9 +8,9 @@ import pytest
 
 from flows.cli import main
 from flows.score_new import part_records
-from tasks.bank import bank_reductions
-from tasks.batches import list_batches, read_batch_record
-from tasks.synth import generate_line
+from tasks.planning.bank import bank_reductions
+from tasks.records.batch_record import list_batches, read_batch_record
+from tasks.synthetic.generator import generate_line
 from tests.flows.conftest import SMALL, read_scores, run_line, run_score_new
 from tests.flows.test_score_line import ForwardCounter
 

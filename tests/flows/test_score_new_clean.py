@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from tasks.batches import read_batch_record
+from tasks.records.batch_record import read_batch_record
 from tests.flows.conftest import SMALL, read_scores, run_line, run_score_new
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

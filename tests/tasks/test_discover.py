@@ -8,10 +8,10 @@ import tifffile
 from PIL import Image
 
 from tasks import discover
-from tasks.datasets import inside_root, read_dataset
 from tasks.discover import discover_line
-from tasks.prepare import prepare_records
-from tests.tasks.test_prepare import CONFIG_2D
+from tasks.formats.datasets import inside_root, read_dataset
+from tasks.formats.prepare import prepare_records
+from tests.tasks.formats.test_prepare import CONFIG_2D
 
 RNG = np.random.default_rng(0)
 
