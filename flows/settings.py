@@ -149,11 +149,13 @@ class ComputeSettings(Settings):
     """Where the tasks run."""
 
     cluster: str = Field(
-        "local",
-        description="'local' (local Dask cluster), 'threads' (this process) or "
-        "tcp://scheduler:8786",
+        "auto",
+        description="'auto' (this process for 1 worker, a local Dask cluster for more), "
+        "'local' (local Dask cluster), 'threads' (this process) or tcp://scheduler:8786",
     )
-    workers: int = Field(1, ge=1, description="local Dask worker processes (or threads)")
+    workers: int = Field(
+        1, ge=1, description="local Dask worker processes ('auto', 'local') or threads ('threads')"
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
 

@@ -8,7 +8,13 @@ import dask
 import distributed  # noqa: F401  (loads the distributed section of Dask's configuration)
 import pytest
 
-from infra.cluster import configure_worker_spawn, threads_per_worker
+from infra.cluster import (
+    check_cluster,
+    configure_worker_spawn,
+    resolve_cluster,
+    task_runner,
+    threads_per_worker,
+)
 
 
 def _worker_facts() -> dict[str, object]:
@@ -53,3 +59,18 @@ def test_local_worker_starts_without_malloc_trim_and_with_its_threads(
     ) as cluster, Client(cluster) as client:
         facts = client.submit(_worker_facts).result(timeout=120)
     assert facts == {"malloc": None, "omp": str(threads), "torch_threads": threads}
+
+
+def test_auto_runs_one_worker_in_this_process_and_more_on_a_local_cluster(restored_dask_config):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    assert [resolve_cluster("auto", n) for n in (1, 2, 3)] == ["threads", "local", "local"]
+    assert resolve_cluster("local", 1) == "local" and resolve_cluster("threads", 4) == "threads"
+    assert resolve_cluster("tcp://10.0.0.1:8786", 1) == "tcp://10.0.0.1:8786"
+    one = task_runner("auto", 1)
+    assert isinstance(one, ThreadPoolTaskRunner) and one._max_workers == 1
+    two = task_runner("auto", 2)  # built, not started: no cluster runs here
+    assert isinstance(two, DaskTaskRunner) and two.cluster_kwargs["n_workers"] == 2
+    with pytest.raises(ValueError, match="'auto', 'threads', 'local'"):
+        check_cluster("dask", 1)
