@@ -272,8 +272,8 @@ def bench_workers(work: Path, n: int) -> list[dict]:
     """Shardable stages with 1 and 2 single-threaded local Dask workers."""
     from prefect_dask import DaskTaskRunner
 
+    from flows.line_request import LineRequest
     from flows.line_stages import score_line_stages
-    from flows.requests import LineRequest
     from musc_core.config import MuscConfig
     from tasks.backbones import BackboneSpec
     from tasks.synthetic.generator import generate_line

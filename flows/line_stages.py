@@ -12,8 +12,8 @@ from datetime import datetime
 
 from prefect import flow, get_run_logger
 
+from flows.line_request import LineRequest, batch_record, prep_settings
 from flows.progress import StageTracker
-from flows.requests import LineRequest, batch_record, prep_settings
 from flows.stages import (
     begin_run,
     preparation_summary,

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from flows.line_request import line_request
 from flows.line_stages import run_line
 from flows.locations import cache_url
-from flows.requests import line_request
 from flows.settings import AlgorithmBase, Backbones, LineInput, LineRun, RollingBank
 from tasks.cache.store import FeatureCache
 from tasks.evaluation.paper_protocol import (

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.line_request import line_request
 from flows.line_stages import LineNotScored, run_line
-from flows.requests import line_request
 from flows.settings import Algorithm, Backbones, LineInput, LineRun, RollingBank
 
 __all__ = ["LineNotScored", "score_line"]

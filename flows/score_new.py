@@ -36,8 +36,8 @@ from pathlib import Path, PurePosixPath
 
 from prefect import flow
 
+from flows.line_request import LineRequest, batch_record
 from flows.locations import default_batch_id, results_url
-from flows.requests import LineRequest, batch_record
 from flows.settings import BankChoice, NewParts, NewPartsChanges, NewPartsRun
 from flows.stages import (
     begin_run,

@@ -106,3 +106,21 @@ def test_only_the_task_modules_define_prefect_tasks():
         if "@task(" in path.read_text(encoding="utf-8")
     )
     assert defining and all(path.count("/") == 1 for path in defining), defining
+
+
+@pytest.mark.parametrize("package", ["flows", "tasks"])
+def test_no_module_shadows_a_standard_or_installed_module(package):
+    """Prefect loads a flow file as a script, which puts its folder first on ``sys.path``.
+
+    A module named like an installed one (``flows/requests.py``) then replaces it for every
+    library imported afterwards (Docker's client imports ``requests``).
+    """
+    import importlib.util
+    import sys
+
+    names = sorted(p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__")
+    shadowing = [
+        name for name in names
+        if name in sys.stdlib_module_names or importlib.util.find_spec(name) is not None
+    ]
+    assert shadowing == []
