@@ -17,6 +17,7 @@ them (exception messages, storage options).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -202,21 +203,28 @@ def open_async_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return s3fs.S3FileSystem(**s3_storage_options(asynchronous=True)), root
 
 
+def _importable(*names: tuple[str, str]) -> list[type[BaseException]]:
+    """The exception classes among ``(module, class name)`` pairs whose module is installed."""
+    found = []
+    for module, name in names:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except ImportError:  # pragma: no cover - botocore and aiohttp come with s3fs
+            continue
+    return found
+
+
 def _transient_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        types += [BotoCoreError, ClientError]
-    except ImportError:  # pragma: no cover - botocore comes with s3fs
-        pass
-    try:
-        from aiohttp import ClientError as AioClientError
-
-        types.append(AioClientError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    return (
+        OSError,
+        ConnectionError,
+        TimeoutError,
+        *_importable(
+            ("botocore.exceptions", "BotoCoreError"),
+            ("botocore.exceptions", "ClientError"),
+            ("aiohttp", "ClientError"),
+        ),
+    )
 
 
 #: Errors that are never transient even though they subclass OSError.
@@ -270,20 +278,14 @@ class StorageUnreachable(RuntimeError):
 
 
 def _unreachable_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConnectionRefusedError, socket.gaierror]
-    try:
-        from botocore.exceptions import EndpointConnectionError
-
-        types.append(EndpointConnectionError)
-    except ImportError:  # pragma: no cover - botocore comes with s3fs
-        pass
-    try:
-        from aiohttp import ClientConnectorError
-
-        types.append(ClientConnectorError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    return (
+        ConnectionRefusedError,
+        socket.gaierror,
+        *_importable(
+            ("botocore.exceptions", "EndpointConnectionError"),
+            ("aiohttp", "ClientConnectorError"),
+        ),
+    )
 
 
 def is_unreachable(exc: BaseException) -> bool:

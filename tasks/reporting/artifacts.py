@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -83,7 +84,7 @@ def publish_artifacts(summary: RunSummary, ranked: list[dict]) -> None:
         report = summary.outputs.get("report")
         if report:
             create_link_artifact(
-                _link_url(report),
+                link_url(report),
                 link_text="run report",
                 key=artifact_key(line, "report"),
                 description=f"HTML report of line {line}, batch {summary.batch}",
@@ -92,9 +93,14 @@ def publish_artifacts(summary: RunSummary, ranked: list[dict]) -> None:
         log.warning("could not create the run's Prefect artifacts: %s", error)
 
 
-def _link_url(location: str) -> str:
-    """A link artifact's URL for a result location: URLs as they are, paths as ``file://``."""
-    return location if "://" in location else f"file://{location}"
+def link_url(location: str) -> str:
+    """A link artifact's URL for a result location.
+
+    URLs stay as they are; a local path becomes an absolute ``file://`` URL with its spaces and
+    non-ASCII letters percent-encoded (``/runs/line a/ü.html`` →
+    ``file:///runs/line%20a/%C3%BC.html``), so the link opens whatever the line's name.
+    """
+    return location if "://" in location else Path(location).absolute().as_uri()
 
 
 def publish_history(line: str, location: str) -> None:
@@ -106,7 +112,7 @@ def publish_history(line: str, location: str) -> None:
     """
     try:
         create_link_artifact(
-            _link_url(location),
+            link_url(location),
             link_text="line history",
             key=artifact_key(line, "history"),
             description=f"History page of line {line}: every night",
