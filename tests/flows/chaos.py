@@ -147,6 +147,7 @@ STAGE_GROUPS = {
     "grouping": "grouping",
     "pairs": "pairs",
     "reduced": "reduced",
+    "decisions": "decisions",
 }
 
 
@@ -155,6 +156,8 @@ def entry_kind(arrays: dict) -> str:
     names = set(arrays)
     if any(n.startswith(("d2", "d3")) for n in names):
         return "pairs"
+    if "score_rescored" in names:
+        return "decisions"
     if "map" in names:
         return "reduced"
     if "centres" in names:

@@ -268,7 +268,7 @@ def test_a_killed_flow_process_is_resumed_computing_only_missing_entries(
     summary = run_line(data=str(line), storage=str(store), cluster="threads", batch="b2", **FAULT)
     final = kind_counts(complete_entries(store / "cache"))
     work = grouped_work(summary["counts"])
-    assert set(work) == {"tokens", "snamd", "grouping", "pairs", "reduced"}
+    assert set(work) == {"tokens", "snamd", "grouping", "pairs", "reduced", "decisions"}
     for kind, count in work.items():
         assert count == {"computed": final[kind] - stored.get(kind, 0),
                          "cached": stored.get(kind, 0)}, kind
