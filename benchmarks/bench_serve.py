@@ -7,7 +7,8 @@ Run from the repository root::
 
 It generates a synthetic line (:mod:`tasks.synthetic.generator`): ``--bank-samples`` parts
 scored as batch ``b1`` with ``musc score`` (the bank), and ``--parts`` other parts (another
-seed). Then it starts ``musc serve`` on the bank in its own process (127.0.0.1, a free port),
+seed). Then it starts ``musc serve`` on the bank in its own process (127.0.0.1, a free port,
+``--no-clean-bank``: the bank holds every one of the ``--bank-samples``),
 waits for ``GET /health``, sends ``--warmup`` parts (not counted), and scores the ``--parts``
 parts one by one over HTTP (``POST /score``, multipart image + XYZ TIFF), timing each request
 from the client: the figures are p50/p95/mean/max of those wall times, and the medians of the
@@ -126,7 +127,7 @@ def run(config: str, bank_samples: int, parts: int, warmup: int, work: Path) -> 
     env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen(
         musc("serve", "part", "--storage", str(storage), "--port", str(port),
-             "--out", str(work / "served")),
+             "--out", str(work / "served"), "--no-clean-bank"),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -37,9 +37,10 @@ from flows.locations import cache_url, results_url
 from flows.score_new import NewPartsRequest, check_bank, choose_line_bank, run_settings
 from flows.settings import BankChoice, NewPartsChanges, Station, StationRun
 from flows.stages import preparation_summary, run_info
+from musc_core.config import MuscConfig
 from tasks.bank_memory import SLOTS, BankMemory, load_bank_memory
 from tasks.cache.keys import Identities, decisions_key, prepared_keys, sample_keys
-from tasks.decisions import decide_pool, write_decided
+from tasks.decisions import Decided, decide_pool, write_decided
 from tasks.discover import DiscoveredSample, input_digests
 from tasks.features import (
     aggregate_2d,
@@ -52,7 +53,7 @@ from tasks.features import (
 )
 from tasks.formats.datasets import SampleRecord
 from tasks.planning.bank import bank_blocks, bank_reductions, plan_against_bank
-from tasks.planning.blocks import PoolSample
+from tasks.planning.blocks import PoolSample, ScoringPlan
 from tasks.records.run_summary import RunFacts
 from tasks.results import report_line
 from tasks.runtime import Runtime, extractor_2d, extractor_3d, feature_cache, identify_backbones
@@ -167,6 +168,12 @@ class InspectionStation:
             lambda needed: missing_features.fn(needed, self.runtime),
         )
         self.bank_samples = sum(len(b) for b in blocks)
+        if not self.bank_samples:
+            raise ValueError(
+                f"the bank of line {station.line!r} holds no sample (batches "
+                f"{', '.join(r.batch for r in records)}): choose other batches (--bank, "
+                "--bank-nights) or keep every sample (--no-clean-bank)"
+            )
         self.memory: BankMemory = load_bank_memory(
             feature_cache(self.runtime.cache_url), blocks, reduced, config, device
         )
@@ -174,7 +181,6 @@ class InspectionStation:
         self.startup_seconds = time.perf_counter() - started
         self.scored = 0
         self._lock = threading.Lock()
-        self._last_id = ""
         self._scratch = new_scratch()
 
     def close(self) -> None:
@@ -182,8 +188,8 @@ class InspectionStation:
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     @property
-    def config(self):
-        """The bank's settings (:class:`musc_core.config.MuscConfig`)."""
+    def config(self) -> MuscConfig:
+        """The bank's settings."""
         return self.request.config
 
     def facts(self) -> dict[str, object]:
@@ -203,13 +209,10 @@ class InspectionStation:
         }
 
     def _run_id(self) -> str:
-        """A new run id: ``part-<UTC time to the millisecond>``, unique in this process."""
+        """A new run id: ``part-<UTC time to the millisecond>-<count>``, unique per station."""
         now = datetime.now(timezone.utc)
-        run_id = f"part-{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z"
-        while run_id <= self._last_id:
-            run_id = run_id[:-1] + "x"
-        self._last_id = run_id
-        return run_id
+        stamp = f"{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z"
+        return f"part-{stamp}-{self.scored + 1:05d}"
 
     def score(self, files: PartFiles) -> ScoredPart:
         """Score one part against the bank and write its results (one request at a time).
@@ -253,33 +256,18 @@ class InspectionStation:
         counts = self._features(part, scratch)
         timings["features"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        records = list(request.records)
-        bank = bank_blocks(records, config, self.identities, {part.keys.scored})
-        bank_reduced = [self.by_batch[s.batch][s.name] for block in bank for s in block]
-        plan = plan_against_bank([[part]], bank, config, request.reference_budget)
-        for shard in plan.shards:
-            features_b = [self.memory.block_features(plan.blocks[shard.b], s) for s in SLOTS]
-            counts.append(
-                score_pairs_against([part.keys], features_b, shard.key, config, scratch)
-            )
+        plan, bank_reduced, shards = self._pairs(part, scratch)
+        counts += shards
         timings["pair_scoring"] = time.perf_counter() - clock
         clock = time.perf_counter()
         counts.append(reduce_samples.fn(plan.reduce[0], config, scratch))
         timings["reduction"] = time.perf_counter() - clock
         clock = time.perf_counter()
         reduced = [plan.reduce[0][0].key, *bank_reduced]
-        key = decisions_key(reduced, 1, config, True)
-        cache = feature_cache(scratch.cache_url)
-        scores, salient = self.memory.pool(bank_reduced)
-        part_score = cache.meta(reduced[0])["score"]
-        part_salient = torch.from_numpy(cache.read_array(reduced[0], "salient"))
-        decided = decide_pool(
-            torch.tensor([part_score, *scores], dtype=torch.float32),
-            torch.stack([part_salient, *salient]), 1, config, True,
-        )
-        write_decided(cache, key, decided)
+        key, decided = self._decide(reduced, scratch)
         counts.append(StageCount("decisions", 1, 0))
         timings["decisions"] = time.perf_counter() - clock
+        records = list(request.records)
         info = run_info(
             request.line, run_id, started, request.out, self.random_weights, self.identities,
             {**run_settings(request), "served": True},
@@ -308,6 +296,51 @@ class InspectionStation:
             flagged=bool(decided.flags[0]),
             summary=final.flow_result(),
         )
+
+    def _pairs(
+        self, part: PoolSample, scratch: Runtime
+    ) -> tuple[ScoringPlan, list[str], list[StageCount]]:
+        """``score_new``'s plan for the part, and its shards against the bank in memory.
+
+        Returns:
+            The plan (the bank without a sample equal to the part), the bank samples'
+            reduced keys in pool order, and the shards' work counts.
+        """
+        config = self.config
+        bank = bank_blocks(self.request.records, config, self.identities, {part.keys.scored})
+        bank_reduced = [self.by_batch[s.batch][s.name] for block in bank for s in block]
+        plan = plan_against_bank([[part]], bank, config, self.request.reference_budget)
+        counts: list[StageCount] = []
+        for shard in plan.shards:
+            features_b = [self.memory.block_features(plan.blocks[shard.b], s) for s in SLOTS]
+            counts.append(
+                score_pairs_against([part.keys], features_b, shard.key, config, scratch)
+            )
+        return plan, bank_reduced, counts
+
+    def _decide(self, reduced: list[str], scratch: Runtime) -> tuple[str, Decided]:
+        """RsCon and the decisions over the part (first) and the bank, as ``decide`` makes them.
+
+        Args:
+            reduced: the pool's reduced keys: the part's (in the scratch cache), then the
+                bank's (in memory).
+            scratch: the request's cache; the decided entry is written there.
+
+        Returns:
+            The decided entry's key and the decisions.
+        """
+        config = self.config
+        key = decisions_key(reduced, 1, config, True)
+        cache = feature_cache(scratch.cache_url)
+        scores, salient = self.memory.pool(reduced[1:])
+        part_score = cache.meta(reduced[0])["score"]
+        part_salient = torch.from_numpy(cache.read_array(reduced[0], "salient"))
+        decided = decide_pool(
+            torch.tensor([part_score, *scores], dtype=torch.float32),
+            torch.stack([part_salient, *salient]), 1, config, True,
+        )
+        write_decided(cache, key, decided)
+        return key, decided
 
     def _prepare(
         self, files: PartFiles, run_id: str, scratch: Runtime
