@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from flows.cli import build_parser, command_settings
+from flows.cli import build_parser, command_settings, main
 from flows.serve import InspectionStation
 from flows.serve_app import create_app
 from flows.settings import SERVE, BankChoice, NewPartsChanges, Station, StationRun
@@ -224,3 +224,10 @@ def test_serve_options_are_the_station_s_settings_bound_to_this_machine():
     serve = next(a for a in build_parser(env={})._actions if a.dest == "command").choices["serve"]
     options = {a.dest for a in serve._actions}
     assert {f for model in SERVE.values() for f in model.model_fields} <= options
+
+
+def test_serve_of_a_line_without_batches_is_one_error_line(tmp_path, capsys):
+    status = main(["serve", "nowhere", "--storage", str(tmp_path / "store"), "--port", "0"])
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"musc: error: line 'nowhere' has no recorded batch in {tmp_path / 'store'}"]
