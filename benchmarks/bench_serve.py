@@ -6,13 +6,13 @@ Run from the repository root::
     python -m benchmarks.bench_serve --config default --out benchmarks/out/serve-default.json
 
 It generates a synthetic line (:mod:`tasks.synthetic.generator`): ``--bank-samples`` parts
-scored as batch ``b1`` with ``musc score`` (the bank), and ``--parts`` other parts (another
-seed). Then it starts ``musc serve`` on the bank in its own process (127.0.0.1, a free port,
-``--no-clean-bank``: the bank holds every one of the ``--bank-samples``),
-waits for ``GET /health``, sends ``--warmup`` parts (not counted), and scores the ``--parts``
-parts one by one over HTTP (``POST /score``, multipart image + XYZ TIFF), timing each request
-from the client: the figures are p50/p95/mean/max of those wall times, and the medians of the
-station's own per-stage times (``timings`` of each answer).
+scored as batch ``b1`` with ``musc score`` (the bank), and ``--parts`` other parts of the same
+object kind (another seed). Then it starts ``musc serve`` on the bank in its own process
+(127.0.0.1, a free port, ``--no-clean-bank``: the bank holds every one of the
+``--bank-samples``), waits for ``GET /health``, sends ``--warmup`` parts (not counted), and
+scores the ``--parts`` parts one by one over HTTP (``POST /score``, multipart image + XYZ
+TIFF), timing each request from the client: the figures are p50/p95/mean/max of those wall
+times, and the medians of the station's own per-stage times (``timings`` of each answer).
 
 ``--config small``: 64 px, a tiny ViT (patch 8) and Point-MAE with 32 groups, quick.
 ``--config default``: the default backbones (ViT-B/8 DINO, Point-MAE) at 224 px. Both use
@@ -47,6 +47,7 @@ CONFIGS = {
     "default": [],
 }
 SIZES = {"small": 64, "default": 224}
+SHAPE = "puck"
 
 
 def free_port() -> int:
@@ -115,10 +116,11 @@ def percentile(values: list[float], q: float) -> float:
 def run(config: str, bank_samples: int, parts: int, warmup: int, work: Path) -> dict:
     """The whole benchmark in ``work``; its figures."""
     size = SIZES[config]
+    # one object kind for both (the seed would pick it): the parts are the bank's product
     generate_line(work / "bank", category="part", num_samples=bank_samples, image_size=size,
-                  defect_rate=0.25, seed=0)
+                  defect_rate=0.25, seed=0, shape=SHAPE)
     generate_line(work / "parts", category="part", num_samples=parts + warmup, image_size=size,
-                  defect_rate=0.25, seed=1)
+                  defect_rate=0.25, seed=1, shape=SHAPE)
     storage = work / "store"
     start = time.perf_counter()
     score_bank(work / "bank", storage, work / "bank-results", config)
