@@ -1,9 +1,10 @@
-"""The ``musc`` command: ``synth``, ``score``, ``rescore``, ``score-new``, ``eval``, ``demo``.
+"""The ``musc`` command: synth, score, rescore, score-new, serve, eval, demo (and verdict).
 
 ``score`` and ``demo`` run the ``score-line`` Prefect flow once per category (line), against
 the Prefect API in ``PREFECT_API_URL`` or, when none is configured, a local server started for
 the command (embedded SQLite, 127.0.0.1). ``rescore`` runs the ``rescore`` flow, ``score-new``
-the ``score-new`` flow, and ``eval`` one ``score-line`` run per category, seed and subset of
+the ``score-new`` flow, ``serve`` the inspection station (:mod:`flows.serve_app`), and
+``eval`` one ``score-line`` run per category, seed and subset of
 a benchmark dataset (the paper's protocol).
 
 Every option is checked before anything starts (:mod:`flows.checks`). The flows run in a
@@ -50,6 +51,8 @@ from flows.settings import (
     RescoreRun,
     Rescoring,
     RollingBank,
+    Station,
+    StationRun,
 )
 from flows.verdict_cli import add_verdict_parser, run_verdict
 from musc_core.config import MuscConfig
@@ -432,6 +435,17 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                   positional=("line", "inputs"), env=env)
     _add_run_flags(new, set_aside=False)
 
+    station = sub.add_parser(
+        "serve",
+        help="inspection station: keep a line's bank in memory and score one part per HTTP "
+        "request (POST /score, GET /health)",
+    )
+    _add_settings(station, (Station, BankChoice, NewPartsChanges, StationRun),
+                  positional=("line",), env=env)
+    station.add_argument(
+        "--verbose", action="store_true", help="print Prefect INFO logs on the console"
+    )
+
     bench = sub.add_parser(
         "eval",
         help="paper-style evaluation of a benchmark dataset: every category, g subsets, seeds",
@@ -676,6 +690,21 @@ def _run_score_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from flows.serve_app import serve, start_station
+
+    settings = args.settings
+    station = start_station(**settings)
+    try:
+        serve(station, settings["station"])
+    except Stopped:
+        pass
+    finally:
+        station.close()
+    print("musc serve: stopped", file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from flows.locations import default_batch_id
     from flows.paper_eval import evaluate_benchmark
@@ -762,6 +791,13 @@ def command_settings(args: argparse.Namespace) -> dict[str, BaseModel]:
             "changes": model_from_args(Rescoring, args),
             "run": model_from_args(RescoreRun, args),
         }
+    if args.command == "serve":
+        return {
+            "station": model_from_args(Station, args),
+            "bank": model_from_args(BankChoice, args),
+            "changes": model_from_args(NewPartsChanges, args),
+            "run": model_from_args(StationRun, args),
+        }
     return {
         "parts": model_from_args(NewParts, args),
         "bank": model_from_args(BankChoice, args),
@@ -795,6 +831,11 @@ def check_args(args: argparse.Namespace) -> None:
         check_location(args.storage, "--storage")
         if args.out:
             check_location(args.out, "--out")
+    elif args.command == "serve":
+        args.settings = command_settings(args)
+        check_location(args.storage, "--storage")
+        if args.out:
+            check_location(args.out, "--out")
 
 
 def _classify(error: BaseException) -> int:
@@ -815,6 +856,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": lambda args: _run_score(args, args.data, args.data_format, args.out),
     "rescore": _run_rescore,
     "score-new": _run_score_new,
+    "serve": _run_serve,
     "eval": _run_eval,
     "demo": _run_demo,
     "verdict": run_verdict,

@@ -31,6 +31,7 @@ Results are written like a run's (``scores.csv``, maps, overlays, ``report.html`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -70,7 +71,7 @@ from tasks.planning.bank import (
 from tasks.planning.blocks import PoolSample, batch_blocks
 from tasks.records.batch_record import BatchRecord, check_batch_id, config_from_record
 from tasks.records.verdicts import clean_records, read_verdicts
-from tasks.runtime import Runtime, identify_backbones
+from tasks.runtime import identify_backbones
 
 
 class BankNotUsable(RuntimeError):
@@ -213,11 +214,23 @@ def discover_parts(
     return found, set_aside
 
 
-def _check_bank(
+def check_bank(
     request: NewPartsRequest, identities: Identities, bank: list[list[PoolSample]],
-    reduced: list[str], runtime: Runtime,
+    reduced: list[str], missing_of: Callable[[list[tuple[str, str]]], list[str]],
 ) -> None:
-    """Fail early when the backbones differ from the bank's or its entries are gone."""
+    """Fail early when the backbones differ from the bank's or its entries are gone.
+
+    Args:
+        request: the run (its line and bank records).
+        identities: the given backbones' identities.
+        bank: the bank's blocks.
+        reduced: the bank samples' reduced-entry keys, in bank order.
+        missing_of: the names of the samples whose entries are not cached, from
+            ``(sample name, key)`` pairs (the ``check-features`` task).
+
+    Raises:
+        BankNotUsable: naming the backbones to pass or the batches to score again.
+    """
     recorded = record_identities(request.records[0])
     if identities != recorded:
         raise BankNotUsable(
@@ -228,7 +241,7 @@ def _check_bank(
     samples = [s for block in bank for s in block]
     needed = [(s.name, k) for s in samples for k in s.keys.features if k is not None]
     needed += [(s.name, key) for s, key in zip(samples, reduced, strict=True)]
-    missing = missing_features.submit(needed, runtime).result()
+    missing = missing_of(needed)
     if missing:
         batches = ", ".join(r.batch for r in request.records)
         raise BankNotUsable(
@@ -236,6 +249,20 @@ def _check_bank(
             f"reductions (e.g. {missing[:5]}); run `musc rescore {request.line} --batch B` for "
             f"the bank's batches ({batches}) or score them again"
         )
+
+
+def run_settings(request: NewPartsRequest) -> dict[str, object]:
+    """What ``run.json`` records of a run's settings beyond the algorithm's (``settings``)."""
+    return {
+        "scored_against_bank": [r.batch for r in request.records],
+        "inputs": list(request.inputs),
+        "xyz": None if request.xyz is None else list(request.xyz),
+        "format": request.records[0].prep.format,
+        "storage": request.storage,
+        "reference_budget": request.reference_budget,
+        "bank_policy": "clean" if request.clean_bank else "every sample",
+        "bank_left_out": request.bank_left_out,
+    }
 
 
 @flow(name="score-new-stages", validate_parameters=False)
@@ -259,7 +286,10 @@ def score_new_stages(request: NewPartsRequest) -> dict:
     bank = bank_blocks(records, config, identities, {p.keys.scored for p in parts})
     by_batch = {r.batch: bank_reductions(request.storage, r) for r in records}
     bank_reduced = [by_batch[s.batch][s.name] for block in bank for s in block]
-    _check_bank(request, identities, bank, bank_reduced, runtime)
+    check_bank(
+        request, identities, bank, bank_reduced,
+        lambda needed: missing_features.submit(needed, runtime).result(),
+    )
     new_blocks = batch_blocks(parts, request.shard_size)
     plan = plan_against_bank(new_blocks, bank, config, request.reference_budget)
     with timed(timings, "features"):
@@ -272,17 +302,7 @@ def score_new_stages(request: NewPartsRequest) -> dict:
     bank_ids = [r.batch for r in records]
     info = run_info(
         request.line, request.run, started, request.out, request.spec.random_weights(config),
-        identities,
-        {
-            "scored_against_bank": bank_ids,
-            "inputs": list(request.inputs),
-            "xyz": None if request.xyz is None else list(request.xyz),
-            "format": fmt,
-            "storage": request.storage,
-            "reference_budget": request.reference_budget,
-            "bank_policy": "clean" if request.clean_bank else "every sample",
-            "bank_left_out": request.bank_left_out,
-        },
+        identities, run_settings(request),
     )
     result, summary = report_run(
         info, plan.samples, new_reduced + bank_reduced, len(parts), set_aside, config, runtime,
@@ -304,6 +324,60 @@ def score_new_stages(request: NewPartsRequest) -> dict:
         record_batch.submit(request.storage, record).result()
         summary["recorded"] = request.record_as
     return summary
+
+
+@dataclass(frozen=True)
+class ChosenBank:
+    """A line's bank and the settings and backbones new parts are scored with.
+
+    Attributes:
+        records: the bank's batch records, most recent first (clean bank: what is left).
+        left_out: ``{batch: {sample: reason}}`` the clean bank left out (empty otherwise).
+        config: the bank's settings (flag rule possibly changed).
+        spec: the bank's backbones (weights possibly overridden by path).
+    """
+
+    records: tuple[BatchRecord, ...]
+    left_out: dict[str, dict[str, str]]
+    config: MuscConfig
+    spec: BackboneSpec
+
+
+def choose_line_bank(
+    line: str, bank: BankChoice, changes: NewPartsChanges, storage: str
+) -> ChosenBank:
+    """The bank of a line as ``score_new`` (and ``musc serve``) choose it.
+
+    Args:
+        line: the line.
+        bank: which batches, and whether the bank is clean.
+        changes: the flag rule's k and the weights' locations, where they differ.
+        storage: the storage root of the batch records.
+
+    Returns:
+        The records, what the clean bank left out, the settings and the backbones.
+
+    Raises:
+        FileNotFoundError: the line has no (such) batch.
+        ValueError: batches that cannot form one bank.
+    """
+    records = choose_bank(storage, line, bank.bank, bank.bank_nights)
+    left_out: dict[str, dict[str, str]] = {}
+    if bank.clean_bank:
+        records, left_out = clean_records(records, read_verdicts(storage, line))
+    latest = records[0]
+    config = config_from_record(latest)
+    if changes.flag_mad_k is not None:
+        config = replace(config, flag_mad_k=changes.flag_mad_k)
+    backbones = latest.backbones
+    spec = BackboneSpec(
+        backbones.name_2d,
+        changes.weights_2d or backbones.weights_2d,
+        changes.weights_3d or backbones.weights_3d,
+        backbones.patch_size_2d,
+        backbones.name_3d,
+    )
+    return ChosenBank(tuple(records), left_out, config, spec)
 
 
 @flow(name="score-new", log_prints=True)
@@ -335,22 +409,7 @@ def score_new(
         The run summary (as ``score_line``'s; ``bank`` lists the bank's batches).
     """
     line, record_as = parts.line, parts.record_as
-    records = choose_bank(run.storage, line, bank.bank, bank.bank_nights)
-    left_out: dict[str, dict[str, str]] = {}
-    if bank.clean_bank:
-        records, left_out = clean_records(records, read_verdicts(run.storage, line))
-    latest = records[0]
-    config = config_from_record(latest)
-    if changes.flag_mad_k is not None:
-        config = replace(config, flag_mad_k=changes.flag_mad_k)
-    backbones = latest.backbones
-    spec = BackboneSpec(
-        backbones.name_2d,
-        changes.weights_2d or backbones.weights_2d,
-        changes.weights_3d or backbones.weights_3d,
-        backbones.patch_size_2d,
-        backbones.name_3d,
-    )
+    chosen = choose_line_bank(line, bank, changes, run.storage)
     run_id = check_batch_id(record_as) if record_as else f"new-{default_batch_id()}"
     request = NewPartsRequest(
         line=line,
@@ -361,15 +420,15 @@ def score_new(
         storage=run.storage,
         out=run.out or results_url(run.storage, line, run_id),
         run=run_id,
-        records=tuple(records),
-        spec=spec,
-        config=config,
+        records=chosen.records,
+        spec=chosen.spec,
+        config=chosen.config,
         shard_size=run.shard_size,
         reference_budget=bank.reference_budget,
         device=run.device,
         record_as=record_as,
         clean_bank=bank.clean_bank,
-        bank_left_out=left_out,
+        bank_left_out=chosen.left_out,
     )
     runner = task_runner(run.cluster, run.workers)
     return score_new_stages.with_options(task_runner=runner)(request)

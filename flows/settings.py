@@ -145,7 +145,13 @@ class StorageSettings(Settings):
     )
 
 
-class ComputeSettings(Settings):
+class DeviceSettings(Settings):
+    """The device the models and the scoring run on."""
+
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class ComputeSettings(DeviceSettings):
     """Where the tasks run."""
 
     cluster: str = Field(
@@ -156,7 +162,6 @@ class ComputeSettings(Settings):
     workers: int = Field(
         1, ge=1, description="local Dask worker processes ('auto', 'local') or threads ('threads')"
     )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
 
 class RescoreRun(StorageSettings, ComputeSettings):
@@ -256,6 +261,27 @@ NewPartsChanges = _overrides(
 )
 
 
+class Station(Settings):
+    """The inspection station (``musc serve``): its line and where it listens."""
+
+    line: str = Field(description="the line (category) name")
+    host: str = Field(
+        "127.0.0.1",
+        description="address to listen on (127.0.0.1: this machine only; the server has no "
+        "authentication)",
+    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    max_request_mb: float = Field(
+        64.0, gt=0, le=4096,
+        description="largest request accepted, in MiB (a bigger one is refused with 413 as it "
+        "is read)",
+    )
+
+
+class StationRun(StorageSettings, DeviceSettings):
+    """Storage, results and device of the inspection station (one folder per scored part)."""
+
+
 def split_settings(
     models: dict[str, type[BaseModel]], values: dict[str, object], loose: tuple[str, ...] = ()
 ) -> dict[str, object]:
@@ -288,3 +314,4 @@ SCORE_LINE = {"data": LineInput, "backbones": Backbones, "algorithm": Algorithm,
 RESCORE = {"target": RecordedBatch, "changes": Rescoring, "run": RescoreRun}
 SCORE_NEW = {"parts": NewParts, "bank": BankChoice, "changes": NewPartsChanges,
              "run": NewPartsRun}
+SERVE = {"station": Station, "bank": BankChoice, "changes": NewPartsChanges, "run": StationRun}

@@ -141,7 +141,12 @@ def decide(
         return StageCount("decisions", 0, 1)
     scores = torch.tensor([cache.meta(k)["score"] for k in reduced], dtype=torch.float32)
     salient = torch.stack([torch.from_numpy(cache.read_array(k, "salient")) for k in reduced])
-    decided = decide_pool(scores, salient, current, config, against_bank)
+    write_decided(cache, key, decide_pool(scores, salient, current, config, against_bank))
+    return StageCount("decisions", 1, 0)
+
+
+def write_decided(cache: FeatureCache, key: str, decided: Decided) -> None:
+    """Write a pool's decisions as the cache entry ``key`` (read back by :func:`read_decided`)."""
     arrays = {
         "score": decided.before.astype(np.float32),
         "score_rescored": decided.after.astype(np.float32),
@@ -154,4 +159,3 @@ def decide(
         "drift": decided.drift,
     }
     cache.write(key, arrays, meta=meta)
-    return StageCount("decisions", 1, 0)

@@ -209,6 +209,7 @@ def report_line(
     runtime: Runtime,
     extra: RunFacts,
     against_bank: bool = False,
+    publish: bool = True,
 ) -> LineResult:
     """Metrics and the result files of tonight's samples, from their maps and decisions.
 
@@ -227,6 +228,8 @@ def report_line(
         extra: the run's counts, timings and bank so far (for ``run.json``).
         against_bank: new parts scored against a reference bank (``score_new``): the report
             states the bank's flag rule, and no metrics are computed.
+        publish: create the run's Prefect artifacts (False outside a flow run: the inspection
+            station, ``musc serve``, writes its files only).
 
     Returns:
         Names, flags, metrics and written files.
@@ -343,7 +346,8 @@ def report_line(
     outputs["run"] = store.write_json("run.json", summary.to_json_dict())
     summary.outputs["run"] = outputs["run"]
     ranked = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
-    publish_artifacts(summary, ranked)
+    if publish:
+        publish_artifacts(summary, ranked)
     return LineResult(
         scored=[row[1] for row in rows[1:]],
         flagged=summary.flagged,

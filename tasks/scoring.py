@@ -18,7 +18,7 @@ Shard arrays (Y layers, L patches of the modality, ``m`` = 2 or 3):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +86,51 @@ def score_pairs(
         The work count: one entry per scored modality, computed or found cached.
     """
     cache = feature_cache(runtime.cache_url)
+
+    def features_b(slot: int) -> torch.Tensor | None:
+        if block_b is None:
+            return None
+        return _features(cache, [k.features[slot] for k in block_b], runtime.torch_device)
+
+    return _write_shard(cache, block_a, features_b, key, config, runtime)
+
+
+def score_pairs_against(
+    block_a: list[SampleKeys],
+    features_b: Sequence[torch.Tensor | None],
+    key: PairKeys,
+    config: MuscConfig,
+    runtime: Runtime,
+) -> StageCount:
+    """As :func:`score_pairs` between two blocks, with block b's SNAMD features given.
+
+    For a long-lived process that holds a bank's features in memory (``musc serve``): the
+    shard is the same computation on the same features, written to ``runtime``'s cache.
+
+    Args:
+        block_a: keys of the first block's samples (their features are read from the cache).
+        features_b: block b's SNAMD features per modality slot (2D, 3D): (Bb, Y, L, C) on
+            ``runtime``'s device, None for a modality not scored.
+        key: the shard's cache keys, per modality.
+        config: GEMM tile and dtype.
+        runtime: cache and device.
+
+    Returns:
+        The work count.
+    """
+    cache = feature_cache(runtime.cache_url)
+    return _write_shard(cache, block_a, lambda slot: features_b[slot], key, config, runtime)
+
+
+def _write_shard(
+    cache: FeatureCache,
+    block_a: list[SampleKeys],
+    features_b: Callable[[int], torch.Tensor | None],
+    key: PairKeys,
+    config: MuscConfig,
+    runtime: Runtime,
+) -> StageCount:
+    """The shard's entries not cached yet; ``features_b(slot)`` gives block b (None: inside a)."""
     scored = [(digit, slot) for digit, slot in MODALITIES if key[slot] is not None]
     todo = [(digit, slot) for digit, slot in scored if not cache.has(key[slot])]
     if not todo:
@@ -94,12 +139,9 @@ def score_pairs(
     dtype = resolve_distance_dtype(config.distance_dtype, device)
     for digit, slot in todo:
         a = _features(cache, [k.features[slot] for k in block_a], device)
-        b = None
-        if block_b is not None:
-            b = _features(cache, [k.features[slot] for k in block_b], device)
         arrays = {
             name.replace("d", f"d{digit}", 1): array
-            for name, array in _layer_pairs(a, b, config, dtype).items()
+            for name, array in _layer_pairs(a, features_b(slot), config, dtype).items()
         }
         # One sample's row per chunk: a reduction reads only its own rows.
         meta = {"dtype": str(dtype).removeprefix("torch.")}

@@ -28,6 +28,10 @@ BENCHMARK_OPTIONS = {
     "--only": "benchmarks/bench_kernels.py",
     "--repeat": "benchmarks/bench_kernels.py",
     "--peak-sizes": "benchmarks/bench_kernels.py",
+    "--config": "benchmarks/bench_serve.py",
+    "--parts": "benchmarks/bench_serve.py",
+    "--warmup": "benchmarks/bench_serve.py",
+    "--bank-samples": "benchmarks/bench_serve.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {
