@@ -4,7 +4,7 @@
 chooses the line's bank exactly as ``score_new`` does (:func:`flows.score_new.choose_line_bank`),
 builds the backbones once, checks them against the bank's identities and the bank's cached
 entries (:func:`flows.score_new.check_bank`), and reads what a part needs from the bank into
-memory (:mod:`tasks.bank_memory`). A request then runs ``score_new``'s stages for one part,
+memory (:mod:`tasks.planning.bank_memory`). A request then runs ``score_new``'s stages for one part,
 in this process, without Prefect's engine:
 
 - the same task functions (preparation, features, reduction, result files) on a scratch
@@ -38,7 +38,6 @@ from flows.score_new import NewPartsRequest, check_bank, choose_line_bank, run_s
 from flows.settings import BankChoice, NewPartsChanges, Station, StationRun
 from flows.stages import preparation_summary, run_info
 from musc_core.config import MuscConfig
-from tasks.bank_memory import SLOTS, BankMemory, load_bank_memory
 from tasks.cache.keys import Identities, decisions_key, prepared_keys, sample_keys
 from tasks.decisions import Decided, decide_pool, write_decided
 from tasks.discover import DiscoveredSample, input_digests
@@ -53,6 +52,7 @@ from tasks.features import (
 )
 from tasks.formats.datasets import SampleRecord
 from tasks.planning.bank import bank_blocks, bank_reductions, plan_against_bank
+from tasks.planning.bank_memory import SLOTS, BankMemory, load_bank_memory
 from tasks.planning.blocks import PoolSample, ScoringPlan
 from tasks.records.run_summary import RunFacts
 from tasks.results import report_line

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from musc_core.config import MuscConfig
-from tasks.bank_memory import load_bank_memory
 from tasks.cache.keys import PreparedKeys, SampleKeys, pairs_key
 from tasks.cache.store import FeatureCache
+from tasks.planning.bank_memory import load_bank_memory
 from tasks.planning.blocks import PoolSample
 from tasks.runtime import Runtime
 from tasks.scoring import score_pairs, score_pairs_against
