@@ -37,6 +37,13 @@ import psutil
 from benchmarks.machine import machine_info, machine_line
 
 BACKBONE = "vit_tiny_patch16_224"
+#: Task names of the stages the planner groups (2D runs).
+STAGE_TASKS = {
+    "prepare": ("prepare",),
+    "features": ("extract-2d", "aggregate-2d"),
+    "pairs": ("score-pairs",),
+    "reduction": ("reduce",),
+}
 NOTE = (
     "random weights, tiny ViT ({backbone}, patch 8) at {size} px, 2D only: timings, task runs "
     "and memory only"
@@ -110,6 +117,23 @@ async def _task_runs(run_id: str) -> dict[str, int]:
     return counts
 
 
+def recorded_task_runs(run_id: str, settle: float = 3.0, patience: float = 120.0) -> dict:
+    """Task runs of the flow run by name, once the server's count stopped growing.
+
+    Task run records reach the server asynchronously (events): read until the count is the
+    same ``settle`` seconds apart, or ``patience`` seconds passed.
+    """
+    deadline = time.monotonic() + patience
+    counts = asyncio.run(_task_runs(run_id))
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        again = asyncio.run(_task_runs(run_id))
+        if sum(again.values()) == sum(counts.values()):
+            return again
+        counts = again
+    return counts
+
+
 def planned_runs(n: int, shard_size: int, budget: int) -> dict[str, int]:
     """The planner's task runs per stage for a 2D batch of ``n`` samples (nothing is run)."""
     from musc_core.references import reference_plan
@@ -151,7 +175,7 @@ def run_size(work: Path, n: int, args: argparse.Namespace) -> dict:
                         shard_size=args.shard_size, device="cpu"),
         )
     wall = time.perf_counter() - start
-    recorded = asyncio.run(_task_runs(summary["run_id"]))
+    recorded = recorded_task_runs(summary["run_id"])
     planned = planned_runs(summary["scored"], args.shard_size, args.budget)
     return {
         "n": n,
@@ -165,6 +189,10 @@ def run_size(work: Path, n: int, args: argparse.Namespace) -> dict:
         "stage_s": summary["timings"],
         "task_runs": sum(recorded.values()),
         "task_runs_by_name": recorded,
+        "task_runs_grouped_stages": {
+            stage: sum(recorded.get(name, 0) for name in names)
+            for stage, names in STAGE_TASKS.items()
+        },
         "planned": planned,
         "peak_rss_flow_mib": _mib(peaks.own),
         "peak_rss_worker_mib": _mib(max(peaks.started.values(), default=0)),

@@ -95,7 +95,7 @@ def compute_features(
     if spec is None:
         return []
     futures: list[PrefectFuture] = []
-    for span in groups.contiguous_groups(len(blocks), groups.MAX_TASKS_PER_STAGE):
+    for span in groups.contiguous_groups(len(blocks)):
         keys = [[s.keys for s in blocks[b]] for b in span]
         if config.uses_2d:
             tokens = extract_2d.submit(
@@ -140,7 +140,7 @@ def score_all_pairs(
             config,
             runtime,
         )
-        for group in groups.shard_groups(plan, groups.MAX_TASKS_PER_STAGE)
+        for group in groups.shard_groups(plan)
     ]
     return wait_stage(tracker, "pair scoring", futures)
 
@@ -151,7 +151,7 @@ def reduce_all(
     """Reduce every pool sample (CAE, Interval Average, maps, salient feature), groups of blocks."""
     futures = [
         reduce_samples.submit(items, config, runtime)
-        for items in groups.reduce_groups(plan, groups.MAX_TASKS_PER_STAGE)
+        for items in groups.reduce_groups(plan)
     ]
     return wait_stage(tracker, "reduction", futures)
 
@@ -244,7 +244,7 @@ def prepare_pool_samples(
         prepare_samples.submit(
             pairs[span.start * shard_size : span.stop * shard_size], data_format, config, runtime
         )
-        for span in groups.contiguous_groups(chunks, groups.MAX_TASKS_PER_STAGE)
+        for span in groups.contiguous_groups(chunks)
     ]
     outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
     current: list[PoolSample] = []

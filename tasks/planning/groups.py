@@ -24,17 +24,19 @@ MAX_TASKS_PER_STAGE = 128
 FEATURE_TASKS = {"2d": 2, "3d": 3, "2d+3d": 5}
 
 
-def contiguous_groups(count: int, cap: int = MAX_TASKS_PER_STAGE) -> list[range]:
+def contiguous_groups(count: int, cap: int | None = None) -> list[range]:
     """``count`` items in at most ``cap`` groups of consecutive items, sizes within one.
 
     Args:
         count: number of items (0 or more).
-        cap: most groups (at least 1).
+        cap: most groups (at least 1); None for :data:`MAX_TASKS_PER_STAGE` (its value at the call).
 
     Returns:
         ``min(count, cap)`` ranges of item indices covering ``range(count)`` in order, the
         larger groups first.
     """
+    if cap is None:
+        cap = MAX_TASKS_PER_STAGE
     if cap < 1:
         raise ValueError(f"a stage needs at least one task, got a cap of {cap}")
     if count < 0:
@@ -77,12 +79,12 @@ class ShardGroup:
     shards: tuple[ShardWork, ...]
 
 
-def shard_groups(plan: ScoringPlan, cap: int = MAX_TASKS_PER_STAGE) -> list[ShardGroup]:
+def shard_groups(plan: ScoringPlan, cap: int | None = None) -> list[ShardGroup]:
     """The plan's shards in at most ``cap`` scoring tasks, consecutive in plan order.
 
     Args:
         plan: the scoring plan.
-        cap: most tasks.
+        cap: most tasks; None for :data:`MAX_TASKS_PER_STAGE` (its value at the call).
 
     Returns:
         One group per task; each block a group reads is listed once.
@@ -99,12 +101,12 @@ def shard_groups(plan: ScoringPlan, cap: int = MAX_TASKS_PER_STAGE) -> list[Shar
     return groups
 
 
-def reduce_groups(plan: ScoringPlan, cap: int = MAX_TASKS_PER_STAGE) -> list[list[ReduceItem]]:
+def reduce_groups(plan: ScoringPlan, cap: int | None = None) -> list[list[ReduceItem]]:
     """The plan's reductions in at most ``cap`` tasks of consecutive blocks.
 
     Args:
         plan: the scoring plan.
-        cap: most tasks.
+        cap: most tasks; None for :data:`MAX_TASKS_PER_STAGE` (its value at the call).
 
     Returns:
         Per task, the reductions of its blocks' samples, in pool order.
@@ -143,7 +145,7 @@ def planned_task_runs(
     blocks: int,
     shards: int,
     modality: str | None,
-    cap: int = MAX_TASKS_PER_STAGE,
+    cap: int | None = None,
 ) -> TaskRuns:
     """Task runs of a pool's stages as :mod:`flows.stages` submits them.
 
@@ -153,7 +155,7 @@ def planned_task_runs(
         blocks: blocks of the pool (their features are computed and reduced).
         shards: pair shards of the plan.
         modality: ``2d``, ``3d`` or ``2d+3d``; None when no feature is computed (re-scoring).
-        cap: most tasks per stage.
+        cap: most tasks per stage; None for :data:`MAX_TASKS_PER_STAGE` (its value at the call).
 
     Returns:
         The counts per stage.
