@@ -16,7 +16,9 @@ a fresh store. It prints and records:
   (:func:`tasks.planning.groups.planned_task_runs`) says its stages submit;
 - peak resident memory of the flow process, of the largest Dask worker process, and of the
   local Prefect server, each sampled every 50 ms;
-- the task runs the planner gives, without running anything, for N up to 100,000.
+- the task runs the planner gives, without running anything, for N up to 100,000; for N up
+  to ``--plan-keys-max`` also the time of the flow's full planning (every cache key) and the
+  pickled size of the pair and reduction tasks' parameters.
 
 Random weights and small images: timings and memory only, never detection figures.
 """
@@ -149,6 +151,48 @@ def planned_runs(n: int, shard_size: int, budget: int) -> dict[str, int]:
     }
 
 
+def plan_costs(n: int, shard_size: int, budget: int) -> dict[str, object]:
+    """The flow's planning of a 2D pool of ``n`` samples, timed, and its tasks' parameter sizes.
+
+    The samples get made-up content keys (nothing is read or computed); the plan and its groups
+    are those the flow makes. Parameter sizes are pickled bytes (what a Dask worker is sent),
+    per stage: the largest task's and all tasks' together.
+    """
+    import pickle
+
+    from musc_core.config import MuscConfig
+    from tasks.cache.keys import Identities, PreparedKeys, sample_keys
+    from tasks.planning.blocks import PoolSample, batch_blocks, plan_scoring
+    from tasks.planning.groups import reduce_groups, shard_groups
+
+    config = MuscConfig(modality="2d")
+    identities = Identities("synthetic", None)
+    samples = [
+        PoolSample(f"s{i:06d}", "bench",
+                   sample_keys(PreparedKeys(f"{i:064x}", None, None), config, identities))
+        for i in range(n)
+    ]
+    start = time.perf_counter()
+    blocks = batch_blocks(samples, shard_size)
+    plan = plan_scoring(blocks, config, budget)
+    pairs = shard_groups(plan)
+    reductions = reduce_groups(plan)
+    seconds = time.perf_counter() - start
+
+    def sizes(params: list[object]) -> dict[str, float]:
+        each = [len(pickle.dumps(p)) for p in params]
+        return {"largest_kib": round(max(each) / 1024, 1),
+                "total_mib": round(sum(each) / 2**20, 2)}
+
+    pair_params = [([[s.keys for s in plan.blocks[b]] for b in g.blocks], list(g.shards))
+                   for g in pairs]
+    return {
+        "plan_s": round(seconds, 2),
+        "pairs_params": sizes(pair_params),
+        "reduce_params": sizes(reductions),
+    }
+
+
 def run_size(work: Path, n: int, args: argparse.Namespace) -> dict:
     """Generate the line of ``n`` parts (once) and score it with a fresh store."""
     from flows.score_line import score_line
@@ -211,6 +255,8 @@ def main() -> None:
     parser.add_argument("--cluster", default="local", help="'local' (Dask) or 'threads'")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--plan-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--plan-keys-max", type=int, default=10000,
+                        help="largest N whose full plan (keys, groups) is built and timed")
     parser.add_argument("--work", default="benchmarks/out/scale-work")
     parser.add_argument("--out", default="benchmarks/out/scale.json")
     args = parser.parse_args()
@@ -225,7 +271,9 @@ def main() -> None:
     for n in args.plan_sizes:
         start = time.perf_counter()
         planned = planned_runs(n, args.shard_size, args.budget)
-        planned["planning_s"] = round(time.perf_counter() - start, 2)
+        planned["counting_s"] = round(time.perf_counter() - start, 2)
+        if n <= args.plan_keys_max:
+            planned["plan"] = plan_costs(n, args.shard_size, args.budget)
         report["planned"][str(n)] = planned
         print(f"  planned N={n:6d}: {planned['blocks']} blocks, {planned['shards']} shards -> "
               f"{planned['total']} task runs ({planned})", flush=True)
