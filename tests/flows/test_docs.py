@@ -28,6 +28,10 @@ BENCHMARK_OPTIONS = {
     "--only": "benchmarks/bench_kernels.py",
     "--repeat": "benchmarks/bench_kernels.py",
     "--peak-sizes": "benchmarks/bench_kernels.py",
+    "--sizes": "benchmarks/bench_scale.py",
+    "--budget": "benchmarks/bench_scale.py",
+    "--plan-sizes": "benchmarks/bench_scale.py",
+    "--plan-keys-max": "benchmarks/bench_scale.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {
