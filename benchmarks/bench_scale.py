@@ -10,8 +10,9 @@ timm ViT (``vit_tiny_patch16_224`` at patch 8) with **random weights**, a refere
 R = 150 and blocks of 16 samples, on a local Dask cluster (``--cluster``, ``--workers``), with
 a fresh store. It prints and records:
 
-- the flow's wall time, its stage times and the time per sample; the ratio of the time per
-  sample at each N to that at the smallest N (1.0: linear in N);
+- the flow's wall time, its stage times and the time per sample; the CPU seconds of the flow
+  process and of the worker processes (robust on a shared machine) and per sample; the ratios
+  of both per-sample figures at each N to those at the first N (1.0: linear in N);
 - the task runs: those the Prefect API recorded for the flow run, and those the planner
   (:func:`tasks.planning.groups.planned_task_runs`) says its stages submit;
 - peak resident memory of the flow process, of the largest Dask worker process, and of the
@@ -53,11 +54,13 @@ NOTE = (
 
 
 class ProcessPeaks:
-    """Peak resident memory of this process, of each process started meanwhile, of the others.
+    """Peak resident memory and CPU time of this process and of the processes it started.
 
     Sampled every ``interval`` seconds. Processes that were already children of this one when
     sampling began (the local Prefect server) are reported apart from those started during the
-    run (the Dask cluster's nanny and worker processes).
+    run (the Dask cluster's nanny and worker processes). CPU seconds (user + system, as last
+    sampled) count only what the run used, so they hold on a machine shared with other loads,
+    where wall time does not.
     """
 
     def __init__(self, interval: float = 0.05) -> None:
@@ -65,6 +68,9 @@ class ProcessPeaks:
         self.own = 0
         self.started: dict[int, int] = {}
         self.existing: dict[int, int] = {}
+        self.own_cpu = 0.0
+        self.started_cpu: dict[int, float] = {}
+        self._own_cpu_start = 0.0
         self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -72,13 +78,18 @@ class ProcessPeaks:
     def _sample(self) -> None:
         me = psutil.Process()
         self.own = max(self.own, me.memory_info().rss)
+        times = me.cpu_times()
+        self.own_cpu = times.user + times.system - self._own_cpu_start
         for child in me.children(recursive=True):
             try:
                 rss = child.memory_info().rss
+                times = child.cpu_times()
             except psutil.Error:
                 continue
             peaks = self.existing if child.pid in self._before else self.started
             peaks[child.pid] = max(peaks.get(child.pid, 0), rss)
+            if child.pid not in self._before:
+                self.started_cpu[child.pid] = times.user + times.system
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -87,6 +98,8 @@ class ProcessPeaks:
 
     def __enter__(self) -> ProcessPeaks:
         self._before = {p.pid for p in psutil.Process().children(recursive=True)}
+        times = psutil.Process().cpu_times()
+        self._own_cpu_start = times.user + times.system
         self._sample()
         self._thread.start()
         return self
@@ -238,6 +251,9 @@ def run_size(work: Path, n: int, args: argparse.Namespace) -> dict:
             for stage, names in STAGE_TASKS.items()
         },
         "planned": planned,
+        "cpu_s_flow": round(peaks.own_cpu, 1),
+        "cpu_s_workers": round(sum(peaks.started_cpu.values()), 1),
+        "cpu_s_per_sample": round((peaks.own_cpu + sum(peaks.started_cpu.values())) / n, 4),
         "peak_rss_flow_mib": _mib(peaks.own),
         "peak_rss_worker_mib": _mib(max(peaks.started.values(), default=0)),
         "processes_started": len(peaks.started),
@@ -284,11 +300,16 @@ def main() -> None:
     with prefect_api(work / "prefect-home"):
         for n in args.sizes:
             row = run_size(work, n, args)
-            row["per_sample_ratio"] = round(row["s_per_sample"] / runs[0]["s_per_sample"], 2) \
-                if runs else 1.0
+            first = runs[0] if runs else row
+            row["per_sample_ratio"] = round(row["s_per_sample"] / first["s_per_sample"], 2)
+            row["cpu_per_sample_ratio"] = round(
+                row["cpu_s_per_sample"] / first["cpu_s_per_sample"], 2
+            )
             runs.append(row)
             print(f"  N={n:6d} R={args.budget}: {row['wall_s']} s, {row['s_per_sample']} s/sample "
-                  f"(x{row['per_sample_ratio']} of N={runs[0]['n']}), {row['task_runs']} task "
+                  f"(x{row['per_sample_ratio']} of N={runs[0]['n']}), CPU {row['cpu_s_flow']} s "
+                  f"flow + {row['cpu_s_workers']} s workers = {row['cpu_s_per_sample']} s/sample "
+                  f"(x{row['cpu_per_sample_ratio']}), {row['task_runs']} task "
                   f"runs (planner: {row['planned']['total']} + discovery/report), peak RSS flow "
                   f"{row['peak_rss_flow_mib']:.0f} MiB, worker {row['peak_rss_worker_mib']:.0f} "
                   f"MiB, Prefect server {row['peak_rss_prefect_server_mib']:.0f} MiB; stages "
