@@ -367,15 +367,15 @@ class InspectionStation:
         config, spec, keys = self.config, self.request.spec, part.keys
         counts: list[StageCount] = []
         if config.uses_2d:
-            counts.append(extract_2d.fn([(keys.prepared.image, keys.tokens_2d)], spec, config,
+            counts.append(extract_2d.fn([[(keys.prepared.image, keys.tokens_2d)]], spec, config,
                                         scratch))
-            counts.append(aggregate_2d.fn([(keys.tokens_2d, keys.snamd_2d)], config, scratch))
+            counts.append(aggregate_2d.fn([[(keys.tokens_2d, keys.snamd_2d)]], config, scratch))
         if config.uses_3d:
-            counts.append(group_samples.fn([(keys.prepared.points, keys.grouping)], config,
+            counts.append(group_samples.fn([[(keys.prepared.points, keys.grouping)]], config,
                                            scratch))
-            counts.append(extract_3d.fn([(keys.grouping, keys.tokens_3d)], spec, config,
+            counts.append(extract_3d.fn([[(keys.grouping, keys.tokens_3d)]], spec, config,
                                         scratch))
-            counts.append(aggregate_3d.fn([(keys.tokens_3d, keys.grouping, keys.snamd_3d)],
+            counts.append(aggregate_3d.fn([[(keys.tokens_3d, keys.grouping, keys.snamd_3d)]],
                                           config, scratch))
         return counts
 

@@ -1,7 +1,9 @@
 """Stage-by-stage composition of tasks, shared by every flow (score-line, rescore, score-new).
 
-Each function submits one stage's tasks (one per block or shard) to the flow's task runner,
-waits for all of them while reporting progress, and returns the tasks' work counts. The
+Each function submits one stage's tasks to the flow's task runner, waits for all of them while
+reporting progress, and returns the tasks' work counts. A task takes one block or shard, or a
+group of consecutive ones when there are more than :data:`tasks.planning.groups.MAX_TASKS_PER_STAGE`
+(:mod:`tasks.planning.groups`), so a flow's task runs stay bounded whatever the pool size. The
 stages are separated by these waits, so their wall times are measured one by one.
 """
 
@@ -32,6 +34,7 @@ from tasks.features import (
     prepare_samples,
 )
 from tasks.formats.prepare import PLANE_ALREADY_REMOVED, SetAside
+from tasks.planning import groups
 from tasks.planning.blocks import PoolSample, ScoringPlan, plan_scoring
 from tasks.records.run_summary import RunFacts
 from tasks.results import LineResult, RunInfo, report_line
@@ -73,9 +76,10 @@ def compute_features(
     runtime: Runtime,
     tracker: StageTracker,
 ) -> list[StageCount]:
-    """Make sure every pool sample's features are cached, one chain of tasks per block.
+    """Make sure every pool sample's features are cached, one chain of tasks per group of blocks.
 
-    The chains: 2D tokens then 2D SNAMD; IPG grouping, 3D tokens, then 3D SNAMD.
+    The chains: 2D tokens then 2D SNAMD; IPG grouping, 3D tokens, then 3D SNAMD. A task works
+    block by block (one batch each).
 
     Args:
         blocks: the pool, block by block.
@@ -91,33 +95,35 @@ def compute_features(
     if spec is None:
         return []
     futures: list[PrefectFuture] = []
-    for block in blocks:
-        keys = [s.keys for s in block]
+    for span in groups.contiguous_groups(len(blocks)):
+        keys = [[s.keys for s in blocks[b]] for b in span]
         if config.uses_2d:
             tokens = extract_2d.submit(
-                [(k.prepared.image, k.tokens_2d) for k in keys], spec, config, runtime
+                [[(k.prepared.image, k.tokens_2d) for k in block] for block in keys],
+                spec, config, runtime,
             )
             futures += [
                 tokens,
                 aggregate_2d.submit(
-                    [(k.tokens_2d, k.snamd_2d) for k in keys], config, runtime, wait_for=[tokens]
+                    [[(k.tokens_2d, k.snamd_2d) for k in block] for block in keys],
+                    config, runtime, wait_for=[tokens],
                 ),
             ]
         if config.uses_3d:
             grouped = group_samples.submit(
-                [(k.prepared.points, k.grouping) for k in keys], config, runtime
+                [[(k.prepared.points, k.grouping) for k in block] for block in keys],
+                config, runtime,
             )
             tokens_3d = extract_3d.submit(
-                [(k.grouping, k.tokens_3d) for k in keys], spec, config, runtime, wait_for=[grouped]
+                [[(k.grouping, k.tokens_3d) for k in block] for block in keys],
+                spec, config, runtime, wait_for=[grouped],
             )
             futures += [
                 grouped,
                 tokens_3d,
                 aggregate_3d.submit(
-                    [(k.tokens_3d, k.grouping, k.snamd_3d) for k in keys],
-                    config,
-                    runtime,
-                    wait_for=[tokens_3d],
+                    [[(k.tokens_3d, k.grouping, k.snamd_3d) for k in block] for block in keys],
+                    config, runtime, wait_for=[tokens_3d],
                 ),
             ]
     return wait_stage(tracker, "features", futures)
@@ -126,16 +132,15 @@ def compute_features(
 def score_all_pairs(
     plan: ScoringPlan, config: MuscConfig, runtime: Runtime, tracker: StageTracker
 ) -> list[StageCount]:
-    """Compute the plan's pair-distance shards that are not cached yet (one task per shard)."""
+    """Compute the plan's pair-distance shards that are not cached yet (groups of shards)."""
     futures = [
         score_pairs.submit(
-            [s.keys for s in plan.blocks[shard.a]],
-            None if shard.b is None else [s.keys for s in plan.blocks[shard.b]],
-            shard.key,
+            [[s.keys for s in plan.blocks[b]] for b in group.blocks],
+            list(group.shards),
             config,
             runtime,
         )
-        for shard in plan.shards
+        for group in groups.shard_groups(plan)
     ]
     return wait_stage(tracker, "pair scoring", futures)
 
@@ -143,8 +148,11 @@ def score_all_pairs(
 def reduce_all(
     plan: ScoringPlan, config: MuscConfig, runtime: Runtime, tracker: StageTracker
 ) -> list[StageCount]:
-    """Reduce every pool sample (CAE, Interval Average, maps, salient feature), block by block."""
-    futures = [reduce_samples.submit(items, config, runtime) for items in plan.reduce]
+    """Reduce every pool sample (CAE, Interval Average, maps, salient feature), groups of blocks."""
+    futures = [
+        reduce_samples.submit(items, config, runtime)
+        for items in groups.reduce_groups(plan)
+    ]
     return wait_stage(tracker, "reduction", futures)
 
 
@@ -210,7 +218,9 @@ def prepare_pool_samples(
     tracker: StageTracker,
     set_aside: list[SetAside],
 ) -> tuple[list[PoolSample], dict[str, str]]:
-    """Prepare the discovered samples, ``shard_size`` per task; set aside what cannot be used.
+    """Prepare the discovered samples in chunks of ``shard_size`` (groups of chunks per task).
+
+    What cannot be used is set aside.
 
     Args:
         found: the discovered samples with their input digests.
@@ -218,7 +228,7 @@ def prepare_pool_samples(
         config: the run's settings.
         identities: the backbones' identities (they enter the samples' keys).
         batch: the batch the samples belong to in the pool.
-        shard_size: samples per preparation task.
+        shard_size: samples per preparation chunk.
         runtime: cache and device of the tasks.
         tracker: progress of the run.
         set_aside: the run's set-aside samples; the ones that fail preparation are added.
@@ -229,9 +239,12 @@ def prepare_pool_samples(
     """
     keys = [prepared_keys(s.digests, data_format, s.record.category, config) for s in found]
     pairs = list(zip(found, keys, strict=True))
+    chunks = -(-len(pairs) // shard_size)
     futures = [
-        prepare_samples.submit(pairs[i : i + shard_size], data_format, config, runtime)
-        for i in range(0, len(pairs), shard_size)
+        prepare_samples.submit(
+            pairs[span.start * shard_size : span.stop * shard_size], data_format, config, runtime
+        )
+        for span in groups.contiguous_groups(chunks)
     ]
     outcomes = [o for chunk in wait_stage(tracker, "prepare", futures) for o in chunk]
     current: list[PoolSample] = []

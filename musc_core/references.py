@@ -12,7 +12,7 @@ neighbouring blocks are an unbiased draw from the line rather than, say, one def
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 
@@ -32,16 +32,21 @@ class ReferencePlan(NamedTuple):
     block_of: list[int]
 
 
-def _cycle_order(block: int, num_blocks: int) -> list[int]:
-    """Blocks by cyclic distance from ``block``: itself, +1, −1, +2, −2, … (each once)."""
-    order = [block]
+def _cycle_order(block: int, num_blocks: int) -> Iterator[int]:
+    """Blocks by cyclic distance from ``block``: itself, +1, −1, +2, −2, … (each once).
+
+    Lazy: a sample with a budget takes only the first few, so a pool of many blocks does not
+    pay for the whole order of every block.
+    """
+    yield block
+    seen = {block}
     for step in range(1, num_blocks):
         for candidate in ((block + step) % num_blocks, (block - step) % num_blocks):
-            if candidate not in order:
-                order.append(candidate)
-        if len(order) == num_blocks:
-            break
-    return order
+            if candidate not in seen:
+                seen.add(candidate)
+                yield candidate
+        if len(seen) == num_blocks:
+            return
 
 
 def reference_plan(block_sizes: Sequence[int], budget: int | None = None) -> ReferencePlan:
@@ -74,10 +79,9 @@ def reference_plan(block_sizes: Sequence[int], budget: int | None = None) -> Ref
     references: list[list[int]] = []
     pairs: set[tuple[int, int]] = set()
     for block in range(num_blocks):
-        order = _cycle_order(block, num_blocks)
         for sample in range(starts[block], starts[block + 1]):
             chosen: list[int] = []
-            for other in order:
+            for other in _cycle_order(block, num_blocks):
                 if len(chosen) == wanted:
                     break
                 candidates = [j for j in range(starts[other], starts[other + 1]) if j != sample]

@@ -1,8 +1,10 @@
 """Per-sample stages as Prefect tasks: preprocess, 2D/3D features, IPG grouping, SNAMD.
 
-Every task takes a chunk of samples as ``(input key, output key)`` pairs, skips the outputs
-that are already valid in the cache, computes the rest on its worker's device and writes one
-cache entry per sample. Tasks return a :class:`~tasks.stage.StageCount`, never arrays.
+Every feature task takes a group of blocks, each a list of samples as ``(input key, output
+key)`` pairs; block by block (one batch each, so a worker's memory is bounded by the block
+size, never by the group's), it skips the outputs that are already valid in the cache,
+computes the rest on its worker's device and writes one cache entry per sample. Tasks return a
+:class:`~tasks.stage.StageCount`, never arrays.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ GROUPING_ARRAYS = ("points", "pixel_index", "centre_index", "centres", "members"
 def _missing(cache: FeatureCache, keys: Sequence[str]) -> list[int]:
     """Positions of the keys without a complete cache entry."""
     return [i for i, key in enumerate(keys) if not cache.has(key)]
+
+
+def _count(blocks: Sequence[Sequence[object]]) -> int:
+    """Samples of a group of blocks."""
+    return sum(len(block) for block in blocks)
 
 
 def _tensor(cache: FeatureCache, key: str, name: str, device: torch.device) -> torch.Tensor:
@@ -121,12 +128,12 @@ def prepare_samples(
 
 @task(name="extract-2d", **TASK_OPTIONS)
 def extract_2d(
-    items: list[tuple[str, str]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
+    blocks: list[list[tuple[str, str]]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
 ) -> StageCount:
-    """ViT patch tokens of the configured layers for a chunk of prepared samples.
+    """ViT patch tokens of the configured layers for blocks of prepared samples.
 
     Args:
-        items: ``(prepared image key, tokens key)`` per sample.
+        blocks: per block, ``(prepared image key, tokens key)`` per sample.
         spec: the 2D backbone.
         config: layers, image size, ViT dtype.
         runtime: cache and device.
@@ -136,8 +143,12 @@ def extract_2d(
         tokens of the Y layers.
     """
     cache = feature_cache(runtime.cache_url)
-    todo = _missing(cache, [out for _, out in items])
-    if todo:
+    done = 0
+    for items in blocks:
+        todo = _missing(cache, [out for _, out in items])
+        done += len(todo)
+        if not todo:
+            continue
         device = runtime.torch_device
         extractor = extractor_2d(spec, config, device)
         images = torch.stack([_tensor(cache, items[i][0], "image", device) for i in todo])
@@ -146,15 +157,17 @@ def extract_2d(
         stacked = torch.stack([t.float() for t in tokens], dim=1).cpu().numpy()  # (n, Y, M, C)
         for row, i in enumerate(todo):
             cache.write(items[i][1], {"tokens": stacked[row]})
-    return StageCount("tokens_2d", len(todo), len(items) - len(todo))
+    return StageCount("tokens_2d", done, _count(blocks) - done)
 
 
 @task(name="aggregate-2d", **TASK_OPTIONS)
-def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runtime) -> StageCount:
+def aggregate_2d(
+    blocks: list[list[tuple[str, str]]], config: MuscConfig, runtime: Runtime
+) -> StageCount:
     """2D SNAMD of cached tokens (paper §III-B).
 
     Args:
-        items: ``(tokens key, SNAMD key)`` per sample.
+        blocks: per block, ``(tokens key, SNAMD key)`` per sample.
         config: aggregation degrees.
         runtime: cache and device.
 
@@ -162,8 +175,12 @@ def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runt
         The work count. Each entry holds ``features`` (Y, M, C) float32, L2-normalized.
     """
     cache = feature_cache(runtime.cache_url)
-    todo = _missing(cache, [out for _, out in items])
-    if todo:
+    done = 0
+    for items in blocks:
+        todo = _missing(cache, [out for _, out in items])
+        done += len(todo)
+        if not todo:
+            continue
         device = runtime.torch_device
         tokens = torch.stack([_tensor(cache, items[i][0], "tokens", device) for i in todo])
         side = int(round(tokens.shape[2] ** 0.5))
@@ -175,12 +192,12 @@ def aggregate_2d(items: list[tuple[str, str]], config: MuscConfig, runtime: Runt
         for row, i in enumerate(todo):
             # One layer per chunk: the reduction reads the salient layer only.
             cache.write(items[i][1], {"features": features[row]}, chunk_rows=1)
-    return StageCount("snamd_2d", len(todo), len(items) - len(todo))
+    return StageCount("snamd_2d", done, _count(blocks) - done)
 
 
 @task(name="group", **TASK_OPTIONS)
 def group_samples(
-    items: list[tuple[str, str]], config: MuscConfig, runtime: Runtime
+    blocks: list[list[tuple[str, str]]], config: MuscConfig, runtime: Runtime
 ) -> StageCount:
     """Foreground points, unit-sphere normalization and IPG grouping (paper §III-A).
 
@@ -188,7 +205,7 @@ def group_samples(
     ``members``, ``curvature``), so another 3D backbone reuses them.
 
     Args:
-        items: ``(prepared XYZ-map key, grouping key)`` per sample.
+        blocks: per block, ``(prepared XYZ-map key, grouping key)`` per sample.
         config: G, K, K_iter, C_thr.
         runtime: cache and device.
 
@@ -196,6 +213,7 @@ def group_samples(
         The work count.
     """
     cache = feature_cache(runtime.cache_url)
+    items = [item for block in blocks for item in block]  # one sample at a time anyway
     todo = _missing(cache, [out for _, out in items])
     device = runtime.torch_device
     for i in todo:
@@ -215,12 +233,12 @@ def group_samples(
 
 @task(name="extract-3d", **TASK_OPTIONS)
 def extract_3d(
-    items: list[tuple[str, str]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
+    blocks: list[list[tuple[str, str]]], spec: BackboneSpec, config: MuscConfig, runtime: Runtime
 ) -> StageCount:
     """Point-MAE group tokens of the configured layers (paper §III-A).
 
     Args:
-        items: ``(grouping key, tokens key)`` per sample.
+        blocks: per block, ``(grouping key, tokens key)`` per sample.
         spec: the 3D backbone.
         config: layers and BatchNorm mode.
         runtime: cache and device.
@@ -229,8 +247,12 @@ def extract_3d(
         The work count. Each entry holds ``tokens`` (Y, G, C) float32.
     """
     cache = feature_cache(runtime.cache_url)
-    todo = _missing(cache, [out for _, out in items])
-    if todo:
+    done = 0
+    for items in blocks:
+        todo = _missing(cache, [out for _, out in items])
+        done += len(todo)
+        if not todo:
+            continue
         device = runtime.torch_device
         extractor = extractor_3d(spec, config, device)
         for start in range(0, len(todo), POINT_BATCH):
@@ -244,17 +266,17 @@ def extract_3d(
             stacked = torch.stack(tokens, dim=1).cpu().numpy()  # (B, Y, G, C)
             for row, i in enumerate(batch):
                 cache.write(items[i][1], {"tokens": stacked[row]})
-    return StageCount("tokens_3d", len(todo), len(items) - len(todo))
+    return StageCount("tokens_3d", done, _count(blocks) - done)
 
 
 @task(name="aggregate-3d", **TASK_OPTIONS)
 def aggregate_3d(
-    items: list[tuple[str, str, str]], config: MuscConfig, runtime: Runtime
+    blocks: list[list[tuple[str, str, str]]], config: MuscConfig, runtime: Runtime
 ) -> StageCount:
     """3D SNAMD of cached tokens with the surface-consistent gate (paper §III-B).
 
     Args:
-        items: ``(tokens key, grouping key, SNAMD key)`` per sample.
+        blocks: per block, ``(tokens key, grouping key, SNAMD key)`` per sample.
         config: aggregation degrees and curvature threshold.
         runtime: cache and device.
 
@@ -262,8 +284,12 @@ def aggregate_3d(
         The work count. Each entry holds ``features`` (Y, G, C) float32.
     """
     cache = feature_cache(runtime.cache_url)
-    todo = _missing(cache, [out for _, _, out in items])
-    if todo:
+    done = 0
+    for items in blocks:
+        todo = _missing(cache, [out for _, _, out in items])
+        done += len(todo)
+        if not todo:
+            continue
         device = runtime.torch_device
         tokens = torch.stack([_tensor(cache, items[i][0], "tokens", device) for i in todo])
         centres = torch.stack([_tensor(cache, items[i][1], "centres", device) for i in todo])
@@ -281,7 +307,7 @@ def aggregate_3d(
         features = torch.stack(layers, dim=1).cpu().numpy()
         for row, i in enumerate(todo):
             cache.write(items[i][2], {"features": features[row]}, chunk_rows=1)
-    return StageCount("snamd_3d", len(todo), len(items) - len(todo))
+    return StageCount("snamd_3d", done, _count(blocks) - done)
 
 
 @task(name="check-features", **TASK_OPTIONS)

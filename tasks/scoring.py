@@ -18,7 +18,7 @@ Shard arrays (Y layers, L patches of the modality, ``m`` = 2 or 3):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from tasks.cache.keys import PairKeys, SampleKeys
 from tasks.cache.store import EntryReader, FeatureCache
 from tasks.features import read_grouping
 from tasks.planning.blocks import PairSource, ReduceItem
+from tasks.planning.groups import ShardWork
 from tasks.runtime import Runtime, feature_cache
 from tasks.stage import TASK_OPTIONS, StageCount
 
@@ -65,34 +66,96 @@ def _layer_pairs(
     }
 
 
+class BlockFeatures:
+    """SNAMD features of a scoring task's blocks, the last first block kept for the next shard.
+
+    A task's shards are consecutive in plan order, so most share their first block: it is read
+    once, and a worker holds at most two blocks' features per modality at a time (never the
+    whole group's).
+    """
+
+    def __init__(self, cache: FeatureCache, blocks: Sequence[Sequence[SampleKeys]],
+                 device: torch.device) -> None:
+        self.cache = cache
+        self.blocks = blocks
+        self.device = device
+        self._kept: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def get(self, block: int, slot: int, keep: bool) -> torch.Tensor:
+        """Features of the task's block ``block``, modality ``slot``: (B, Y, L, C).
+
+        Args:
+            block: position in the task's block list.
+            slot: 0 for 2D, 1 for 3D.
+            keep: hold them for the next shard (dropping the block of that modality held
+                before).
+        """
+        kept = self._kept.get(slot)
+        if kept is not None and kept[0] == block:
+            return kept[1]
+        features = _features(self.cache, [k.features[slot] for k in self.blocks[block]],
+                             self.device)
+        if keep:
+            self._kept[slot] = (block, features)
+        return features
+
+
 @task(name="score-pairs", **TASK_OPTIONS)
 def score_pairs(
-    block_a: list[SampleKeys],
-    block_b: list[SampleKeys] | None,
-    key: PairKeys,
+    blocks: list[list[SampleKeys]],
+    shards: list[ShardWork],
     config: MuscConfig,
     runtime: Runtime,
 ) -> StageCount:
-    """Pair distances of one shard, every layer, one entry per scored modality (Eq. 7).
+    """Pair distances of a group of shards, every layer, one entry per scored modality (Eq. 7).
 
     Args:
-        block_a: keys of the first block's samples.
-        block_b: keys of the second block's samples, or None for the pairs inside block a.
-        key: the shard's cache keys, per modality (2D, 3D; None for one not scored).
+        blocks: keys of the samples of each block the shards read.
+        shards: the shards, their blocks given as positions in ``blocks``, with their cache
+            keys per modality (2D, 3D; None for one not scored).
         config: GEMM tile and dtype.
         runtime: cache and device.
 
     Returns:
-        The work count: one entry per scored modality, computed or found cached.
+        The work count: one entry per shard and scored modality, computed or found cached.
     """
     cache = feature_cache(runtime.cache_url)
+    device = runtime.torch_device
+    dtype = resolve_distance_dtype(config.distance_dtype, device)
+    features = BlockFeatures(cache, blocks, device)
+    computed = cached = 0
+    for shard in shards:
+        for digit, slot in MODALITIES:
+            key = shard.key[slot]
+            if key is None:
+                continue
+            if cache.has(key):
+                cached += 1
+                continue
+            a = features.get(shard.a, slot, keep=True)
+            b = None if shard.b is None else features.get(shard.b, slot, keep=False)
+            _write_pairs(cache, key, digit, a, b, config, dtype)
+            computed += 1
+    return StageCount("pairs", computed, cached)
 
-    def features_b(slot: int) -> torch.Tensor | None:
-        if block_b is None:
-            return None
-        return _features(cache, [k.features[slot] for k in block_b], runtime.torch_device)
 
-    return _write_shard(cache, block_a, features_b, key, config, runtime)
+def _write_pairs(
+    cache: FeatureCache,
+    key: str,
+    digit: str,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    config: MuscConfig,
+    dtype: torch.dtype,
+) -> None:
+    """Compute one modality's shard arrays of blocks a and b (None: inside a) into ``key``."""
+    arrays = {
+        name.replace("d", f"d{digit}", 1): array
+        for name, array in _layer_pairs(a, b, config, dtype).items()
+    }
+    # One sample's row per chunk: a reduction reads only its own rows.
+    meta = {"dtype": str(dtype).removeprefix("torch.")}
+    cache.write(key, arrays, meta=meta, chunk_rows=1)
 
 
 def score_pairs_against(
@@ -102,7 +165,7 @@ def score_pairs_against(
     config: MuscConfig,
     runtime: Runtime,
 ) -> StageCount:
-    """As :func:`score_pairs` between two blocks, with block b's SNAMD features given.
+    """As :func:`score_pairs` for one shard between two blocks, with block b's features given.
 
     For a long-lived process that holds a bank's features in memory (``musc serve``): the
     shard is the same computation on the same features, written to ``runtime``'s cache.
@@ -119,33 +182,13 @@ def score_pairs_against(
         The work count.
     """
     cache = feature_cache(runtime.cache_url)
-    return _write_shard(cache, block_a, lambda slot: features_b[slot], key, config, runtime)
-
-
-def _write_shard(
-    cache: FeatureCache,
-    block_a: list[SampleKeys],
-    features_b: Callable[[int], torch.Tensor | None],
-    key: PairKeys,
-    config: MuscConfig,
-    runtime: Runtime,
-) -> StageCount:
-    """The shard's entries not cached yet; ``features_b(slot)`` gives block b (None: inside a)."""
-    scored = [(digit, slot) for digit, slot in MODALITIES if key[slot] is not None]
-    todo = [(digit, slot) for digit, slot in scored if not cache.has(key[slot])]
-    if not todo:
-        return StageCount("pairs", 0, len(scored))
     device = runtime.torch_device
     dtype = resolve_distance_dtype(config.distance_dtype, device)
+    scored = [(digit, slot) for digit, slot in MODALITIES if key[slot] is not None]
+    todo = [(digit, slot) for digit, slot in scored if not cache.has(key[slot])]
     for digit, slot in todo:
         a = _features(cache, [k.features[slot] for k in block_a], device)
-        arrays = {
-            name.replace("d", f"d{digit}", 1): array
-            for name, array in _layer_pairs(a, features_b(slot), config, dtype).items()
-        }
-        # One sample's row per chunk: a reduction reads only its own rows.
-        meta = {"dtype": str(dtype).removeprefix("torch.")}
-        cache.write(key[slot], arrays, meta=meta, chunk_rows=1)
+        _write_pairs(cache, key[slot], digit, a, features_b[slot], config, dtype)
     return StageCount("pairs", len(todo), len(scored) - len(todo))
 
 

@@ -32,6 +32,10 @@ BENCHMARK_OPTIONS = {
     "--parts": "benchmarks/bench_serve.py",
     "--warmup": "benchmarks/bench_serve.py",
     "--bank-samples": "benchmarks/bench_serve.py",
+    "--sizes": "benchmarks/bench_scale.py",
+    "--budget": "benchmarks/bench_scale.py",
+    "--plan-sizes": "benchmarks/bench_scale.py",
+    "--plan-keys-max": "benchmarks/bench_scale.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {

@@ -9,6 +9,7 @@ from tasks.cache.keys import PreparedKeys, SampleKeys, pairs_key
 from tasks.cache.store import FeatureCache
 from tasks.planning.bank_memory import load_bank_memory
 from tasks.planning.blocks import PoolSample
+from tasks.planning.groups import ShardWork
 from tasks.runtime import Runtime
 from tasks.scoring import score_pairs, score_pairs_against
 
@@ -61,7 +62,9 @@ def test_a_shard_against_the_bank_in_memory_is_the_cached_shard(bank, tmp_path):
     memory = load_bank_memory(cache, blocks, [], CONFIG, torch.device("cpu"))
     key = pairs_key([part.keys], [s.keys for s in blocks[0]], CONFIG)
     runtime = Runtime(url, "cpu")
-    score_pairs.fn([part.keys], [s.keys for s in blocks[0]], key, CONFIG, runtime)
+    score_pairs.fn(
+        [[part.keys], [s.keys for s in blocks[0]]], [ShardWork(0, 1, key)], CONFIG, runtime
+    )
     from_cache = cache.read_array(key[0], "d2_ab")
     scratch = str(tmp_path / "scratch")
     FeatureCache(scratch).write(part.keys.snamd_2d, {"features": part_features})
