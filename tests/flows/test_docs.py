@@ -137,3 +137,13 @@ def test_relative_links_of_the_docs_point_at_files_of_the_repository():
             if not resolved.is_file():
                 missing.append(f"{path.relative_to(ROOT)} → {target}")
     assert missing == []
+
+
+def test_no_doc_holds_a_merge_conflict_marker():
+    marked = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in DOCS
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="
+    ]
+    assert marked == []
