@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import importlib
 import logging
 import os
 import signal
@@ -279,12 +280,21 @@ def run_in_thread(run: Callable[[], T], tick: Callable[[], None], poll: float = 
     return outcome["value"]  # type: ignore[return-value]
 
 
-def with_flow_progress(args: argparse.Namespace, run: Callable[[], T]) -> T:
+def with_flow_progress(
+    args: argparse.Namespace, run: Callable[[], T], modules: Sequence[str] = ()
+) -> T:
     """Run flows with progress and one Prefect API, in a worker thread.
 
     Progress: bars on a terminal, stage lines (:class:`StageLog`) otherwise, nothing under
     ``--quiet``. The API is ``PREFECT_API_URL`` when set, else a local server started for
     the command.
+
+    Args:
+        args: the parsed command line (``quiet``).
+        run: runs the flows; called in a worker thread once the API answers.
+        modules: the modules ``run`` imports (the flows, with torch and timm behind them:
+            ~10 s). They are imported while the local server starts, which takes as long on
+            the other core, instead of after it.
     """
     from flows.progress import add_reporter, remove_reporter
     from infra.prefect_api import prefect_api
@@ -294,7 +304,7 @@ def with_flow_progress(args: argparse.Namespace, run: Callable[[], T]) -> T:
         reporter = StageProgress() if sys.stderr.isatty() else StageLog()
         add_reporter(reporter)
     try:
-        with prefect_api():
+        with prefect_api(while_starting=lambda: [importlib.import_module(m) for m in modules]):
             return run_in_thread(run, reporter.tick if reporter else lambda: None)
     finally:
         if reporter is not None:
@@ -639,7 +649,9 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     failure: LineFailed | None = None
     try:
         lines = with_flow_progress(
-            args, lambda: _score_categories(args, data, fmt, categories, out, batch)
+            args,
+            lambda: _score_categories(args, data, fmt, categories, out, batch),
+            modules=("flows.score_line",),
         )
     except LineFailed as failed:
         lines, failure = failed.lines, failed
@@ -675,17 +687,23 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
 
 
 def _run_rescore(args: argparse.Namespace) -> int:
-    from flows.rescore import rescore
+    def run() -> dict:
+        from flows.rescore import rescore
 
-    summary = with_flow_progress(args, lambda: rescore(**args.settings))
+        return rescore(**args.settings)
+
+    summary = with_flow_progress(args, run, modules=("flows.rescore",))
     print_summary(summary)
     return EXIT_OK
 
 
 def _run_score_new(args: argparse.Namespace) -> int:
-    from flows.score_new import score_new
+    def run() -> dict:
+        from flows.score_new import score_new
 
-    summary = with_flow_progress(args, lambda: score_new(**args.settings))
+        return score_new(**args.settings)
+
+    summary = with_flow_progress(args, run, modules=("flows.score_new",))
     print_summary(summary)
     return EXIT_OK
 

@@ -42,12 +42,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_server(home: str | Path, timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    home: str | Path, timeout: float = 90.0, while_starting: Callable[[], object] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start ``prefect server start`` on 127.0.0.1 and wait until it answers.
 
     Args:
         home: ``PREFECT_HOME`` of the server (its SQLite database and logs live there).
-        timeout: seconds to wait for the health check.
+        timeout: seconds to wait for the health check (after ``while_starting``).
+        while_starting: called once the server process is launched and before waiting for
+            it (e.g. the flow modules' imports, which then overlap the server's own start-up
+            of ~8–30 s instead of following it). What it raises stops the server.
 
     Returns:
         The server process and its API URL (``http://127.0.0.1:<port>/api``).
@@ -71,15 +76,17 @@ def start_server(home: str | Path, timeout: float = 90.0) -> tuple[subprocess.Po
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + timeout
     try:
+        if while_starting is not None:
+            while_starting()
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the Prefect server exited at start-up; see {log_path}")
             if _healthy(url):
                 return process, url
             time.sleep(0.3)
-    except BaseException:  # stopped while waiting (a signal): the server must not outlive us
+    except BaseException:  # a signal or a failed while_starting: the server must not outlive us
         stop_server(process, grace=2.0)
         raise
     stop_server(process)
@@ -157,13 +164,19 @@ def flush_logs() -> None:
 
 
 @contextmanager
-def prefect_api(home: str | Path | None = None, timeout: float = 90.0) -> Iterator[str]:
+def prefect_api(
+    home: str | Path | None = None,
+    timeout: float = 90.0,
+    while_starting: Callable[[], object] | None = None,
+) -> Iterator[str]:
     """The Prefect API URL to use for the enclosed runs.
 
     Args:
         home: ``PREFECT_HOME`` of a server started here (default: ``~/.prefect``, Prefect's
             own default, so run history accumulates in one place).
         timeout: seconds to wait for a started server.
+        while_starting: work to do while a local server starts (see :func:`start_server`);
+            called at once when an API is configured.
 
     Yields:
         The API URL. ``PREFECT_API_URL`` is set in this process's environment (and hence in
@@ -173,6 +186,8 @@ def prefect_api(home: str | Path | None = None, timeout: float = 90.0) -> Iterat
 
     configured = os.environ.get("PREFECT_API_URL", "").strip() or (PREFECT_API_URL.value() or "")
     if configured:
+        if while_starting is not None:
+            while_starting()
         previous = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = configured  # Dask workers inherit it
         try:
@@ -184,7 +199,7 @@ def prefect_api(home: str | Path | None = None, timeout: float = 90.0) -> Iterat
 
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
-    process, url = start_server(home or Path.home() / ".prefect", timeout)
+    process, url = start_server(home or Path.home() / ".prefect", timeout, while_starting)
     log.info("started a local Prefect server at %s", url)
     os.environ["PREFECT_API_URL"] = url
     restore = _stop_on_sigterm(process)

@@ -257,7 +257,7 @@ def test_a_failed_line_keeps_the_scored_ones_in_run_json_and_sets_the_status(
         return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
-    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run: run())
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
     code = _score(two_lines, tmp_path, "--category", "all")
     captured = capsys.readouterr()
     assert code == status
@@ -279,7 +279,7 @@ def test_a_line_not_scored_is_status_4(two_lines, tmp_path, capsys, monkeypatch)
         return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
-    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run: run())
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
     assert _score(two_lines, tmp_path, "--category", "all") == 4
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["lines"][1]["error"] and run["lines"][0]["scored"] == 2
