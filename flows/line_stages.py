@@ -119,9 +119,10 @@ def _score_batch(
     pool_size = len(current) + sum(len(b) for b in bank)
     if len(current) == 0 or pool_size < 2:
         raise LineNotScored(request.line, len(current), set_aside)
-    pool, reduced, counts = score_pool(
+    pool, reduced, counts, scored_blocks = score_pool(
         tonight + bank, request.spec, config, request.reference_budget, runtime, tracker, timings
     )
+    tonight = scored_blocks[: len(tonight)]  # laid out again for similar references
     info = run_info(
         request.line, request.batch, started, request.out,
         request.spec.random_weights(config), identities,

@@ -74,7 +74,7 @@ def rescore_stages(record: BatchRecord, changes: Rescoring, run: RescoreRun) -> 
     budget = changes.reference_budget
     if budget is None:
         budget = record.reference_budget
-    pool, reduced, counts = score_pool(
+    pool, reduced, counts, _ = score_pool(
         tonight + bank, None, config, budget, runtime, tracker, timings
     )
     set_aside = [SetAside(a.name, a.path, a.problem) for a in record.set_aside]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -34,6 +35,7 @@ from tasks.features import (
     prepare_samples,
 )
 from tasks.formats.prepare import PLANE_ALREADY_REMOVED, SetAside
+from tasks.layout import lay_out_pool
 from tasks.planning import groups
 from tasks.planning.blocks import PoolSample, ScoringPlan, plan_scoring
 from tasks.records.run_summary import RunFacts
@@ -156,6 +158,48 @@ def reduce_all(
     return wait_stage(tracker, "reduction", futures)
 
 
+class ScoredPool(NamedTuple):
+    """What :func:`score_pool` did.
+
+    Attributes:
+        samples: the pool's samples in the order they were scored (block after block).
+        reduced: the key of each one's reduced entry, in that order.
+        counts: the stages' work counts.
+        blocks: the blocks they were scored in (with similar references, each batch's
+            samples laid out again: tonight's come first still, in other blocks).
+    """
+
+    samples: list[PoolSample]
+    reduced: list[str]
+    counts: list[StageCount]
+    blocks: list[list[PoolSample]]
+
+
+def lay_out(
+    blocks: list[list[PoolSample]], config: MuscConfig, budget: int | None, runtime: Runtime
+) -> tuple[list[list[PoolSample]], list[list[int]] | None]:
+    """The blocks the references are planned on, and each block's preferred blocks.
+
+    Under a budget smaller than the pool with ``reference_choice="similar"``, the
+    ``lay-out-references`` task lays every batch out in blocks of alike samples; otherwise the
+    blocks are kept and the references follow the cycle order (None).
+    """
+    pool = sum(len(block) for block in blocks)
+    if budget is None or budget >= pool - 1 or config.reference_choice != "similar":
+        return blocks, None
+    flat = [s for block in blocks for s in block]
+    layout, preferred = lay_out_pool.submit(
+        [s.keys.features for s in flat],
+        [(s.keys.prepared.content, s.name) for s in flat],
+        [block[0].batch for block in blocks],
+        [len(block) for block in blocks],
+        budget,
+        config,
+        runtime,
+    ).result()
+    return [[flat[i] for i in block] for block in layout], preferred
+
+
 def score_pool(
     blocks: list[list[PoolSample]],
     spec: BackboneSpec | None,
@@ -164,7 +208,7 @@ def score_pool(
     runtime: Runtime,
     tracker: StageTracker,
     timings: dict[str, float],
-) -> tuple[list[PoolSample], list[str], list[StageCount]]:
+) -> ScoredPool:
     """Features (when ``spec`` is given), shards and reductions of a pool.
 
     Args:
@@ -177,17 +221,19 @@ def score_pool(
         timings: stage wall times, updated.
 
     Returns:
-        The pool's samples in order, the key of each one's reduced entry, and the counts.
+        The pool's samples in order, the key of each one's reduced entry, the counts and the
+        blocks.
     """
     with timed(timings, "features"):
         counts = compute_features(blocks, spec, config, runtime, tracker)
-    plan = plan_scoring(blocks, config, budget)
+    laid_out, preferred = lay_out(blocks, config, budget, runtime)
+    plan = plan_scoring(laid_out, config, budget, preferred)
     with timed(timings, "pair_scoring"):
         counts += score_all_pairs(plan, config, runtime, tracker)
     with timed(timings, "reduction"):
         counts += reduce_all(plan, config, runtime, tracker)
     reduced = [item.key for items in plan.reduce for item in items]
-    return plan.samples, reduced, counts
+    return ScoredPool(plan.samples, reduced, counts, plan.blocks)
 
 
 def begin_run(storage: str, device: str, stages: int) -> tuple[

@@ -9,6 +9,7 @@ from typing import Any
 MODALITIES = ("2d", "3d", "2d+3d")
 DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
 BATCHNORM_MODES = ("sample", "running")
+REFERENCE_CHOICES = ("similar", "cycle")
 
 
 def setting(
@@ -60,6 +61,11 @@ class MuscConfig:
         point_batchnorm: ``"sample"`` normalizes the Point-MAE BatchNorms with each sample's
             own statistics (reference behaviour), ``"running"`` with the checkpoint's.
         map_blur_sigma: standard deviation, in pixels, of the Gaussian blur of 3D maps.
+        reference_choice: which R references a sample gets under a reference budget
+            (:mod:`musc_core.references`): ``"similar"`` lays each batch out in blocks of alike
+            samples (a nearest-neighbour tour of a global descriptor) and takes the most
+            similar blocks first; ``"cycle"`` takes the blocks nearest on a cycle of the
+            content-ordered blocks (an arbitrary draw). No effect without a budget.
         flag_mad_k: decisions without labels (:mod:`musc_core.decisions`): a sample is flagged
             when its RsCon score exceeds median + k·1.4826·MAD of the run's normal-looking
             RsCon scores (``flag_outliers``), a pixel is predicted defective above median +
@@ -106,6 +112,10 @@ class MuscConfig:
         choices=BATCHNORM_MODES,
     )
     map_blur_sigma: float = setting(4.0, "Gaussian blur of 3D maps, standard deviation (px)")
+    reference_choice: str = setting(
+        "similar", "references under a budget: the most similar blocks, or the next on a cycle",
+        choices=REFERENCE_CHOICES,
+    )
     flag_mad_k: float = setting(
         3.0, "k of the flag rule: median + k·1.4826·MAD of the RsCon scores", "> 0, finite"
     )
@@ -119,6 +129,11 @@ class MuscConfig:
                 raise ValueError(
                     f"{name} must be one of {DISTANCE_DTYPES}, got {getattr(self, name)!r}"
                 )
+        if self.reference_choice not in REFERENCE_CHOICES:
+            raise ValueError(
+                f"reference_choice must be one of {REFERENCE_CHOICES}, "
+                f"got {self.reference_choice!r}"
+            )
         if self.point_batchnorm not in BATCHNORM_MODES:
             raise ValueError(
                 f"point_batchnorm must be one of {BATCHNORM_MODES}, got {self.point_batchnorm!r}"

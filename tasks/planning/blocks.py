@@ -112,7 +112,10 @@ def batch_blocks(samples: Sequence[PoolSample], shard_size: int) -> list[list[Po
 
 
 def plan_scoring(
-    blocks: list[list[PoolSample]], config: MuscConfig, budget: int | None
+    blocks: list[list[PoolSample]],
+    config: MuscConfig,
+    budget: int | None,
+    preferred: list[list[int]] | None = None,
 ) -> ScoringPlan:
     """The shards and reductions of a pool laid out in blocks.
 
@@ -120,11 +123,13 @@ def plan_scoring(
         blocks: the pool, block by block (tonight's blocks first, then the bank's).
         config: settings that enter the shard and reduction keys.
         budget: reference budget R per sample, or None for all the other samples.
+        preferred: per block, the blocks to take references from first (similar references,
+            :mod:`tasks.planning.layout`); None for the cycle order.
 
     Returns:
         The plan: only the shards some sample's references need.
     """
-    plan = reference_plan([len(b) for b in blocks], budget)
+    plan = reference_plan([len(b) for b in blocks], budget, preferred)
     flat = [s for block in blocks for s in block]
     position = [(b, row) for b, block in enumerate(blocks) for row in range(len(block))]
     shard_keys: dict[tuple[int, int], PairKeys] = {}

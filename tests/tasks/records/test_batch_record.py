@@ -62,3 +62,13 @@ def test_a_wrong_field_type_is_refused_on_read(tmp_path):
     _write(tmp_path, payload)
     with pytest.raises(ValueError, match=r"not a valid batch record: samples\.0\.block"):
         read_batch_record(str(tmp_path), "part", "n1")
+
+
+def test_a_record_from_before_the_reference_choice_was_planned_on_the_cycle():
+    from musc_core.config import MuscConfig
+
+    old = _record()  # its config names no reference choice
+    assert "reference_choice" not in old.config
+    assert old.musc_config().reference_choice == "cycle"
+    new = old.model_copy(update={"config": MuscConfig().as_dict()})
+    assert new.musc_config() == MuscConfig() and new.musc_config().reference_choice == "similar"
