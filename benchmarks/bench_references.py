@@ -2,15 +2,18 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench_references --samples 1000 --budget 150 \
+    python -m benchmarks.bench_references --samples 1000 --budget 150 --draws 5 \
         --out benchmarks/out/references.json
 
 With a reference budget R every sample is scored against R of the other N − 1 samples
 (Interval Average over those R). Which R matters: this benchmark scores one generated 2D line
-(``--image-size`` px, 30 % defective, a ViT-S/8 with **random weights**) with the in-memory
-core, computes every sample's distances to every other sample once (R = all), and then reduces
-each sample over the references a strategy picks, so every strategy sees exactly the same
-distances:
+(``--image-size`` px, 30 % defective, a ViT-S/8 with **random weights**; the line the
+``budget`` section of ``bench_pipeline`` scores, written to ``--work`` and prepared exactly as
+the pipeline prepares it) with the in-memory core, computes every sample's distances to every
+other sample once (R = all), and then reduces each sample over the references a strategy
+picks, so every strategy sees exactly the same distances. A content-hash order is an arbitrary
+draw, so every strategy but ``all`` and ``nearest`` is run on ``--draws`` seeded permutations
+standing for it (mean, min and max reported):
 
 - ``all``: the N − 1 others (the reference result);
 - ``cycle``: what the pipeline does today: samples in a content-hash order (here a seeded
@@ -50,27 +53,33 @@ from musc_core.anomaly_maps import sample_scores
 from musc_core.config import MuscConfig
 from musc_core.metrics import image_metrics, pixel_metrics
 from musc_core.pipeline import features_2d, layer_distances
-from musc_core.preprocess_image import resize_image
 from musc_core.reduction import reduce_sample
 from musc_core.references import reference_plan
 from musc_core.rescoring import rscon
 from tasks.backbones import BackboneSpec, build_backbones
-from tasks.synthetic.generator import plan_line, render_sample
+from tasks.formats.datasets import read_dataset
+from tasks.formats.prepare import prepare_records
+from tasks.synthetic.generator import generate_line
 
 RANDOM_NOTE = "random weights: the strategies are compared with each other only"
 BACKBONE = "vit_small_patch8_224.dino"
 
 
-def render(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(N, 3, S, S) images, (N, S, S) masks and (N,) labels of a generated line."""
-    model, specs = plan_line(num_samples=n, image_size=size, defect_rate=0.3, seed=seed)
-    images, masks, labels = [], [], []
-    for spec in specs:
-        rendered = render_sample(model, spec)
-        images.append(resize_image(rendered.rgb, size))
-        masks.append(rendered.mask)
-        labels.append(int(spec.defect_type != "good"))
-    return torch.stack(images), np.stack(masks), np.asarray(labels)
+def load_line(
+    work: Path, n: int, size: int, seed: int, config: MuscConfig
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(N, 3, S, S) images, (N, S, S) masks and (N,) labels of a generated line, as prepared."""
+    root = work / f"line{n}-{size}px-seed{seed}"
+    if not (root / "part").exists():
+        generate_line(root, category="part", num_samples=n, image_size=size, defect_rate=0.3,
+                      seed=seed)
+    prepared, aside = prepare_records(read_dataset(root, "mvtec3d", "part"), "mvtec3d", config)
+    if aside:
+        raise RuntimeError(f"{len(aside)} samples set aside, e.g. {aside[0]}")
+    images = torch.stack([p.sample.image for p in prepared])
+    masks = np.stack([p.mask.numpy() for p in prepared])
+    labels = np.asarray([p.record.label for p in prepared])
+    return images, masks, labels
 
 
 def descriptors(salient: torch.Tensor) -> torch.Tensor:
@@ -133,27 +142,28 @@ def centroid_references(
     return refs, len(pairs)
 
 
-def strategies(
-    n: int, budget: int, block: int, desc: torch.Tensor, seed: int
-) -> dict[str, tuple[list[list[int]], int | None]]:
-    """Every strategy's references per sample, and its shard count (None: not blocks)."""
-    rng = np.random.default_rng(seed)
-    hash_order = [int(i) for i in rng.permutation(n)]
-    tour = nearest_tour(desc)
+def fixed_strategies(n: int, budget: int, desc: torch.Tensor) -> dict[str, list[list[int]]]:
+    """The strategies that do not depend on a draw: all references, per-sample nearest."""
     similarity = desc @ desc.T
     similarity.fill_diagonal_(-2.0)
     nearest = [[int(j) for j in row] for row in similarity.topk(budget, dim=1).indices]
+    return {"all": [[j for j in range(n) if j != i] for i in range(n)], "nearest": nearest}
+
+
+def drawn_strategies(
+    n: int, budget: int, block: int, desc: torch.Tensor, seed: int
+) -> dict[str, tuple[list[list[int]], int | None]]:
+    """The strategies of one draw (a seeded order for the content-hash order), with shards."""
+    rng = np.random.default_rng(seed)
+    hash_order = [int(i) for i in rng.permutation(n)]
+    tour = [hash_order[i] for i in nearest_tour(desc[hash_order])]
     uniform = [
         [int(j) for j in rng.choice([k for k in range(n) if k != i], budget, replace=False)]
         for i in range(n)
     ]
-    every = [[j for j in range(n) if j != i] for i in range(n)]
-    full_blocks = len(blocks_of(range(n), block))
     return {
-        "all": (every, full_blocks * (full_blocks + 1) // 2),
         "cycle": cycle_references(hash_order, block, budget),
         "random": (uniform, None),
-        "nearest": (nearest, None),
         "tour-cycle": cycle_references(tour, block, budget),
         "tour-centroid": centroid_references(tour, block, budget, desc),
     }
@@ -193,13 +203,13 @@ def evaluate(
     return {"image_auroc": image["auroc"], "pixel_ap": pixel["ap"]}
 
 
-def run(n: int, budget: int, block: int, size: int, seed: int) -> dict:
+def run(work: Path, n: int, budget: int, block: int, size: int, seed: int, draws: int) -> dict:
     """The whole comparison; its figures."""
     config = MuscConfig(modality="2d", image_size=size)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    images, masks, labels = render(n, size, seed)
-    timings["render_s"] = time.perf_counter() - start
+    images, masks, labels = load_line(work, n, size, seed, config)
+    timings["prepare_s"] = time.perf_counter() - start
     built = build_backbones(BackboneSpec(BACKBONE, "random"), config, torch.device("cpu"))
     extractor = built.extractor_2d
     start = time.perf_counter()
@@ -210,22 +220,39 @@ def run(n: int, budget: int, block: int, size: int, seed: int) -> dict:
     timings["all_pairs_s"] = time.perf_counter() - start
     salient = feats.layers[config.salient_layer]
     desc = descriptors(salient)
-    rows = {}
-    for name, (refs, shards) in strategies(n, budget, block, desc, seed).items():
-        start = time.perf_counter()
-        figures = evaluate(distances, refs, salient, masks, labels, extractor.patch_size, config)
-        rows[name] = {
-            **figures,
-            "references": len(refs[0]),
-            "shards": shards,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        print(f"  {name:>13}: image AUROC {figures['image_auroc']:.3f}, pixel AP "
-              f"{figures['pixel_ap']:.3f}, shards {shards}", flush=True)
+
+    def score(refs: list[list[int]]) -> dict[str, float]:
+        return evaluate(distances, refs, salient, masks, labels, extractor.patch_size, config)
+
+    rows: dict[str, dict] = {}
+    for name, refs in fixed_strategies(n, budget, desc).items():
+        rows[name] = {**score(refs), "references": len(refs[0]), "draws": 1}
+        print(f"  {name:>13}: image AUROC {rows[name]['image_auroc']:.3f}, pixel AP "
+              f"{rows[name]['pixel_ap']:.3f}", flush=True)
+    per_draw: dict[str, list[dict]] = {}
+    for draw in range(draws):
+        for name, (refs, shards) in drawn_strategies(n, budget, block, desc, seed + draw).items():
+            figures = {**score(refs), "shards": shards}
+            per_draw.setdefault(name, []).append(figures)
+            print(f"  {name:>13} draw {draw}: image AUROC {figures['image_auroc']:.3f}, pixel AP "
+                  f"{figures['pixel_ap']:.3f}, shards {shards}", flush=True)
+    for name, figures in per_draw.items():
+        row: dict[str, object] = {"references": budget, "draws": len(figures),
+                                  "per_draw": figures}
+        for metric in ("image_auroc", "pixel_ap"):
+            values = [f[metric] for f in figures]
+            row[metric] = float(np.mean(values))
+            row[f"{metric}_min"] = float(min(values))
+            row[f"{metric}_max"] = float(max(values))
+        rows[name] = row
     reference = rows["all"]
     for row in rows.values():
         row["image_auroc_points"] = round(100 * (row["image_auroc"] - reference["image_auroc"]), 2)
         row["pixel_ap_points"] = round(100 * (row["pixel_ap"] - reference["pixel_ap"]), 2)
+    for name, row in rows.items():
+        print(f"  {name:>13}: image AUROC {row['image_auroc']:.3f} "
+              f"({row['image_auroc_points']:+.1f} pt), pixel AP {row['pixel_ap']:.3f} "
+              f"({row['pixel_ap_points']:+.1f} pt), {row['draws']} draw(s)", flush=True)
     return {
         "samples": n,
         "budget": budget,
@@ -247,12 +274,15 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=16, help="samples per block (shard size)")
     parser.add_argument("--image-size", type=int, default=128, help="image side (px)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the line and the draws")
+    parser.add_argument("--draws", type=int, default=5, help="seeded orders per strategy")
+    parser.add_argument("--work", default="benchmarks/out/references", help="the line's folder")
     parser.add_argument("--out", default=None, help="JSON file of the figures")
     args = parser.parse_args()
     machine = machine_info()
     print(f"reference strategies, N = {args.samples}, R = {args.budget} ({RANDOM_NOTE})")
     print(machine_line(machine), flush=True)
-    result = run(args.samples, args.budget, args.block, args.image_size, args.seed)
+    result = run(Path(args.work), args.samples, args.budget, args.block, args.image_size,
+                 args.seed, args.draws)
     result["machine"] = machine
     print(json.dumps(result["timings"]))
     if args.out:

@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-#: Most samples one tour orders at once: its (n, n) similarity matrix takes n² · 4 bytes
-#: (64 MiB here); a larger batch is toured in consecutive segments of this many samples.
+#: Most samples one tour orders at once: its (n, n) float64 similarity matrix takes n² · 8 bytes
+#: (128 MiB here); a larger batch is toured in consecutive segments of this many samples.
 TOUR_SEGMENT = 4096
 
 
