@@ -229,9 +229,10 @@ def check_dtypes(args: argparse.Namespace, config: MuscConfig) -> None:
     """An explicit ``bfloat16`` is refused where the device has no native bf16.
 
     Raises:
-        UsageError: ``--distance-dtype`` or ``--vit-dtype`` ``bfloat16`` on such a device.
+        UsageError: ``--distance-dtype``, ``--vit-dtype`` or ``--point-dtype`` ``bfloat16``
+            on such a device.
     """
-    if "bfloat16" not in (config.distance_dtype, config.vit_dtype):
+    if "bfloat16" not in (config.distance_dtype, config.vit_dtype, config.point_dtype):
         return
     import torch
 
@@ -240,7 +241,12 @@ def check_dtypes(args: argparse.Namespace, config: MuscConfig) -> None:
     device = getattr(args, "device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    for option, value in (("distance", config.distance_dtype), ("vit", config.vit_dtype)):
+    dtypes = (
+        ("distance", config.distance_dtype),
+        ("vit", config.vit_dtype),
+        ("point", config.point_dtype),
+    )
+    for option, value in dtypes:
         try:
             resolve_compute_dtype(value, device, f"{option}_dtype")
         except ValueError as error:

@@ -55,9 +55,13 @@ class MuscConfig:
             an explicit ``"bfloat16"`` on a device without them is refused when the run
             resolves it (:func:`musc_core.hardware.resolve_compute_dtype`).
         vit_dtype: compute dtype of the 2D backbone's forward pass (bfloat16 autocast with
-            float32 outputs, or float32); ``"auto"`` as for ``distance_dtype``. Point-MAE
-            always runs in float32: in bfloat16 its per-sample BatchNorm statistics of small
-            relative coordinates moved 3D maps by ~7% of their range (2D: ~0.1%).
+            float32 outputs, or float32); ``"auto"`` as for ``distance_dtype``.
+        point_dtype: GEMM dtype of Point-MAE (``"auto"`` as for ``distance_dtype``). In
+            bfloat16 only the matrix products round their operands (float32 accumulation);
+            the BatchNorm statistics, max-pools, LayerNorms and the residual stream stay
+            float32, which keeps 3D maps within 0.2% of their float32 range. (Autocasting the
+            whole model instead rounds each convolution's output, bias included, before its
+            BatchNorm subtracts the mean: that moved 3D maps by ~7%.)
         point_batchnorm: ``"sample"`` normalizes the Point-MAE BatchNorms with each sample's
             own statistics (reference behaviour), ``"running"`` with the checkpoint's.
         map_blur_sigma: standard deviation, in pixels, of the Gaussian blur of 3D maps.
@@ -107,6 +111,9 @@ class MuscConfig:
     vit_dtype: str = setting(
         "auto", "ViT compute dtype (auto: bfloat16 where fast)", choices=DISTANCE_DTYPES
     )
+    point_dtype: str = setting(
+        "auto", "Point-MAE GEMM dtype (auto: bfloat16 where fast)", choices=DISTANCE_DTYPES
+    )
     point_batchnorm: str = setting(
         "sample", "Point-MAE BatchNorm statistics: each sample's or the checkpoint's",
         choices=BATCHNORM_MODES,
@@ -124,7 +131,7 @@ class MuscConfig:
         """Reject settings that cannot run, naming the field."""
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        for name in ("distance_dtype", "vit_dtype"):
+        for name in ("distance_dtype", "vit_dtype", "point_dtype"):
             if getattr(self, name) not in DISTANCE_DTYPES:
                 raise ValueError(
                     f"{name} must be one of {DISTANCE_DTYPES}, got {getattr(self, name)!r}"

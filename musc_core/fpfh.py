@@ -293,7 +293,11 @@ class FpfhFeatureExtractor:
             )
 
     def extract(
-        self, points: torch.Tensor, grouping: Grouping, layers: Sequence[int]
+        self,
+        points: torch.Tensor,
+        grouping: Grouping,
+        layers: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> list[torch.Tensor]:
         """Group features of one sample.
 
@@ -301,6 +305,8 @@ class FpfhFeatureExtractor:
             points: (P, 3) the sample's unit-sphere normalized foreground points.
             grouping: its groups.
             layers: the pipeline's layer numbers; the j-th gets layer j of the params.
+            dtype: accepted for the call shared with Point-MAE; descriptors have no GEMM and
+                are always computed in float32.
 
         Returns:
             One (G, C) float32 tensor per layer, on :attr:`device`.
@@ -308,7 +314,11 @@ class FpfhFeatureExtractor:
         return [t[0] for t in self.extract_many([points], [grouping], layers)]
 
     def extract_many(
-        self, points: Sequence[torch.Tensor], groupings: Sequence[Grouping], layers: Sequence[int]
+        self,
+        points: Sequence[torch.Tensor],
+        groupings: Sequence[Grouping],
+        layers: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> list[torch.Tensor]:
         """Group features of several samples (each described on its own).
 
@@ -316,6 +326,7 @@ class FpfhFeatureExtractor:
             points: B tensors (P_b, 3), the samples' foreground points.
             groupings: their groups, all with the same G.
             layers: the pipeline's layer numbers; the j-th gets layer j of the params.
+            dtype: as for :meth:`extract` (unused).
 
         Returns:
             One (B, G, C) float32 tensor per layer, on :attr:`device`.

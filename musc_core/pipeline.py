@@ -135,6 +135,11 @@ def vit_autocast(config: MuscConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
+def point_dtype(config: MuscConfig, device: torch.device) -> torch.dtype:
+    """GEMM dtype of Point-MAE: bfloat16 where it is fast and asked for, else float32."""
+    return resolve_compute_dtype(config.point_dtype, device, "point_dtype")
+
+
 def features_2d(
     images: torch.Tensor,
     extractor: ViTFeatureExtractor,
@@ -182,11 +187,12 @@ def features_3d(
         SNAMD features, one (N, G, C) tensor per layer.
     """
     batches: list[list[torch.Tensor]] = []
+    dtype = point_dtype(config, extractor.device)
     for start in range(0, len(point_samples), POINT_BATCH):
         batch = point_samples[start : start + POINT_BATCH]
         batches.append(
             extractor.extract_many(
-                [s.points for s in batch], [s.grouping for s in batch], config.layers_3d
+                [s.points for s in batch], [s.grouping for s in batch], config.layers_3d, dtype
             )
         )
         _report(progress, "3D features", start + len(batch), len(point_samples))

@@ -43,6 +43,15 @@ class _Affine(NamedTuple):
     shift: torch.Tensor
 
 
+class _Products(NamedTuple):
+    """The encoder's weight matrices as (out, in) GEMM operands, in the compute dtype."""
+
+    second: torch.Tensor  # conv 128→256
+    third_local: torch.Tensor  # conv 512→512, the half that sees each point's features
+    third_global: torch.Tensor  # conv 512→512, the half that sees the group maximum
+    fourth: torch.Tensor  # conv 512→C
+
+
 class _Moments:
     """Per-channel mean and biased variance of rows added chunk by chunk (Chan et al.).
 
@@ -84,6 +93,13 @@ def _normalization(
     return _Affine(scale, norm.bias + (offset - mean) * scale)
 
 
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` when it is a GEMM dtype Point-MAE runs in (float32, bfloat16), else an error."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"Point-MAE computes in float32 or bfloat16, not {dtype}")
+    return dtype
+
+
 class Encoder(nn.Module):
     """Mini-PointNet: one token per group of points.
 
@@ -100,9 +116,13 @@ class Encoder(nn.Module):
     the input coordinates (the first product is linear in them), so it becomes a scaled first
     product. The rows are processed in chunks of groups that stay in cache; with per-sample
     statistics, the 512-channel activations of one sample are kept in a buffer (shared by the
-    samples of a batch) until their statistics are complete. The encoder always computes in
-    float32, also under autocast: its per-sample statistics of small relative coordinates are
-    too sensitive for bfloat16.
+    samples of a batch) until their statistics are complete.
+
+    Autocast does not reach the encoder. With ``dtype=torch.bfloat16`` the three wide products
+    (128→256, 512→512, 512→C) round their operands and their result to bfloat16 and accumulate
+    in float32; the 3→128 product, the BatchNorm statistics, the normalization and the
+    max-pools stay float32. Because the biases are folded after the statistics, what is
+    rounded is the variation of a channel, not the bias it varies around.
     """
 
     def __init__(self, channels: int = WIDTH) -> None:
@@ -138,25 +158,40 @@ class Encoder(nn.Module):
         var = ((w64 @ cov) * w64).sum(dim=1).float()
         return _normalization(norm, mean, var, torch.zeros_like(mean))
 
-    def _local(self, points: torch.Tensor, first: _Affine, bn2_input: torch.Tensor) -> None:
+    def _products(self, dtype: torch.dtype) -> _Products:
+        """The wide products' weights in ``dtype`` (views when it is float32)."""
+        weight3 = self.second_conv[0].weight[:, :, 0]
+        half = self.first_conv[3].out_channels
+        return _Products(
+            self.first_conv[3].weight[:, :, 0].to(dtype),
+            weight3[:, half:].to(dtype),
+            weight3[:, :half].to(dtype),
+            self.second_conv[3].weight[:, :, 0].to(dtype),
+        )
+
+    def _local(
+        self, points: torch.Tensor, first: _Affine, products: _Products, bn2_input: torch.Tensor
+    ) -> None:
         """Write the second BatchNorm's input (without its constant offset) for a chunk.
 
         Args:
             points: (g, K, 3) coordinates of a chunk of groups.
             first: the folded first BatchNorm.
-            bn2_input: (g·K, 512) output rows.
+            products: the wide products' weights (their dtype is the GEMM dtype).
+            bn2_input: (g·K, 512) float32 output rows.
         """
         g, k, _ = points.shape
-        conv1, conv2 = self.first_conv[0], self.first_conv[3]
-        conv3 = self.second_conv[0]
-        half = conv2.out_channels
-        weight1 = conv1.weight[:, :, 0] * first.scale[:, None]
+        dtype = products.second.dtype
+        weight1 = self.first_conv[0].weight[:, :, 0] * first.scale[:, None]
         hidden = torch.addmm(first.shift, points.reshape(-1, 3), weight1.T).relu_()
-        local = torch.mm(hidden, conv2.weight[:, :, 0].T)  # (g·K, 256), bias folded later
-        pooled = local.view(g, k, half).amax(dim=1)
-        weight3 = conv3.weight[:, :, 0]
-        torch.mm(local, weight3[:, half:].T, out=bn2_input)
-        bn2_input.view(g, k, -1).add_(torch.mm(pooled, weight3[:, :half].T).unsqueeze(1))
+        local = torch.mm(hidden.to(dtype), products.second.T)  # (g·K, 256), bias folded later
+        pooled = local.view(g, k, -1).amax(dim=1)
+        if dtype == torch.float32:
+            torch.mm(local, products.third_local.T, out=bn2_input)
+        else:
+            bn2_input.copy_(torch.mm(local, products.third_local.T))
+        per_group = torch.mm(pooled, products.third_global.T).float()
+        bn2_input.view(g, k, -1).add_(per_group.unsqueeze(1))
 
     def _second_offset(self) -> torch.Tensor:
         """(512,) constant the folded biases add to the second BatchNorm's input."""
@@ -165,15 +200,22 @@ class Encoder(nn.Module):
         # local and its group max both carry conv2's bias; conv3 sees it on both halves.
         return weight3 @ torch.cat([conv2.bias, conv2.bias]) + conv3.bias
 
-    def _tokens(self, rows: torch.Tensor, second: _Affine, groups: int) -> torch.Tensor:
+    def _tokens(
+        self, rows: torch.Tensor, second: _Affine, products: _Products, groups: int
+    ) -> torch.Tensor:
         """Second BatchNorm, ReLU, last product and max-pool of a chunk: (g, C), no bias."""
-        conv4 = self.second_conv[3]
         hidden = torch.addcmul(second.shift, rows, second.scale, out=rows).relu_()
-        out = torch.mm(hidden, conv4.weight[:, :, 0].T)
+        out = torch.mm(hidden.to(products.fourth.dtype), products.fourth.T)
         return out.view(groups, -1, out.shape[-1]).amax(dim=1)
 
-    def _encode(self, points: torch.Tensor, mode: str, buffer: torch.Tensor | None) -> torch.Tensor:
-        """Tokens of one sample's (G, K, 3) groups: (G, C)."""
+    def _encode(
+        self,
+        points: torch.Tensor,
+        mode: str,
+        buffer: torch.Tensor | None,
+        products: _Products,
+    ) -> torch.Tensor:
+        """Tokens of one sample's (G, K, 3) groups: (G, C) float32."""
         g, k, _ = points.shape
         width = self.second_conv[0].out_channels
         step = max(1, _ENCODER_CHUNK_POINTS // k)
@@ -187,8 +229,8 @@ class Encoder(nn.Module):
             for start in range(0, g, step):
                 chunk = points[start : start + step]
                 part = rows[: chunk.shape[0] * k]
-                self._local(chunk, first, part)
-                tokens[start : start + step] = self._tokens(part, second, chunk.shape[0])
+                self._local(chunk, first, products, part)
+                tokens[start : start + step] = self._tokens(part, second, products, chunk.shape[0])
             return tokens + self.second_conv[3].bias
         if buffer is None:
             raise ValueError("per-sample statistics need a (G·K, 512) buffer")
@@ -196,7 +238,7 @@ class Encoder(nn.Module):
         for start in range(0, g, step):
             chunk = points[start : start + step]
             part = buffer[start * k : (start + chunk.shape[0]) * k]
-            self._local(chunk, first, part)
+            self._local(chunk, first, products, part)
             moments.add(part)
         # With the sample's own statistics the constant offset cancels out.
         mean = moments.mean
@@ -204,15 +246,18 @@ class Encoder(nn.Module):
         for start in range(0, g, step):
             size = min(step, g - start)
             part = buffer[start * k : (start + size) * k]
-            tokens[start : start + size] = self._tokens(part, second, size)
+            tokens[start : start + size] = self._tokens(part, second, products, size)
         return tokens + self.second_conv[3].bias
 
-    def forward(self, groups: torch.Tensor, batchnorm: str = "sample") -> torch.Tensor:
+    def forward(
+        self, groups: torch.Tensor, batchnorm: str = "sample", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Tokens of point groups.
 
         Args:
             groups: (B, G, K, 3) point coordinates relative to their group centre.
             batchnorm: ``"sample"`` (each sample's own statistics) or ``"running"``.
+            dtype: GEMM dtype of the wide products, float32 or bfloat16.
 
         Returns:
             (B, G, C) group tokens, float32.
@@ -220,9 +265,12 @@ class Encoder(nn.Module):
         batch, g, k, _ = groups.shape
         with torch.autocast(groups.device.type, enabled=False):
             groups = groups.float()
+            products = self._products(_gemm_dtype(dtype))
             width = self.second_conv[0].out_channels
             buffer = groups.new_empty((g * k, width)) if batchnorm == "sample" else None
-            return torch.stack([self._encode(groups[i], batchnorm, buffer) for i in range(batch)])
+            return torch.stack(
+                [self._encode(groups[i], batchnorm, buffer, products) for i in range(batch)]
+            )
 
 
 class Attention(nn.Module):
@@ -317,32 +365,43 @@ class PointTransformer(nn.Module):
         return len(self.blocks.blocks)
 
     def forward_intermediates(
-        self, neighbourhood: torch.Tensor, centres: torch.Tensor, indices: Sequence[int]
+        self,
+        neighbourhood: torch.Tensor,
+        centres: torch.Tensor,
+        indices: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> list[torch.Tensor]:
         """Group tokens after the given blocks, each through the final LayerNorm.
 
         The centre's positional embedding is added to the tokens before every block:
-        ``x = block(x + pos)``.
+        ``x = block(x + pos)``. With ``dtype=torch.bfloat16`` the encoder's wide products
+        (see :class:`Encoder`) and the blocks' linear layers and attention run in bfloat16
+        (autocast); the positional embedding, LayerNorms and the residual stream stay float32.
 
         Args:
             neighbourhood: (B, G, K, 3) group members relative to their centre.
             centres: (B, G, 3) group centres.
             indices: 1-based block numbers, e.g. (4, 8, 12).
+            dtype: GEMM dtype, float32 or bfloat16.
 
         Returns:
-            One (B, G, C) tensor per requested block, in the order asked.
+            One (B, G, C) float32 tensor per requested block, in the order asked.
         """
         wanted = [int(i) for i in indices]
         if not wanted or min(wanted) < 1 or max(wanted) > self.depth:
             raise ValueError(f"block numbers must be in [1, {self.depth}], got {tuple(indices)}")
-        x = self.encoder(neighbourhood, self.batchnorm)
-        pos = self.pos_embed(centres)
+        dtype = _gemm_dtype(dtype)
+        device = neighbourhood.device.type
+        with torch.autocast(device, enabled=False):
+            x = self.encoder(neighbourhood, self.batchnorm, dtype)
+            pos = self.pos_embed(centres.float())
         outputs: dict[int, torch.Tensor] = {}
-        for number, block in enumerate(self.blocks.blocks[: max(wanted)], start=1):
-            x = block(x + pos)
-            if number in wanted:
-                outputs[number] = self.norm(x)
-        return [outputs[i] for i in wanted]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            for number, block in enumerate(self.blocks.blocks[: max(wanted)], start=1):
+                x = block(x + pos)
+                if number in wanted:
+                    outputs[number] = self.norm(x)
+        return [outputs[i].float() for i in wanted]
 
 
 def map_point_mae_keys(state: dict) -> dict[str, torch.Tensor]:
@@ -469,7 +528,11 @@ class PointFeatureExtractor:
 
     @torch.inference_mode()
     def extract(
-        self, points: torch.Tensor, grouping: Grouping, layers: Sequence[int]
+        self,
+        points: torch.Tensor,
+        grouping: Grouping,
+        layers: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> list[torch.Tensor]:
         """Group tokens of one sample.
 
@@ -477,16 +540,22 @@ class PointFeatureExtractor:
             points: (P, 3) the sample's (unit-sphere normalized) foreground points.
             grouping: its groups (centres and members index ``points``).
             layers: 1-based block numbers, e.g. (4, 8, 12).
+            dtype: GEMM dtype, float32 or bfloat16 (see
+                :meth:`PointTransformer.forward_intermediates`).
 
         Returns:
             One (G, C) float32 tensor per layer, on the model's device (inputs elsewhere are
             moved there).
         """
-        return [t[0] for t in self.extract_many([points], [grouping], layers)]
+        return [t[0] for t in self.extract_many([points], [grouping], layers, dtype)]
 
     @torch.inference_mode()
     def extract_many(
-        self, points: Sequence[torch.Tensor], groupings: Sequence[Grouping], layers: Sequence[int]
+        self,
+        points: Sequence[torch.Tensor],
+        groupings: Sequence[Grouping],
+        layers: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> list[torch.Tensor]:
         """Group tokens of several samples in one forward pass.
 
@@ -499,6 +568,7 @@ class PointFeatureExtractor:
             points: B tensors (P_b, 3), the samples' foreground points (P_b may differ).
             groupings: their groups, all with the same G and K.
             layers: 1-based block numbers, e.g. (4, 8, 12).
+            dtype: GEMM dtype, float32 or bfloat16.
 
         Returns:
             One (B, G, C) float32 tensor per layer, on the model's device.
@@ -516,10 +586,9 @@ class PointFeatureExtractor:
         shapes = {tuple(n.shape) for n in neighbourhoods}
         if len(shapes) != 1:
             raise ValueError(f"samples must share G and K to be batched, got {sorted(shapes)}")
-        tokens = self.model.forward_intermediates(
-            torch.stack(neighbourhoods), torch.stack(centres), layers
+        return self.model.forward_intermediates(
+            torch.stack(neighbourhoods), torch.stack(centres), layers, dtype
         )
-        return [t.float() for t in tokens]
 
     def to(self, device: torch.device | str) -> PointFeatureExtractor:
         """Move the model to a device; returns self."""

@@ -18,7 +18,7 @@ from prefect import task
 from musc_core.aggregation import snamd_2d, snamd_3d
 from musc_core.config import MuscConfig
 from musc_core.grouping import Grouping
-from musc_core.pipeline import POINT_BATCH, prepare_points, vit_autocast
+from musc_core.pipeline import POINT_BATCH, point_dtype, prepare_points, vit_autocast
 from tasks.backbones import BackboneSpec
 from tasks.cache.keys import PreparedKeys
 from tasks.cache.store import FeatureCache
@@ -262,6 +262,7 @@ def extract_3d(
                 [points for points, _, _ in grouped],
                 [grouping for _, _, grouping in grouped],
                 config.layers_3d,
+                point_dtype(config, device),
             )
             stacked = torch.stack(tokens, dim=1).cpu().numpy()  # (B, Y, G, C)
             for row, i in enumerate(batch):

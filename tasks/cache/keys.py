@@ -211,6 +211,7 @@ def sample_keys(prepared: PreparedKeys, config: MuscConfig, identities: Identiti
             backbone=identities.backbone_3d,
             layers=config.layers_3d,
             batchnorm=config.point_batchnorm,
+            dtype=config.point_dtype,
         )
         snamd_3d = _key(
             "snamd_3d",

@@ -273,3 +273,49 @@ def test_encoder_stays_float32_under_bfloat16_autocast(model):
             under = model.encoder(neighbourhood, "sample")
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, exact, rtol=0, atol=0)
+
+
+def _relative_error(got, expected):
+    return float((got.double() - expected).detach().norm() / expected.detach().norm())
+
+
+def test_bfloat16_products_stay_within_one_percent_of_the_float64_forward(model):
+    """bf16 wide products, float32 statistics: every token layer within 1% (relative norm) of
+    the release's forward in float64, returned as float32."""
+    neighbourhood, centres = _inputs()
+    layers = [1, 2]
+    with torch.inference_mode():
+        got = model.forward_intermediates(neighbourhood, centres, layers, torch.bfloat16)
+    expected = literal_forward(model, neighbourhood, centres, layers, train_bn=True)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        assert _relative_error(g, e) <= 0.01
+
+
+def test_bfloat16_tokens_do_not_see_the_biases_before_sample_batchnorms(model):
+    """With per-sample statistics a constant before a BatchNorm cancels out. The bf16 path
+    rounds only what varies, so a large bias before either BatchNorm changes no token; rounding
+    the biased convolution output (what autocasting the release's encoder does) moves them."""
+    neighbourhood, centres = _inputs(batch=2)
+    layers = [1]
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.encoder.first_conv[0].bias.add_(25.0)
+        shifted.encoder.second_conv[0].bias.add_(25.0)
+    with torch.inference_mode():
+        base = model.forward_intermediates(neighbourhood, centres, layers, torch.bfloat16)
+        moved = shifted.forward_intermediates(neighbourhood, centres, layers, torch.bfloat16)
+        exact = literal_forward(model, neighbourhood, centres, layers, train_bn=True)[0]
+        rounded = copy.deepcopy(shifted)
+        rounded.encoder.first_conv[0].register_forward_hook(
+            lambda _m, _i, out: out.bfloat16().to(out.dtype)
+        )
+        naive = literal_forward(rounded, neighbourhood, centres, layers, train_bn=True)[0]
+    torch.testing.assert_close(moved[0], base[0], rtol=0, atol=0)
+    assert _relative_error(naive, exact) > 5 * _relative_error(base[0], exact)
+
+
+def test_unknown_gemm_dtype_is_refused(model):
+    neighbourhood, centres = _inputs(batch=1)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        model.forward_intermediates(neighbourhood, centres, [1], torch.float16)

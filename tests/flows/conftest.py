@@ -30,6 +30,7 @@ SMALL = dict(
     ipg_step=8,
     distance_dtype="float32",
     vit_dtype="float32",
+    point_dtype="float32",
 )
 SPEC = BackboneSpec("vit_tiny_patch16_224", "random", "random", 8)
 
@@ -37,7 +38,7 @@ SPEC = BackboneSpec("vit_tiny_patch16_224", "random", "random", 8)
 def small_config(**changes) -> MuscConfig:
     values = dict(
         modality="2d+3d", image_size=SIZE, num_groups=32, group_size=16, ipg_step=8,
-        distance_dtype="float32", vit_dtype="float32",
+        distance_dtype="float32", vit_dtype="float32", point_dtype="float32",
     )
     values.update(changes)
     return MuscConfig(**values)

@@ -68,7 +68,8 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
         data=str(line), data_format="mvtec3d", modality="2d+3d",
         backbone_2d="vit_tiny_patch16_224", weights_2d="random", backbone_3d="fpfh",
         patch_size_2d=8, image_size=SIZE, num_groups=32, group_size=16, ipg_step=8,
-        distance_dtype="float32", vit_dtype="float32", storage=str(tmp_path / "store"),
+        distance_dtype="float32", vit_dtype="float32", point_dtype="float32",
+        storage=str(tmp_path / "store"),
         cluster="threads", workers=1, shard_size=100,
     )
     summary = run_line(batch="b1", **params)
