@@ -36,6 +36,7 @@ BENCHMARK_OPTIONS = {
     "--budget": "benchmarks/bench_scale.py",
     "--plan-sizes": "benchmarks/bench_scale.py",
     "--plan-keys-max": "benchmarks/bench_scale.py",
+    "--draws": "benchmarks/bench_references.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {
