@@ -30,6 +30,7 @@ def cli_args(batch: str = "b1", shard_size: int = 16) -> list[str]:
         "--image-size", str(SIZE), "--backbone-2d", "vit_tiny_patch16_224", "--weights-2d",
         "random", "--weights-3d", "random", "--num-groups", "32", "--group-size", "16",
         "--ipg-step", "8", "--distance-dtype", "float32", "--vit-dtype", "float32",
+        "--point-dtype", "float32",
         "--cluster", "threads", "--batch", batch, "--quiet",
     ]
 
