@@ -211,7 +211,9 @@ def sample_keys(prepared: PreparedKeys, config: MuscConfig, identities: Identiti
             backbone=identities.backbone_3d,
             layers=config.layers_3d,
             batchnorm=config.point_batchnorm,
-            dtype=config.point_dtype,
+            # Point-MAE ran only in float32 before ``point_dtype`` existed: float32 tokens keep
+            # that key, so stored caches and batch records stay valid.
+            **({} if config.point_dtype == "float32" else {"dtype": config.point_dtype}),
         )
         snamd_3d = _key(
             "snamd_3d",

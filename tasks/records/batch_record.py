@@ -159,8 +159,10 @@ class BatchRecord(_Part):
     def musc_config(self) -> MuscConfig:
         """The MuSc-V2 settings the batch was scored with (JSON lists back to tuples)."""
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.config.items()}
-        # Records from before the setting existed were planned on the cycle.
+        # Records from before these settings existed were planned on the cycle and ran
+        # Point-MAE in float32.
         values.setdefault("reference_choice", "cycle")
+        values.setdefault("point_dtype", "float32")
         return MuscConfig(**values)
 
     def without(self, names: set[str]) -> BatchRecord:

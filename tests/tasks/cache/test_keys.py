@@ -11,6 +11,7 @@ from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec, backbone_identities
 from tasks.cache.keys import (
     Identities,
+    _key,
     decisions_key,
     prepared_keys,
     reduced_key,
@@ -118,6 +119,15 @@ def test_grouping_tokens_3d_and_snamd_3d():
     assert _keys(_with(xyz="9" * 64)).grouping != keys.grouping
     batchnorm = _keys(config=dataclasses.replace(CONFIG, point_batchnorm="running"))
     assert batchnorm.grouping == keys.grouping and batchnorm.tokens_3d != keys.tokens_3d
+    dtypes = {d: _keys(config=dataclasses.replace(CONFIG, point_dtype=d))
+              for d in ("float32", "bfloat16", "auto")}
+    assert len({k.tokens_3d for k in dtypes.values()}) == 3
+    assert {k.grouping for k in dtypes.values()} == {keys.grouping}
+    # float32 tokens keep the key they had before the setting existed (stored caches hold it)
+    assert dtypes["float32"].tokens_3d == _key(
+        "tokens_3d", grouping=keys.grouping, backbone=IDS.backbone_3d, layers=CONFIG.layers_3d,
+        batchnorm=CONFIG.point_batchnorm,
+    )
     degrees = _keys(config=dataclasses.replace(CONFIG, aggregation_degrees=(1, 3)))
     assert degrees.tokens_3d == keys.tokens_3d and degrees.snamd_3d != keys.snamd_3d
     assert _keys(config=dataclasses.replace(CONFIG, modality="2d")).grouping is None

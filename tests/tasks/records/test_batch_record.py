@@ -67,8 +67,9 @@ def test_a_wrong_field_type_is_refused_on_read(tmp_path):
 def test_a_record_from_before_the_reference_choice_was_planned_on_the_cycle():
     from musc_core.config import MuscConfig
 
-    old = _record()  # its config names no reference choice
-    assert "reference_choice" not in old.config
+    old = _record()  # its config names no reference choice and no Point-MAE dtype
+    assert "reference_choice" not in old.config and "point_dtype" not in old.config
     assert old.musc_config().reference_choice == "cycle"
+    assert old.musc_config().point_dtype == "float32"
     new = old.model_copy(update={"config": MuscConfig().as_dict()})
     assert new.musc_config() == MuscConfig() and new.musc_config().reference_choice == "similar"
