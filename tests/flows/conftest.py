@@ -73,8 +73,8 @@ def pool_order(roots_and_batches, config) -> list[tuple[str, str]]:
     return order
 
 
-def in_memory(order, config):
-    """The in-memory core pipeline over the given (root, name) samples, in that order."""
+def pool_samples(order, config):
+    """The core samples of the given (root, name) samples, prepared as the flow prepares them."""
     from tasks.formats.datasets import read_dataset
 
     samples = []
@@ -83,6 +83,12 @@ def in_memory(order, config):
         prepared, aside = prepare_records(records, "mvtec3d", config)
         assert not aside
         samples.append(prepared[0].sample)
+    return samples
+
+
+def in_memory(order, config):
+    """The in-memory core pipeline over the given (root, name) samples, in that order."""
+    samples = pool_samples(order, config)
     built = build_backbones(SPEC, config, torch.device("cpu"))
     return score(samples, config, built.extractor_2d, built.extractor_3d)
 

@@ -14,12 +14,11 @@ from flows.score_line import score_line
 from musc_core.fpfh import FpfhParams
 from musc_core.pipeline import score
 from tasks.backbones import BackboneSpec, build_backbones
-from tasks.formats.datasets import read_dataset
-from tasks.formats.prepare import prepare_records
 from tests.flows.conftest import (
     SIZE,
     assert_matches,
     pool_order,
+    pool_samples,
     read_scores,
     run_line,
     run_score_new,
@@ -76,11 +75,7 @@ def test_flow_2d_3d_with_fpfh_equals_in_memory_and_caches(line, tmp_path):
     assert summary["scored"] == 8 and summary["random_weights"]  # the random ViT, not FPFH
     config = small_config()
     order = pool_order([line], config)
-    samples = []
-    for root, name in order:
-        records = [r for r in read_dataset(root, "mvtec3d", "part") if r.name == name]
-        prepared, _ = prepare_records(records, "mvtec3d", config)
-        samples.append(prepared[0].sample)
+    samples = pool_samples(order, config)
     spec = BackboneSpec("vit_tiny_patch16_224", "random", None, 8, "fpfh")
     built = build_backbones(spec, config, torch.device("cpu"))
     reference = score(samples, config, built.extractor_2d, built.extractor_3d)

@@ -14,14 +14,13 @@ from musc_core.pipeline import features_2d, features_3d, layer_distances, prepar
 from musc_core.reduction import reduce_sample
 from musc_core.rescoring import rscon
 from tasks.backbones import build_backbones
-from tasks.formats.datasets import read_dataset
-from tasks.formats.prepare import prepare_records
 from tasks.synthetic.generator import generate_line
 from tests.core.test_references import _brute_tour
 from tests.flows.conftest import (
     SMALL,
     SPEC,
     pool_order,
+    pool_samples,
     read_scores,
     run_line,
     run_rescore,
@@ -72,11 +71,7 @@ def test_similar_references_equal_the_core_over_the_same_references(tmp_path):
     config = small_config()
     assert config.reference_choice == "similar"  # the default under a budget
     order = pool_order([root], config)
-    samples = []
-    for _, name in order:
-        records = [r for r in read_dataset(root, "mvtec3d", "part") if r.name == name]
-        prepared, _ = prepare_records(records, "mvtec3d", config)
-        samples.append(prepared[0].sample)
+    samples = pool_samples(order, config)
     built = build_backbones(SPEC, config, torch.device("cpu"))
     images = torch.stack([s.image for s in samples])
     points = [prepare_points(s.xyz, config) for s in samples]
