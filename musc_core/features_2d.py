@@ -15,6 +15,7 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from musc_core.attention import use_native_attention
 from musc_core.checkpoints import RANDOM_SEED, file_digest, load_checkpoint
 
 _WRAPPER_KEYS = ("teacher", "student", "state_dict", "model", "module")
@@ -92,6 +93,9 @@ class ViTFeatureExtractor:
         patch_size: pixels per patch side.
         mean: per-channel normalization mean (from the model's pretrained config).
         std: per-channel normalization std.
+        native_attention_layers: attention layers routed to musc's native bf16 kernel
+            (:func:`musc_core.attention.use_native_attention`; used in bf16 on CPUs with
+            AVX512-BF16, timm's own forward otherwise).
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class ViTFeatureExtractor:
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.num_blocks = len(model.blocks)
         self.identity = f"{name}:{weights_label}"
+        self.native_attention_layers = use_native_attention(self.model)
 
     @classmethod
     def create(

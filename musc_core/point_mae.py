@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from musc_core.attention import attention
 from musc_core.checkpoints import RANDOM_SEED, file_digest, load_checkpoint
 from musc_core.config import BATCHNORM_MODES
 from musc_core.grouping import Grouping
@@ -287,7 +287,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d) each
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        out = attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 

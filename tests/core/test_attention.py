@@ -1,0 +1,198 @@
+"""Attention of the backbones: the native bf16 kernel against the definition, and its routing."""
+
+import logging
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import musc_core.attention as native
+from musc_core.attention import (
+    attention,
+    build_kernel,
+    cpu_runs_kernel,
+    native_applies,
+    native_attention,
+    native_kernel,
+    use_native_attention,
+)
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_runs_kernel(), reason="the native kernel needs an x86 CPU with AVX512-BF16"
+)
+
+
+def brute_force(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, head by head and row by row, in float64."""
+    batch, heads, tokens, dim = q.shape
+    out = torch.zeros(batch, heads, tokens, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            qh, kh, vh = (t[b, h].double() for t in (q, k, v))
+            for i in range(tokens):
+                logits = (kh @ qh[i]) / dim**0.5
+                weights = torch.exp(logits - logits.max())
+                out[b, h, i] = (weights / weights.sum()) @ vh
+    return out
+
+
+def heads_of(batch: int, heads: int, tokens: int, seed: int, scale: float = 1.5):
+    """q, k, v as a transformer makes them: strided views of one (B, N, 3, H, 64) tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3, heads, 64, generator=generator) * scale
+    return qkv.to(torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "tokens"),
+    [(1, 1, 1), (1, 2, 2), (2, 3, 17), (1, 2, 47), (1, 1, 48), (2, 1, 49), (1, 2, 100),
+     (1, 1, 785), (1, 1, 1024)],
+)
+def test_attention_matches_the_definition_as_closely_as_torch_bf16(batch, heads, tokens):
+    q, k, v = heads_of(batch, heads, tokens, seed=tokens)
+    exact = brute_force(q, k, v)
+    ours = attention(q, k, v)
+    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    torch_error = relative(F.scaled_dot_product_attention(q, k, v), exact)
+    # bf16 rounding of the inputs' products: about 2e-3 relative for both.
+    assert relative(ours, exact) <= max(1.1 * torch_error, 1e-6)
+    assert relative(ours, exact) < 4e-3
+
+
+@needs_kernel
+def test_native_kernel_is_what_attention_runs_here():
+    q, k, v = heads_of(2, 3, 50, seed=1)
+    assert native_kernel() is not None
+    assert native_applies(q, k, v)
+    assert torch.equal(attention(q, k, v), native_attention(q, k, v))
+
+
+@needs_kernel
+def test_native_kernel_follows_the_stated_rounding():
+    """float32 logits and softmax, bf16 probabilities times bf16 values, float32 row sums."""
+    q, k, v = heads_of(1, 2, 130, seed=2)
+    logits = (q.double() @ k.double().transpose(-1, -2) / 8.0).float()
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))
+    sums = weights.sum(-1, keepdim=True)
+    emulated = (weights.bfloat16().double() @ v.double()) / sums.double()
+    ours = native_attention(q, k, v).double()
+    # Only the float32 accumulation order and the final bf16 rounding differ.
+    assert float((ours - emulated).abs().max()) <= 2**-7 * float(emulated.abs().max())
+    assert relative(ours, emulated) < 2e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_kernel_gives_the_same_bits_on_any_number_of_threads(threads):
+    q, k, v = heads_of(2, 3, 97, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_attention(q, k, v)
+        torch.set_num_threads(threads)
+        assert torch.equal(native_attention(q, k, v), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_native_output_is_a_free_view_of_tokens_by_heads():
+    q, k, v = heads_of(2, 4, 33, seed=4)
+    out = native_attention(q, k, v)
+    merged = out.transpose(1, 2)
+    assert merged.is_contiguous() and merged.shape == (2, 33, 4, 64)
+
+
+def test_float32_and_other_head_sizes_are_torchs_own():
+    q, k, v = (t.float() for t in heads_of(1, 2, 40, seed=5))
+    assert not native_applies(q, k, v)
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    small = [t[..., :32].to(torch.bfloat16) for t in (q, k, v)]
+    assert not native_applies(*small)
+    assert torch.equal(attention(*small), F.scaled_dot_product_attention(*small))
+
+
+def test_kernel_source_compiles_on_any_x86_machine(tmp_path):
+    """The build does not depend on the CPU it runs on, only on a C compiler."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the kernel is x86 code")
+    first = build_kernel(tmp_path)
+    assert first.is_file() and first.stat().st_size > 0
+    assert build_kernel(tmp_path) == first  # cached: same source, flags and compiler
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_without_a_compiler_attention_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_unavailable", None)
+    monkeypatch.setattr(native, "cpu_runs_kernel", lambda: True)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv(native.CACHE_ENV, "/nonexistent/musc-kernels")
+    q, k, v = heads_of(1, 2, 20, seed=6)
+    with caplog.at_level(logging.WARNING, logger="musc_core.attention"):
+        first = attention(q, k, v)
+        attention(q, k, v)
+    assert torch.equal(first, F.scaled_dot_product_attention(q, k, v))
+    assert "no C compiler" in (native.unavailable_reason() or "")
+    assert len([r for r in caplog.records if "native bf16 attention" in r.message]) == 1
+
+
+def test_a_cpu_without_avx512_bf16_never_compiles(monkeypatch):
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_unavailable", None)
+    monkeypatch.setattr(native, "cpu_runs_kernel", lambda: False)
+
+    def refuse(*_):
+        raise AssertionError("compiled on a CPU that cannot run the kernel")
+
+    monkeypatch.setattr(native, "build_kernel", refuse)
+    q, k, v = heads_of(1, 1, 8, seed=7)
+    assert not native_applies(q, k, v)
+    assert native_kernel() is None
+
+
+def _tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, patch_size=8
+    ).eval()
+
+
+def test_routed_timm_vit_keeps_parameters_and_float32_results():
+    plain, routed = _tiny_vit(), _tiny_vit()
+    assert use_native_attention(routed) == len(routed.blocks)
+    assert list(routed.state_dict()) == list(plain.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(routed(images), plain(images))
+
+
+def test_routed_timm_vit_in_bf16_is_as_close_to_float32_as_timm_bf16():
+    plain, routed = _tiny_vit(), _tiny_vit()
+    use_native_attention(routed)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        exact = plain.forward_features(images).double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = plain.forward_features(images).float()
+            ours = routed.forward_features(images).float()
+    assert relative(ours, exact) <= 1.5 * relative(theirs, exact) + 1e-4
+    assert relative(ours, exact) < 2e-2
+
+
+def test_attention_with_qk_norm_is_left_to_timm():
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, patch_size=8,
+        qk_norm=True,
+    )
+    assert use_native_attention(model) == 0
