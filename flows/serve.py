@@ -8,8 +8,9 @@ memory (:mod:`tasks.planning.bank_memory`). A request then runs ``score_new``'s 
 in this process, without Prefect's engine:
 
 - the same task functions (preparation, features, reduction, result files) on a scratch
-  feature cache of the request's own entries (in ``/dev/shm`` when there is one), removed
-  after the request: parts do not fill the line's cache;
+  feature cache of the request's own entries, held in this process's memory
+  (:mod:`tasks.cache.memory`: no encoding, no checksums, no files) and dropped after the
+  request: parts do not fill the line's cache;
 - the same plan (:func:`tasks.planning.bank.plan_against_bank`: the bank without a sample
   equal to the part) and keys, the pair shards computed against the bank's features in
   memory (:func:`tasks.scoring.score_pairs_against`), RsCon and the decisions with
@@ -23,8 +24,6 @@ same bank, and its results are written like ``score_new``'s: ``scores.csv``, ``m
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -39,6 +38,7 @@ from flows.settings import BankChoice, NewPartsChanges, Station, StationRun
 from flows.stages import preparation_summary, run_info
 from musc_core.config import MuscConfig
 from tasks.cache.keys import Identities, decisions_key, prepared_keys, sample_keys
+from tasks.cache.memory import drop_memory_cache, memory_cache_url
 from tasks.decisions import Decided, decide_pool, write_decided
 from tasks.discover import DiscoveredSample, input_digests
 from tasks.features import (
@@ -60,7 +60,7 @@ from tasks.runtime import Runtime, extractor_2d, extractor_3d, feature_cache, id
 from tasks.scoring import reduce_samples, score_pairs_against
 from tasks.stage import StageCount, add_counts
 
-#: Where the scratch caches go when the machine has a memory-backed file system.
+#: Where uploaded files go when the machine has a memory-backed file system.
 SHM = Path("/dev/shm")
 
 
@@ -114,7 +114,7 @@ class ScoredPart:
 
 
 def scratch_parent() -> str | None:
-    """The folder for scratch caches: ``/dev/shm`` when writable, else the system's default."""
+    """The folder for uploads: ``/dev/shm`` when writable, else the system's default."""
     return str(SHM) if SHM.is_dir() and os.access(SHM, os.W_OK) else None
 
 
@@ -181,11 +181,9 @@ class InspectionStation:
         self.startup_seconds = time.perf_counter() - started
         self.scored = 0
         self._lock = threading.Lock()
-        self._scratch = new_scratch()
 
     def close(self) -> None:
-        """Remove the scratch folder (the station scores no more parts)."""
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        """Nothing left to free: each request drops its own scratch cache."""
 
     @property
     def config(self) -> MuscConfig:
@@ -227,11 +225,11 @@ class InspectionStation:
             PartRefused: a part that cannot be prepared (422, naming the file and why).
         """
         with self._lock:
-            scratch = Runtime(str(Path(self._scratch) / "cache"), self.request.device)
+            scratch = Runtime(memory_cache_url(), self.request.device)
             try:
                 summary = self._score(files, scratch)
             finally:
-                shutil.rmtree(scratch.cache_url, ignore_errors=True)
+                drop_memory_cache(scratch.cache_url)
             self.scored += 1
             return summary
 
@@ -379,7 +377,3 @@ class InspectionStation:
                                           config, scratch))
         return counts
 
-
-def new_scratch() -> str:
-    """A fresh scratch folder (the caller removes it)."""
-    return tempfile.mkdtemp(prefix="musc-serve-", dir=scratch_parent())

@@ -26,6 +26,7 @@ from tasks.backbones import (
     resolve_device,
 )
 from tasks.cache.keys import Identities
+from tasks.cache.memory import MemoryCache, is_memory_url, memory_cache
 from tasks.cache.store import FeatureCache
 from tasks.stage import TASK_OPTIONS
 
@@ -40,7 +41,8 @@ class Runtime:
     """Where a task runs and what it writes to.
 
     Attributes:
-        cache_url: feature-cache root (local path or ``s3://``).
+        cache_url: feature-cache root (local path or ``s3://``), or an in-process cache
+            (:func:`tasks.cache.memory.memory_cache_url`, the inspection station's scratch).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda:N"``.
     """
 
@@ -53,8 +55,13 @@ class Runtime:
         return resolve_device(self.device)
 
 
-def feature_cache(url: str) -> FeatureCache:
-    """This thread's handle on the cache at ``url`` (S3 sessions are not shared by threads)."""
+def feature_cache(url: str) -> FeatureCache | MemoryCache:
+    """This thread's handle on the cache at ``url`` (S3 sessions are not shared by threads).
+
+    An in-process cache's URL gives that cache itself (one per process, for every thread).
+    """
+    if is_memory_url(url):
+        return memory_cache(url)
     caches = getattr(_LOCAL, "caches", None)
     if caches is None:
         caches = _LOCAL.caches = {}
