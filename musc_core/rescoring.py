@@ -25,8 +25,16 @@ def salient_features(patch_scores: torch.Tensor, features: torch.Tensor) -> torc
     return features[torch.arange(features.shape[0], device=features.device), best]
 
 
+#: Similarity entries RsCon holds at a time (64 MiB in float32): rows of W are taken in blocks
+#: so that memory stays bounded by this, not by N² (1.2 GiB at N = 10,000 in one piece).
+RSCON_BLOCK_ENTRIES = 1 << 24
+
+
 def rscon(
-    scores: torch.Tensor, salient: torch.Tensor, windows: Sequence[int] = (1, 7)
+    scores: torch.Tensor,
+    salient: torch.Tensor,
+    windows: Sequence[int] = (1, 7),
+    block_entries: int = RSCON_BLOCK_ENTRIES,
 ) -> torch.Tensor:
     """Re-score samples with their most similar samples' scores (Eq. 14–15).
 
@@ -35,10 +43,15 @@ def rscon(
     1 and multiplied with ``c``; the results of all windows are averaged. With windows (1, 7)
     and each sample most similar to itself this is ``½(c + P₇c)``.
 
+    Rows are independent: W is computed a block of rows at a time, so memory is
+    O(``block_entries`` + N·C) instead of O(N²). Up to N = 4096 with the default that is one
+    block (the whole matrix); larger pools agree with the one-block result to float32 rounding.
+
     Args:
         scores: (N,) sample scores c_i.
         salient: (N, C) anomaly-salient features.
         windows: neighbourhood sizes k (paper: 1 and 7).
+        block_entries: entries of W held at a time (at least one row).
 
     Returns:
         (N,) re-scored, on the min-max normalized scale (all zeros when every score is equal).
@@ -49,14 +62,16 @@ def rscon(
     if not windows or any(k <= 0 for k in windows):
         raise ValueError(f"windows must be positive, got {tuple(windows)}")
     feats = salient.float()
-    similarity = feats @ feats.T
     c = scores.float()
     span = c.max() - c.min()
     c = (c - c.min()) / torch.where(span > 0, span, torch.ones_like(span))
     result = torch.zeros_like(c)
-    for k in windows:
-        top = torch.topk(similarity, min(int(k), n), dim=1)
-        mask = torch.zeros_like(similarity).scatter_(1, top.indices, top.values)
-        mask = mask / mask.sum(dim=1, keepdim=True)
-        result += mask @ c
+    rows = max(1, block_entries // max(n, 1))
+    for start in range(0, n, rows):
+        similarity = feats[start:start + rows] @ feats.T  # (rows, N)
+        for k in windows:
+            top = torch.topk(similarity, min(int(k), n), dim=1)
+            mask = torch.zeros_like(similarity).scatter_(1, top.indices, top.values)
+            mask = mask / mask.sum(dim=1, keepdim=True)
+            result[start:start + rows] += mask @ c
     return result / len(windows)

@@ -83,3 +83,21 @@ def test_salient_features_take_the_argmax_patch():
     for i in range(3):
         best = max(range(6), key=lambda m: float(scores[i, m]))
         assert torch.equal(got[i], feats[i, best])
+
+
+@pytest.mark.parametrize("rows", [1, 7, 50])
+def test_rscon_in_row_blocks_matches_the_literal_definition(rows):
+    torch.manual_seed(2)
+    n = 50
+    feats = F.normalize(torch.rand(n, 8, dtype=torch.float64), dim=-1)
+    scores = torch.rand(n, dtype=torch.float64)
+    w = (feats @ feats.T).tolist()
+    c = normalized(scores.tolist())
+    per_window = [literal_window_scores(w, c, k) for k in (1, 7)]
+    want = torch.tensor([sum(v) / 2 for v in zip(*per_window, strict=True)], dtype=torch.float64)
+    got = rscon(scores, feats, (1, 7), block_entries=rows * n)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # row blocks agree with the whole matrix to float32 rounding (a GEMM of fewer rows may sum
+    # in another order)
+    whole = rscon(scores, feats, (1, 7), block_entries=n * n)
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
