@@ -16,7 +16,8 @@ a fresh store. It prints and records:
 - the task runs: those the Prefect API recorded for the flow run, and those the planner
   (:func:`tasks.planning.groups.planned_task_runs`) says its stages submit;
 - peak resident memory of the flow process, of the largest Dask worker process, and of the
-  local Prefect server, each sampled every 50 ms;
+  local Prefect server, each sampled every 50 ms; the worker's peak per stage (stages placed
+  back to back from the run's end, boundaries to about a second);
 - the task runs the planner gives, without running anything, for N up to 100,000; for N up
   to ``--plan-keys-max`` also the time of the flow's full planning (every cache key) and the
   pickled size of the pair and reduction tasks' parameters.
@@ -70,7 +71,10 @@ class ProcessPeaks:
         self.existing: dict[int, int] = {}
         self.own_cpu = 0.0
         self.started_cpu: dict[int, float] = {}
+        #: Largest worker RSS (bytes) seen in each second since the start, by second.
+        self.worker_timeline: dict[int, int] = {}
         self._own_cpu_start = 0.0
+        self._t0 = time.perf_counter()
         self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -90,6 +94,8 @@ class ProcessPeaks:
             peaks[child.pid] = max(peaks.get(child.pid, 0), rss)
             if child.pid not in self._before:
                 self.started_cpu[child.pid] = times.user + times.system
+                second = int(time.perf_counter() - self._t0)
+                self.worker_timeline[second] = max(self.worker_timeline.get(second, 0), rss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -100,6 +106,7 @@ class ProcessPeaks:
         self._before = {p.pid for p in psutil.Process().children(recursive=True)}
         times = psutil.Process().cpu_times()
         self._own_cpu_start = times.user + times.system
+        self._t0 = time.perf_counter()
         self._sample()
         self._thread.start()
         return self
@@ -111,6 +118,30 @@ class ProcessPeaks:
 
 def _mib(value: int) -> float:
     return round(value / 2**20, 1)
+
+
+def stage_worker_peaks(timeline: dict[int, int], stages: dict[str, float],
+                       wall: float) -> dict[str, float]:
+    """Peak worker RSS (MiB) during each stage, stages placed back to back from the run's end.
+
+    The flow's stages run one after the other and the run ends with its last stage, so stage
+    k is taken to span the ``stages[k]`` seconds before the later stages' total; the gaps
+    between stages (task submission, a second or so) are not placed, so boundaries are
+    approximate to about that.
+
+    Args:
+        timeline: largest worker RSS in bytes per second since the run's start.
+        stages: stage durations in seconds, in run order.
+        wall: the run's wall time in seconds.
+    """
+    peaks: dict[str, float] = {}
+    end = wall
+    for name, seconds in reversed(list(stages.items())):
+        start = end - seconds
+        inside = [rss for t, rss in timeline.items() if start - 1 <= t <= end]
+        peaks[name] = _mib(max(inside, default=0))
+        end = start
+    return dict(reversed(list(peaks.items())))
 
 
 async def _task_runs(run_id: str) -> dict[str, int]:
@@ -256,6 +287,8 @@ def run_size(work: Path, n: int, args: argparse.Namespace) -> dict:
         "cpu_s_per_sample": round((peaks.own_cpu + sum(peaks.started_cpu.values())) / n, 4),
         "peak_rss_flow_mib": _mib(peaks.own),
         "peak_rss_worker_mib": _mib(max(peaks.started.values(), default=0)),
+        "peak_rss_worker_by_stage_mib": stage_worker_peaks(
+            peaks.worker_timeline, summary["timings"], wall),
         "processes_started": len(peaks.started),
         "peak_rss_prefect_server_mib": _mib(max(peaks.existing.values(), default=0)),
     }
@@ -313,7 +346,8 @@ def main() -> None:
                   f"runs (planner: {row['planned']['total']} + discovery/report), peak RSS flow "
                   f"{row['peak_rss_flow_mib']:.0f} MiB, worker {row['peak_rss_worker_mib']:.0f} "
                   f"MiB, Prefect server {row['peak_rss_prefect_server_mib']:.0f} MiB; stages "
-                  f"{row['stage_s']}", flush=True)
+                  f"{row['stage_s']}; worker peak by stage (MiB) "
+                  f"{row['peak_rss_worker_by_stage_mib']}", flush=True)
     report["runs"] = runs
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
