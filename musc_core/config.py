@@ -10,6 +10,7 @@ MODALITIES = ("2d", "3d", "2d+3d")
 DISTANCE_DTYPES = ("auto", "float32", "bfloat16")
 BATCHNORM_MODES = ("sample", "running")
 REFERENCE_CHOICES = ("similar", "cycle")
+SUPPORT_PLANE_MODES = ("auto", "remove", "keep")
 
 
 def setting(
@@ -75,6 +76,12 @@ class MuscConfig:
             RsCon scores (``flag_outliers``), a pixel is predicted defective above median +
             k·1.4826·MAD of the per-sample map maxima; k > 0, 3 robust standard deviations by
             default. Changes no score or map.
+        support_plane: the support plane of MVTec 3D-AD scans
+            (:func:`musc_core.preprocess_points.clean_mvtec3d`): ``"remove"`` fits it to the
+            10-pixel border and removes it (raw scans, the authors' release), ``"keep"`` never
+            does (pre-cleaned parts), ``"auto"`` removes it when a plane fitted to the border
+            fills the border and the points off it lie mostly in front of it (towards the
+            sensor), so the top face of a pre-cleaned part that reaches the border is kept.
     """
 
     modality: str = setting("2d+3d", "modalities scored", choices=MODALITIES)
@@ -126,6 +133,12 @@ class MuscConfig:
     flag_mad_k: float = setting(
         3.0, "k of the flag rule: median + k·1.4826·MAD of the RsCon scores", "> 0, finite"
     )
+    support_plane: str = setting(
+        "auto",
+        "MVTec 3D-AD support plane: auto (removed when it fills the border behind the part), "
+        "remove (raw scans), keep (pre-cleaned parts)",
+        choices=SUPPORT_PLANE_MODES,
+    )
 
     def __post_init__(self) -> None:
         """Reject settings that cannot run, naming the field."""
@@ -140,6 +153,10 @@ class MuscConfig:
             raise ValueError(
                 f"reference_choice must be one of {REFERENCE_CHOICES}, "
                 f"got {self.reference_choice!r}"
+            )
+        if self.support_plane not in SUPPORT_PLANE_MODES:
+            raise ValueError(
+                f"support_plane must be one of {SUPPORT_PLANE_MODES}, got {self.support_plane!r}"
             )
         if self.point_batchnorm not in BATCHNORM_MODES:
             raise ValueError(

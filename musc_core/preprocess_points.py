@@ -6,20 +6,25 @@ Arrays in, arrays out; reading files is the caller's business. An organized poin
 Dataset cleaning follows the authors' release:
 
 - MVTec 3D-AD: the support plane is fitted by RANSAC to the points of a 10-pixel border and
-  removed, the maps are zero-padded to a square, and only the largest DBSCAN cluster is kept.
+  removed (when it fills the border behind the part, always, or never: ``support_plane``),
+  the maps are zero-padded to a square, and only the largest DBSCAN cluster is kept.
 - Eyecandies: the depth PNG is converted to metric depth and back-projected with the pose, the
   support plane is dropped by a height rule and the brightest DBSCAN cluster is kept.
 
-Open3D (RANSAC, DBSCAN) is imported only when a cleaning function runs.
+Open3D (RANSAC) is imported only when a plane is fitted; DBSCAN is
+:func:`musc_core.clustering.dbscan` (Open3D's labels, computed on a grid).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from musc_core.clustering import dbscan
 
 EYECANDIES_FOCAL = 711.11
 # Eyecandies categories whose support plane is not removed (reference behaviour).
@@ -107,20 +112,9 @@ def organized_to_points(xyz: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _open3d():
-    import open3d as o3d  # heavy, only needed for cleaning
+    import open3d as o3d  # heavy, only needed for the plane fit
 
     return o3d
-
-
-def _dbscan(points: np.ndarray, eps: float, min_points: int) -> np.ndarray:
-    """Open3D DBSCAN labels (−1 = noise) of (n, 3) points."""
-    if points.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    o3d = _open3d()
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
-    with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
-        labels = cloud.cluster_dbscan(eps=eps, min_points=min_points, print_progress=False)
-    return np.asarray(labels, dtype=np.int64)
 
 
 def _check_planar(name: str, array: np.ndarray | None, shape: tuple[int, int]) -> None:
@@ -144,26 +138,39 @@ def _pad_square(array: np.ndarray, side: int) -> np.ndarray:
 
 
 def mvtec3d_has_support_plane(xyz: np.ndarray) -> bool:
-    """Whether an MVTec 3D-AD XYZ map still holds its support plane.
+    """Whether the border of an MVTec 3D-AD XYZ map holds enough points for a plane fit.
 
     The plane fills the border of a raw scan; the widely used MVTec 3D-AD preprocessing (the
-    authors' script, run in place) zeroes it, which leaves the border empty. The plane is taken
-    as present when the 10-pixel border bands hold at least the 50 valid points the RANSAC fit
-    needs (the count :func:`clean_mvtec3d` would refuse below).
+    authors' script, run in place) zeroes it, which leaves the border empty. The fit needs the
+    50 valid points of one RANSAC hypothesis in the 10-pixel border bands. A part that reaches
+    the border also puts points there: :func:`is_support_plane` tells the two apart.
 
     Args:
         xyz: (H, W, 3) XYZ map, zeros = no point.
 
     Returns:
-        True when the support plane is to be fitted and removed.
+        True when a support plane can be fitted to the border.
     """
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) XYZ map, got shape {xyz.shape}")
     return _border_points(xyz, _MVTEC_BORDER).shape[0] >= _MVTEC_RANSAC["ransac_n"]
 
 
-def _remove_support_plane(xyz: np.ndarray, rgb: np.ndarray | None) -> None:
-    """Fit the support plane to the border points and zero every pixel near it, in place."""
+def fit_support_plane(xyz: np.ndarray) -> np.ndarray:
+    """RANSAC plane of the border points of an MVTec 3D-AD XYZ map (seeded, reproducible).
+
+    Open3D ``segment_plane`` (distance 0.004, 50 points per hypothesis, 1000 iterations) with
+    Open3D's random generator seeded with 0, over the valid points of the 10-pixel border.
+
+    Args:
+        xyz: (H, W, 3) XYZ map, zeros = no point.
+
+    Returns:
+        (4,) float64 ``(a, b, c, d)`` of the plane ``a·x + b·y + c·z + d = 0``, unit normal.
+
+    Raises:
+        ValueError: fewer than 50 valid border points.
+    """
     border = _border_points(xyz, _MVTEC_BORDER)
     if border.shape[0] < _MVTEC_RANSAC["ransac_n"]:
         raise ValueError(
@@ -175,59 +182,133 @@ def _remove_support_plane(xyz: np.ndarray, rgb: np.ndarray | None) -> None:
     o3d.utility.random.seed(_OPEN3D_SEED)
     with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
         plane, _ = cloud.segment_plane(**_MVTEC_RANSAC)
-    plane = np.asarray(plane, dtype=np.float64).reshape(4)
-    distance = np.abs(xyz.reshape(-1, 3).astype(np.float64) @ plane[:3] + plane[3])
-    on_plane = (distance < _MVTEC_PLANE_DISTANCE).reshape(xyz.shape[:2])
-    xyz[on_plane] = 0
-    if rgb is not None:
-        rgb[on_plane] = 0
+    return np.asarray(plane, dtype=np.float64).reshape(4)
 
 
-def clean_mvtec3d(
+def _plane_distance(xyz: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """(H, W) signed distance of every pixel's point to the plane (empty pixels included)."""
+    return (xyz.reshape(-1, 3).astype(np.float64) @ plane[:3] + plane[3]).reshape(xyz.shape[:2])
+
+
+def _border_band(shape: tuple[int, int], width: int) -> np.ndarray:
+    """(H, W) bool: the pixels of the top, bottom, left and right ``width``-pixel bands."""
+    band = np.zeros(shape, dtype=bool)
+    band[:width] = band[-width:] = True
+    band[:, :width] = band[:, -width:] = True
+    return band
+
+
+def is_support_plane(xyz: np.ndarray, plane: np.ndarray) -> bool:
+    """Whether a plane fitted to the border is a support plane, as in a raw scan.
+
+    In a raw scan the support plane fills the border and the part stands in front of it, as
+    the sensor (the origin of the XYZ frame) sees it. A pre-cleaned part that reaches the
+    border puts only its own points there, and the fit finds one of its faces (its flat top,
+    say). Both must hold for a support plane:
+
+    - the plane's points (within 0.005) fill at least half of the 10-pixel border bands'
+      pixels (a pre-cleaned part leaves the border empty where the plane was removed);
+    - at least half of the valid points off the plane lie on the sensor's side of it (the rest
+      of a part whose top face was fitted lies behind that face).
+
+    A plane that holds every point, or passes through the sensor, is not a support plane.
+
+    Args:
+        xyz: (H, W, 3) XYZ map in the sensor's frame, zeros = no point.
+        plane: (4,) plane from :func:`fit_support_plane`.
+
+    Returns:
+        True when the plane is to be removed.
+    """
+    valid = foreground_mask(xyz)
+    distance = _plane_distance(xyz, plane)
+    on_plane = valid & (np.abs(distance) < _MVTEC_PLANE_DISTANCE)
+    band = _border_band(xyz.shape[:2], _MVTEC_BORDER)
+    if 2 * np.count_nonzero(on_plane[band]) < np.count_nonzero(band):
+        return False
+    off = distance[valid & ~on_plane]
+    sensor_side = np.sign(plane[3])
+    if off.size == 0 or sensor_side == 0:
+        return False
+    return bool(2 * np.count_nonzero(np.sign(off) == sensor_side) >= off.size)
+
+
+class MvtecCleaning(NamedTuple):
+    """An MVTec 3D-AD scan after :func:`mvtec3d_cleaning`.
+
+    Attributes:
+        xyz: (L, L, 3) float32 cleaned XYZ map, padded to a square.
+        rgb: (L, L, …) image as cleaned (same dtype as given), or None.
+        mask: (L, L) padded ground-truth mask, or None.
+        plane_removed: whether the support plane was removed.
+        points: valid points as read, after the plane removal, and kept (largest cluster).
+    """
+
+    xyz: np.ndarray
+    rgb: np.ndarray | None
+    mask: np.ndarray | None
+    plane_removed: bool
+    points: tuple[int, int, int]
+
+
+def mvtec3d_cleaning(
     xyz: np.ndarray,
     rgb: np.ndarray | None,
     mask: np.ndarray | None,
-    remove_plane: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    support_plane: str = "auto",
+) -> MvtecCleaning:
     """MVTec 3D-AD cleaning: support-plane removal, square padding, largest cluster.
 
-    1. RANSAC plane (Open3D ``segment_plane``: distance 0.004, 50 points per hypothesis, 1000
-       iterations, Open3D's random generator seeded with 0) fitted to the valid points of the
-       10-pixel border bands; every pixel within 0.005 of the plane is zeroed in the XYZ map
-       and the RGB image (the reference tests every pixel, including empty ones).
+    1. Support plane (``support_plane``): ``"remove"`` fits a RANSAC plane to the border
+       (:func:`fit_support_plane`) and zeroes every pixel within 0.005 of it in the XYZ map and
+       the RGB image (the reference tests every pixel, including empty ones); ``"keep"`` skips
+       the step; ``"auto"`` removes the plane only when the border holds enough points for the
+       fit (:func:`mvtec3d_has_support_plane`) and the fitted plane is a support plane: it
+       fills the border and the part lies in front of it (:func:`is_support_plane`).
     2. Zero padding of map, image and mask to a square whose side is the larger of height and
        width, each rounded up to a multiple of 100; the content is centred as in the reference
        release (padding split evenly, the odd pixel at the bottom/right).
-    3. Open3D DBSCAN (eps 0.006, 30 points) over the remaining points; only the largest cluster
-       is kept (ties: the lower label), other points are zeroed in the map and the image. Noise
-       (label −1) is never kept: the reference would keep it if it outnumbered every cluster.
-
-    Step 1 is skipped with ``remove_plane=False`` (data whose plane was already removed, see
-    :func:`mvtec3d_has_support_plane`); steps 2 and 3 always run.
+    3. DBSCAN (eps 0.006, 30 points; Open3D's labels, :func:`musc_core.clustering.dbscan`) over
+       the remaining points; only the largest cluster is kept (ties: the lower label), other
+       points are zeroed in the map and the image. Noise (label −1) is never kept: the
+       reference would keep it if it outnumbered every cluster.
 
     Args:
         xyz: (H, W, 3) XYZ map, zeros = no point.
         rgb: (H, W, 3) image of the same size, or None.
         mask: (H, W) ground-truth mask of the same size, or None.
-        remove_plane: fit and remove the support plane (step 1).
+        support_plane: ``"auto"``, ``"remove"`` or ``"keep"``.
 
     Returns:
-        ``(xyz, rgb, mask)`` cleaned and padded to (L, L): float32, same dtype as given, same
-        dtype as given (None stays None).
+        The cleaned, padded arrays and what the steps kept.
 
     Raises:
-        ValueError: inputs of different sizes, or fewer than 50 valid border points.
+        ValueError: inputs of different sizes, an unknown mode, or ``"remove"`` with fewer
+            than 50 valid border points.
     """
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) XYZ map, got shape {xyz.shape}")
+    if support_plane not in ("auto", "remove", "keep"):
+        raise ValueError(f"support_plane must be 'auto', 'remove' or 'keep', got {support_plane!r}")
     shape = xyz.shape[:2]
     _check_planar("RGB image", rgb, shape)
     _check_planar("mask", mask, shape)
     xyz = np.array(xyz, dtype=np.float32)
     rgb = None if rgb is None else np.array(rgb)
+    read = int(foreground_mask(xyz).sum())
 
-    if remove_plane:
-        _remove_support_plane(xyz, rgb)
+    removed = False
+    if support_plane == "remove" or (
+        support_plane == "auto" and mvtec3d_has_support_plane(xyz)
+    ):
+        plane = fit_support_plane(xyz)
+        if support_plane == "remove" or is_support_plane(xyz, plane):
+            on_plane = np.abs(_plane_distance(xyz, plane)) < _MVTEC_PLANE_DISTANCE
+            xyz[on_plane] = 0
+            if rgb is not None:
+                rgb[on_plane] = 0
+            removed = True
+    after_plane = int(foreground_mask(xyz).sum())
 
     side = max(math.ceil(shape[0] / 100) * 100, math.ceil(shape[1] / 100) * 100)
     xyz = _pad_square(xyz, side)
@@ -236,7 +317,7 @@ def clean_mvtec3d(
 
     flat = xyz.reshape(-1, 3)
     valid = np.flatnonzero(foreground_mask(flat))
-    labels = _dbscan(flat[valid], **_MVTEC_DBSCAN)
+    labels = dbscan(flat[valid], **_MVTEC_DBSCAN)
     clustered = labels >= 0
     keep = np.zeros(valid.shape[0], dtype=bool)
     if clustered.any():
@@ -246,7 +327,32 @@ def clean_mvtec3d(
     flat[dropped] = 0
     if rgb is not None:
         rgb.reshape(side * side, -1)[dropped] = 0
-    return xyz, rgb, mask
+    return MvtecCleaning(xyz, rgb, mask, removed, (read, after_plane, int(keep.sum())))
+
+
+def clean_mvtec3d(
+    xyz: np.ndarray,
+    rgb: np.ndarray | None,
+    mask: np.ndarray | None,
+    remove_plane: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The authors' MVTec 3D-AD cleaning: :func:`mvtec3d_cleaning` with the plane removed.
+
+    Args:
+        xyz: (H, W, 3) XYZ map, zeros = no point.
+        rgb: (H, W, 3) image of the same size, or None.
+        mask: (H, W) ground-truth mask of the same size, or None.
+        remove_plane: fit and remove the support plane (``"remove"``); False skips the step
+            (``"keep"``, data whose plane was already removed).
+
+    Returns:
+        ``(xyz, rgb, mask)`` cleaned and padded to (L, L).
+
+    Raises:
+        ValueError: inputs of different sizes, or fewer than 50 valid border points.
+    """
+    cleaned = mvtec3d_cleaning(xyz, rgb, mask, "remove" if remove_plane else "keep")
+    return cleaned.xyz, cleaned.rgb, cleaned.mask
 
 
 def depth_from_png(depth_u16: np.ndarray, depth_min: float, depth_max: float) -> np.ndarray:
@@ -344,7 +450,7 @@ def clean_eyecandies(
             plane = normalized >= normalized.max() - _EYECANDIES_PLANE_MARGIN
             flat[valid[plane]] = 0
             valid = valid[~plane]
-    labels = _dbscan(flat[valid], **_EYECANDIES_DBSCAN)
+    labels = dbscan(flat[valid], **_EYECANDIES_DBSCAN)
     keep = np.zeros(valid.shape[0], dtype=bool)
     clustered = labels >= 0
     if clustered.any():

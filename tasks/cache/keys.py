@@ -6,16 +6,16 @@ preprocessing setting or backbone (name + weights digest) gives a new key, and a
 finds the entry a previous run wrote. The flow derives every key up front from the samples'
 input digests and the settings, so tasks receive keys and never large arrays.
 
-Chains (→ reads the entry of), one row per stage in ``docs/cache-keys.md``:
-``prepared_2d`` (the files the image preparation reads, format, size) ← ``tokens_2d``
-(2D backbone, layers, ViT dtype) ← ``snamd_2d`` (degrees); ``prepared_3d`` (the files the
-point preparation reads, format, size, Eyecandies category) ← ``grouping`` (G, K, K_iter,
-C_thr) ← ``tokens_3d`` (3D backbone, layers, BatchNorm mode) ← ``snamd_3d`` (degrees);
-``mask`` (the mask file, format, size) is read by reports and metrics only; pairs of blocks
-of one modality's SNAMD features ← ``pairs`` (GEMM dtype); a sample's pairs to its
-references ← ``reduced`` (Interval Average ratio, map settings); the pool's reduced entries ←
-``decisions`` (RsCon windows, flag rule, which part of the pool sets the thresholds). The
-modality enters no per-sample or pair key (a 2D, a 3D and a 2D+3D run share those entries),
+Chains (→ reads the entry of), one row per stage in ``docs/cache-keys.md``: ``prepared_2d`` (the
+files the image preparation reads, format, size, MVTec 3D-AD support-plane mode) ← ``tokens_2d``
+(2D backbone, layers, ViT dtype) ← ``snamd_2d`` (degrees); ``prepared_3d`` (the files the point
+preparation reads, format, size, MVTec 3D-AD support-plane mode, Eyecandies category) ←
+``grouping`` (G, K, K_iter, C_thr) ← ``tokens_3d`` (3D backbone, layers, BatchNorm mode) ←
+``snamd_3d`` (degrees); ``mask`` (the mask file, format, size) is read by reports and metrics
+only; pairs of blocks of one modality's SNAMD features ← ``pairs`` (GEMM dtype); a sample's
+pairs to its references ← ``reduced`` (Interval Average ratio, map settings); the pool's reduced
+entries ← ``decisions`` (RsCon windows, flag rule, which part of the pool sets the thresholds).
+The modality enters no per-sample or pair key (a 2D, a 3D and a 2D+3D run share those entries),
 only the reduced one; labels and masks enter no feature key.
 """
 
@@ -144,8 +144,9 @@ def prepared_keys(
     """Keys of a sample's prepared entries.
 
     Each key hashes the digests of the files its entry is made from (see :data:`IMAGE_READS`
-    and :data:`POINT_READS`), the format (its cleaning), the image size and, for Eyecandies
-    points, the category (its plane rule). The modality only decides which entries exist.
+    and :data:`POINT_READS`), the format (its cleaning), the image size, for MVTec 3D-AD the
+    support-plane mode and, for Eyecandies points, the category (its plane rule). The
+    modality only decides which entries exist.
 
     Args:
         digests: SHA-256 of each input file by role (``image``, ``xyz``, ``mask``, ``depth``,
@@ -159,15 +160,19 @@ def prepared_keys(
     """
     size = config.image_size
     image = points = mask = None
+    # MVTec 3D-AD cleaning (image and points) depends on the support-plane mode.
+    plane = {"plane": config.support_plane} if fmt == "mvtec3d" else {}
     if config.uses_2d:
         reads = IMAGE_READS.get(fmt, DEFAULT_IMAGE_READS)
-        image = _key("prepared_2d", inputs=_inputs(digests, reads), format=fmt, image_size=size)
+        image = _key(
+            "prepared_2d", inputs=_inputs(digests, reads), format=fmt, image_size=size, **plane
+        )
     if config.uses_3d:
         reads = POINT_READS.get(fmt, DEFAULT_POINT_READS)
         rule = category.lower() if fmt == "eyecandies" else ""
         points = _key(
             "prepared_3d", inputs=_inputs(digests, reads), format=fmt, image_size=size,
-            category=rule,
+            category=rule, **plane,
         )
     if "mask" in digests:
         mask = _key("mask", inputs=_inputs(digests, ("mask",)), format=fmt, image_size=size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,9 +15,9 @@ from musc_core.preprocess_image import resize_image, resize_mask, to_rgb_uint8
 from musc_core.preprocess_points import (
     backproject_depth,
     clean_eyecandies,
-    clean_mvtec3d,
     depth_from_png,
     foreground_mask,
+    mvtec3d_cleaning,
     mvtec3d_has_support_plane,
     normalize_unit_sphere,
     organized_to_points,
@@ -38,6 +39,10 @@ MIN_INPUT_SIDE = 8
 #: ``PrepInfo.cleaning`` values of MVTec 3D-AD samples.
 PLANE_REMOVED = "support plane removed"
 PLANE_ALREADY_REMOVED = "support plane already removed (pre-cleaned data)"
+PLANE_NOT_BEHIND = (
+    "support plane kept: the border plane is the part's own face (the part reaches the border)"
+)
+PLANE_KEPT = "support plane kept (support_plane=keep)"
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,9 @@ class PrepInfo:
         mask_shape: (H, W) of the mask file, or None without a mask.
         foreground: foreground points of the XYZ map at the image size, or None.
         cleaning: the dataset cleaning applied (``PLANE_REMOVED``, ``PLANE_ALREADY_REMOVED``,
-            ``"eyecandies"``), or None.
+            ``PLANE_NOT_BEHIND``, ``PLANE_KEPT``, ``"eyecandies"``), or None.
+        cleaned_points: MVTec 3D-AD: valid points as read, after the plane removal and kept
+            by the largest-cluster step (full resolution), or None.
     """
 
     image_shape: tuple[int, int] | None = None
@@ -58,6 +65,7 @@ class PrepInfo:
     mask_shape: tuple[int, int] | None = None
     foreground: int | None = None
     cleaning: str | None = None
+    cleaned_points: tuple[int, int, int] | None = None
 
     def as_meta(self) -> dict[str, object]:
         """JSON-ready form (for cache metadata)."""
@@ -67,6 +75,7 @@ class PrepInfo:
             "mask_shape": None if self.mask_shape is None else list(self.mask_shape),
             "foreground": self.foreground,
             "cleaning": self.cleaning,
+            "cleaned_points": None if self.cleaned_points is None else list(self.cleaned_points),
         }
 
     @classmethod
@@ -77,9 +86,11 @@ class PrepInfo:
             value = meta.get(name)
             return None if value is None else (int(value[0]), int(value[1]))
 
+        counts = meta.get("cleaned_points")
         return cls(
             shape("image_shape"), shape("xyz_shape"), shape("mask_shape"),
             meta.get("foreground"), meta.get("cleaning"),
+            None if counts is None else (int(counts[0]), int(counts[1]), int(counts[2])),
         )
 
     def merged(self, other: PrepInfo) -> PrepInfo:
@@ -90,6 +101,7 @@ class PrepInfo:
             self.mask_shape or other.mask_shape,
             self.foreground if self.foreground is not None else other.foreground,
             self.cleaning or other.cleaning,
+            self.cleaned_points or other.cleaned_points,
         )
 
 
@@ -142,15 +154,36 @@ def _naming(path: str | None, error: ValueError) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
+class _Points(NamedTuple):
+    """A record's organized point cloud as read and cleaned (full resolution)."""
+
+    xyz: np.ndarray
+    rgb: np.ndarray | None
+    mask: np.ndarray | None
+    cleaning: str | None
+    source: tuple[int, int]
+    counts: tuple[int, int, int] | None = None
+
+
+def _mvtec3d_step(support_plane: str, removed: bool, has_border: bool) -> str:
+    """The ``PrepInfo.cleaning`` value of an MVTec 3D-AD cleaning."""
+    if removed:
+        return PLANE_REMOVED
+    if support_plane == "keep":
+        return PLANE_KEPT
+    return PLANE_NOT_BEHIND if has_border else PLANE_ALREADY_REMOVED
+
+
 def _read_points(
-    record: SampleRecord, fmt: str, rgb: np.ndarray | None, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str | None, tuple[int, int]]:
+    record: SampleRecord, fmt: str, rgb: np.ndarray | None, mask: np.ndarray | None,
+    support_plane: str,
+) -> _Points:
     """Read and clean the organized point cloud of a record (full resolution).
 
     Returns:
-        ``(xyz, rgb, mask, cleaning, source shape)``: the cleaned map, the image and mask as
-        the cleaning leaves them (MVTec 3D-AD pads them and blanks image pixels), the cleaning
-        applied and the (H, W) of the file read.
+        The cleaned map, the image and mask as the cleaning leaves them (MVTec 3D-AD pads
+        them and blanks image pixels), the cleaning applied, the (H, W) of the file read and,
+        for MVTec 3D-AD, the points each cleaning step kept.
     """
     if fmt == "eyecandies":
         depth, depth_min, depth_max, pose = load_eyecandies_depth(
@@ -160,12 +193,12 @@ def _read_points(
         xyz = backproject_depth(depth_from_png(depth, depth_min, depth_max), pose)
         _size_check(xyz, rgb, record.depth_path)
         if rgb is None:
-            return xyz, rgb, mask, None, depth.shape[:2]
+            return _Points(xyz, rgb, mask, None, depth.shape[:2])
         try:
             xyz, rgb = clean_eyecandies(xyz, rgb, record.category)
         except ValueError as error:
             raise _naming(record.depth_path, error) from error
-        return xyz, rgb, mask, "eyecandies", depth.shape[:2]
+        return _Points(xyz, rgb, mask, "eyecandies", depth.shape[:2])
     xyz = load_xyz(record.xyz_path)
     shape = xyz.shape[:2]
     _check_side(record.xyz_path, shape, "XYZ map")
@@ -175,13 +208,36 @@ def _read_points(
         raise ValueError(f"{record.xyz_path}: XYZ map has no valid point (all zeros)")
     _size_check(xyz, rgb, record.xyz_path)
     if fmt != "mvtec3d":
-        return xyz, rgb, mask, None, shape
-    plane = mvtec3d_has_support_plane(xyz)
+        return _Points(xyz, rgb, mask, None, shape)
+    has_border = mvtec3d_has_support_plane(xyz)
     try:
-        xyz, rgb, mask = clean_mvtec3d(xyz, rgb, mask, remove_plane=plane)
+        cleaned = mvtec3d_cleaning(xyz, rgb, mask, support_plane)
     except ValueError as error:
         raise _naming(record.xyz_path, error) from error
-    return xyz, rgb, mask, PLANE_REMOVED if plane else PLANE_ALREADY_REMOVED, shape
+    step = _mvtec3d_step(support_plane, cleaned.plane_removed, has_border)
+    return _Points(cleaned.xyz, cleaned.rgb, cleaned.mask, step, shape, cleaned.points)
+
+
+def cleaning_hint(info: PrepInfo) -> str:
+    """What the MVTec 3D-AD cleaning took from a sample, and the setting to change ("" if none).
+
+    Added to the message of a sample that is set aside for too few points, so that it names
+    the cleaning step that took them.
+    """
+    if info.cleaned_points is None:
+        return ""
+    read, after_plane, kept = info.cleaned_points
+    text = f"; the MVTec 3D-AD cleaning kept {kept} of the {read} points read"
+    if info.cleaning == PLANE_REMOVED and read - after_plane > after_plane - kept:
+        return text + (
+            f": the support-plane removal took {read - after_plane} (if these scans are "
+            "pre-cleaned or the part's own face reaches the border, set support_plane to "
+            "'keep', --support-plane keep)"
+        )
+    return text + (
+        f": the largest-cluster step (DBSCAN, eps 6 mm) took {after_plane - kept} "
+        "(the part falls apart into pieces more than 6 mm apart, or is mostly noise)"
+    )
 
 
 def _check_normalizable(resized: np.ndarray, path: str | None) -> None:
@@ -234,7 +290,7 @@ def check_prepared(record: SampleRecord, info: PrepInfo, config: MuscConfig) -> 
         if info.foreground < needed:
             raise ValueError(
                 f"{record.xyz_path or record.depth_path}: {info.foreground} foreground points "
-                f"at {size}x{size}, the grouping needs at least {needed}"
+                f"at {size}x{size}, the grouping needs at least {needed}{cleaning_hint(info)}"
             )
 
 
@@ -243,15 +299,17 @@ def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> Prepar
 
     The image is prepared the same way whatever the modality: MVTec 3D-AD images are always
     cleaned with their XYZ map (read for that alone in a 2D run), so a 2D and a 2D+3D run see
-    the same pixels. MVTec 3D-AD maps whose support plane was already removed (the usual
-    preprocessing, done in place) skip the plane fit; padding and the largest cluster still
-    apply (:attr:`PrepInfo.cleaning` says which was done).
+    the same pixels. The MVTec 3D-AD support plane is removed as ``config.support_plane``
+    says (``auto``: when a plane fills the border behind the part, so maps whose plane was
+    already removed — the usual preprocessing, done in place — keep the part's faces that
+    reach the border); padding and the largest cluster always apply
+    (:attr:`PrepInfo.cleaning` says which was done).
 
     Args:
         record: the sample's files.
         fmt: dataset format (selects the cleaning: MVTec 3D-AD plane removal, Eyecandies
             back-projection).
-        config: modality and image size.
+        config: modality, image size and the support-plane mode.
 
     Returns:
         The preprocessed sample.
@@ -276,8 +334,10 @@ def prepare_record(record: SampleRecord, fmt: str, config: MuscConfig) -> Prepar
                 "prepared with their XYZ map (the background it marks is zeroed)"
             )
         check_prepared(record, info, config)  # the mask's size before the cleaning pads it
-        xyz, rgb, mask, cleaning, source = _read_points(record, fmt, rgb, raw_mask)
-        info = replace(info, xyz_shape=source, cleaning=cleaning)
+        xyz, rgb, mask, cleaning, source, counts = _read_points(
+            record, fmt, rgb, raw_mask, config.support_plane
+        )
+        info = replace(info, xyz_shape=source, cleaning=cleaning, cleaned_points=counts)
         if config.uses_3d:
             resized = resize_xyz_nearest(xyz.astype(np.float32), size)
             info = replace(info, foreground=int(foreground_mask(resized).sum()))

@@ -9,7 +9,10 @@ from musc_core.preprocess_points import (
     clean_eyecandies,
     clean_mvtec3d,
     depth_from_png,
+    fit_support_plane,
     foreground_mask,
+    is_support_plane,
+    mvtec3d_cleaning,
     normalize_unit_sphere,
     organized_to_points,
     resize_xyz_nearest,
@@ -104,6 +107,87 @@ def test_clean_mvtec3d_rejects_a_map_without_border_points():
     xyz[20:40, 20:40] = 1.0
     with pytest.raises(ValueError, match="border"):
         clean_mvtec3d(xyz, None, None)
+
+
+def _sensor_scene(plane=True, reach_border=False, boss=False, fill=False, seed=0):
+    """A part seen by a sensor at the origin: XYZ in its frame, the plane 0.5 m away.
+
+    The part is a 30 mm-high slab (top face) with bevelled sides; ``reach_border`` makes its top
+    face span the whole width of the view, ``fill`` the whole view, ``boss`` adds a raised
+    disc (5.5 mm: joined to the face at this pitch) on top.
+    """
+    rng = np.random.default_rng(seed)
+    size, pitch = 160, 0.0005
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    x0, y0 = (cols - size / 2) * pitch, (rows - size / 2) * pitch
+    half = 1.0 if reach_border or fill else 0.02  # half width along x (metres)
+    inside = np.maximum(np.abs(x0) / half, np.abs(y0) / (1.0 if fill else 0.02))
+    height = 0.03 * np.clip((1.2 - inside) / 0.2, 0, 1)
+    if boss:
+        height = height + 0.0055 * (np.hypot(x0, y0) < 0.008)
+    depth = 0.5 + 0.02 * x0 - height + rng.normal(0, 1e-4, height.shape)
+    xyz = np.stack([x0 * depth / 0.5, y0 * depth / 0.5, depth], axis=-1).astype(np.float32)
+    if fill:  # a recess in the face: points behind it
+        xyz[np.hypot(x0, y0) < 0.01, 2] += 0.0055
+    part = height > 0
+    if not plane:
+        xyz[~part] = 0
+    xyz[rng.random(height.shape) < 0.01] = 0
+    return xyz, foreground_mask(xyz) & part
+
+
+def test_auto_removes_the_plane_of_a_raw_scan_as_remove_does():
+    xyz, part = _sensor_scene(plane=True)
+    plane = fit_support_plane(xyz)
+    assert is_support_plane(xyz, plane)
+    auto = mvtec3d_cleaning(xyz, None, None, "auto")
+    remove = mvtec3d_cleaning(xyz, None, None, "remove")
+    assert auto.plane_removed and np.array_equal(auto.xyz, remove.xyz)
+    assert np.array_equal(auto.xyz, clean_mvtec3d(xyz, None, None)[0])
+    # what is left is the part (its foot, within 5 mm of the plane, goes with the plane)
+    kept = foreground_mask(auto.xyz)[20:180, 20:180]  # 160 -> 200, centred
+    assert kept.sum() > 0.8 * part.sum() and not (kept & ~part).any()
+    read, after_plane, final = auto.points
+    assert read == foreground_mask(xyz).sum() and final == kept.sum() <= after_plane < read
+
+
+@pytest.mark.parametrize("boss", [False, True])
+def test_auto_keeps_a_pre_cleaned_part_whose_top_face_reaches_the_border(boss):
+    xyz, part = _sensor_scene(plane=False, reach_border=True, boss=boss)
+    plane = fit_support_plane(xyz)  # the border holds the part's top face only
+    assert abs(plane[3] / plane[2] + 0.47) < 0.01  # z ≈ 0.47 m: the top face
+    assert not is_support_plane(xyz, plane)
+    auto = mvtec3d_cleaning(xyz, None, None, "auto")
+    keep = mvtec3d_cleaning(xyz, None, None, "keep")
+    assert not auto.plane_removed and np.array_equal(auto.xyz, keep.xyz)
+    assert auto.points == (part.sum(), part.sum(), part.sum())
+    # what "remove" would have done: the top face is gone, little of the part is left
+    remove = mvtec3d_cleaning(xyz, None, None, "remove")
+    assert remove.plane_removed and remove.points[2] < 0.3 * part.sum()
+
+
+def test_a_part_that_fills_the_view_is_not_a_support_plane():
+    # Its top face fills the whole border (the first condition holds); the points off it, a
+    # recess, lie behind it.
+    xyz, part = _sensor_scene(plane=False, fill=True)
+    plane = fit_support_plane(xyz)
+    assert not is_support_plane(xyz, plane)
+    assert mvtec3d_cleaning(xyz, None, None, "auto").points[2] == part.sum()
+    rows, cols = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    flat = np.stack([cols * 1e-3, rows * 1e-3, np.full(rows.shape, 0.5)], -1)
+    # every point on one plane: nothing tells a support plane, nothing is removed
+    assert not is_support_plane(flat, fit_support_plane(flat))
+
+
+def test_auto_skips_the_fit_without_border_points_and_modes_are_checked():
+    xyz, part = _sensor_scene(plane=False)
+    assert foreground_mask(xyz)[:10].sum() == 0
+    auto = mvtec3d_cleaning(xyz, None, None, "auto")
+    assert not auto.plane_removed and auto.points[2] == part.sum()
+    with pytest.raises(ValueError, match="border"):
+        mvtec3d_cleaning(xyz, None, None, "remove")
+    with pytest.raises(ValueError, match="support_plane"):
+        mvtec3d_cleaning(xyz, None, None, "sometimes")
 
 
 def test_depth_from_png_is_the_linear_map():
