@@ -91,6 +91,7 @@ class _Grid:
         keys: (C,) sorted linear keys of the occupied cubes.
         starts, counts: (C,) first position in ``order`` and number of points of each cube.
         strides: key step of one cube along x, y, z.
+        touching: (C,) :meth:`neighbour` of each touching offset, in ``_TOUCHING`` order.
     """
 
     def __init__(self, coords: np.ndarray, strides: tuple[int, int, int]) -> None:
@@ -102,6 +103,7 @@ class _Grid:
         self.cell = np.empty(coords.shape[0], dtype=np.int64)
         self.cell[self.order] = np.repeat(np.arange(self.keys.size), self.counts)
         self.strides = strides
+        self.touching = [self.neighbour(offset) for offset in _TOUCHING]
 
     def neighbour(self, offset: tuple[int, int, int]) -> np.ndarray:
         """(C,) index of the cube at ``offset`` from each cube, −1 where it is empty."""
@@ -151,8 +153,7 @@ class _Components:
 def _core_points(grid: _Grid, tree: cKDTree, points: np.ndarray, eps: float, min_points: int):
     """(n,) bool core points: dense 27-cube blocks without distances, the rest counted."""
     block = grid.counts.copy()
-    for offset in _TOUCHING:
-        found = grid.neighbour(offset)
+    for found in grid.touching:
         block += np.where(found >= 0, grid.counts[found], 0)
     core = block[grid.cell] >= min_points
     uncertain = np.flatnonzero(~core)
@@ -167,8 +168,7 @@ def _cluster_cells(grid: _Grid, points: np.ndarray, core: np.ndarray, eps: float
     core_cells = np.zeros(grid.keys.size, dtype=bool)
     core_cells[grid.cell[core]] = True
     rows, cols = [], []
-    for offset in _TOUCHING:
-        found = grid.neighbour(offset)
+    for found in grid.touching:
         linked = core_cells & (found >= 0)
         linked[linked] = core_cells[found[linked]]
         rows.append(np.flatnonzero(linked))
@@ -176,9 +176,11 @@ def _cluster_cells(grid: _Grid, points: np.ndarray, core: np.ndarray, eps: float
     size = grid.keys.size
     rows_all, cols_all = np.concatenate(rows), np.concatenate(cols)
     graph = coo_matrix((np.ones(rows_all.size, dtype=np.int8), (rows_all, cols_all)), (size, size))
-    _, component = connected_components(graph, directed=False)
+    count, component = connected_components(graph, directed=False)
+    if len(np.unique(component[core_cells])) == 1:
+        return np.where(core_cells, component, -1)
     low, high = _core_bounds(grid, points, sorted_core)
-    union = _Components(size)
+    union = _Components(count)
     for offset in _FAR:
         found = grid.neighbour(offset)
         pairs = np.flatnonzero(core_cells & (found >= 0))

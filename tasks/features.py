@@ -10,6 +10,7 @@ computes the rest on its worker's device and writes one cache entry per sample. 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -91,6 +92,7 @@ def prepare_samples(
 ) -> list[tuple[str, str | None, str | None]]:
     """Load, clean and resize samples into the cache; unusable ones are reported, not raised.
 
+    Samples are prepared on one thread per core of the worker (``torch.get_num_threads()``).
     A sample is read again only when one of its entries (image, XYZ map, mask) is missing;
     the checks that depend on the run's settings (:func:`tasks.formats.prepare.check_prepared`) run
     every time, on the facts stored with the entries.
@@ -106,9 +108,9 @@ def prepare_samples(
         else naming the file and what is wrong with it (the flow sets such samples aside);
         cleaning the dataset cleaning applied (see :class:`tasks.formats.prepare.PrepInfo`).
     """
-    cache = feature_cache(runtime.cache_url)
-    outcomes: list[tuple[str, str | None, str | None]] = []
-    for sample, keys in items:
+    def prepare(item: tuple[DiscoveredSample, PreparedKeys]) -> tuple[str, str | None, str | None]:
+        sample, keys = item
+        cache = feature_cache(runtime.cache_url)  # this thread's handle
         record = sample.record
         # Each entry's own facts first: the mask entry's mask size, the points' foreground.
         needed = [k for k in (keys.mask, keys.points, keys.image) if k is not None]
@@ -120,10 +122,16 @@ def prepare_samples(
                 info = prepared.info
             check_prepared(record, info, config)
         except (ValueError, OSError) as error:
-            outcomes.append((record.name, str(error), None))
-            continue
-        outcomes.append((record.name, None, info.cleaning))
-    return outcomes
+            return record.name, str(error), None
+        return record.name, None, info.cleaning
+
+    # Reading and cleaning run mostly outside the GIL (image decoding, numpy, the KD-tree):
+    # one thread per core of this worker.
+    threads = max(1, min(len(items), torch.get_num_threads()))
+    if threads == 1:
+        return [prepare(item) for item in items]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prepare") as pool:
+        return list(pool.map(prepare, items))
 
 
 @task(name="extract-2d", **TASK_OPTIONS)

@@ -1,23 +1,34 @@
 """Preparation of real-dataset layouts: pre-cleaned MVTec 3D-AD, 2D runs that see what 2D+3D
 runs see, unusable masks and too-small inputs set aside per sample."""
 
+import dataclasses
 import shutil
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from musc_core.config import MuscConfig
 from musc_core.preprocess_points import clean_mvtec3d
-from tasks.formats.datasets import load_image, load_mask, load_xyz, read_dataset
+from tasks.formats.datasets import (
+    SampleRecord,
+    load_image,
+    load_mask,
+    load_xyz,
+    read_dataset,
+)
 from tasks.formats.prepare import (
     PLANE_ALREADY_REMOVED,
+    PLANE_KEPT,
+    PLANE_NOT_BEHIND,
     PLANE_REMOVED,
     prepare_record,
     prepare_records,
 )
 from tasks.synthetic.generator import generate_line
+from tests.core.test_preprocess_points import _sensor_scene
 
 SIZE = 64
 CONFIG_2D = MuscConfig(modality="2d", image_size=SIZE)
@@ -192,3 +203,37 @@ def test_cached_entries_are_checked_again_under_each_run_s_settings(lines, tmp_p
     again = outcomes(CONFIG_BOTH)
     refused = [(name, problem) for name, problem, _ in again if problem]
     assert len(refused) == 1 and str(mask_file) in refused[0][1]
+
+
+def _frame_filling_record(tmp_path):
+    """An MVTec 3D-AD record of a pre-cleaned part whose top face crosses the border."""
+    xyz, _ = _sensor_scene(plane=False, reach_border=True)
+    tifffile.imwrite(tmp_path / "000.tiff", xyz, photometric="rgb")
+    rgb = np.full(xyz.shape, 128, dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "000.png")
+    return SampleRecord(
+        name="good/000", category="part", image_path=str(tmp_path / "000.png"),
+        xyz_path=str(tmp_path / "000.tiff"), label=0,
+    )
+
+
+def test_a_pre_cleaned_part_reaching_the_border_keeps_its_top_face(tmp_path):
+    record = _frame_filling_record(tmp_path)
+    config = MuscConfig(image_size=64, num_groups=64, group_size=16, ipg_step=8)
+    auto = prepare_record(record, "mvtec3d", config)
+    assert auto.info.cleaning == PLANE_NOT_BEHIND
+    read, after_plane, kept = auto.info.cleaned_points
+    assert read == after_plane == kept
+    keep = prepare_record(record, "mvtec3d", dataclasses.replace(config, support_plane="keep"))
+    assert keep.info.cleaning == PLANE_KEPT and torch.equal(keep.sample.xyz, auto.sample.xyz)
+
+
+def test_a_part_destroyed_by_the_plane_removal_is_set_aside_naming_the_step(tmp_path):
+    record = _frame_filling_record(tmp_path)
+    config = MuscConfig(image_size=64, num_groups=1024, group_size=16, ipg_step=8,
+                        support_plane="remove")
+    prepared, aside = prepare_records([record], "mvtec3d", config)
+    assert prepared == [] and len(aside) == 1
+    problem = aside[0].problem
+    assert problem.startswith(record.xyz_path) and "the grouping needs at least 1024" in problem
+    assert "support-plane removal took" in problem and "--support-plane keep" in problem
