@@ -296,16 +296,38 @@ def _timm_forward(
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """A timm ``Attention.forward`` that sends unmasked bf16 inference to the native kernel."""
-    original = type(module).forward
+    """A plain timm ``Attention.forward`` that computes ``qkv`` once on every path.
+
+    Masked, causal and training calls go to timm's own forward. Otherwise the ``qkv``
+    projection runs once and its heads go to the native kernel where it applies
+    (:func:`native_applies`: CPU bf16 inference, 64-wide heads), and else through the rest of
+    timm's forward, the same operations in the same order (``F.scaled_dot_product_attention``
+    where timm's ``fused_attn`` is set, its explicit softmax otherwise), so float32, CUDA and
+    AVX2 results are timm's bit for bit. Only layers :func:`_plain_timm_attention` accepts
+    (identity q/k norms and output norm, no gate) are routed here.
+
+    Args:
+        module: the routed ``timm.layers.attention.Attention``.
+        x: (B, N, C) tokens.
+        attn_mask: timm's mask argument (a mask sends the call to timm's forward).
+        is_causal: timm's causal flag (True sends the call to timm's forward).
+
+    Returns:
+        (B, N, C_out) tokens after the output projection.
+    """
     if attn_mask is not None or is_causal or module.training:
-        return original(module, x, attn_mask, is_causal)
+        return type(module).forward(module, x, attn_mask, is_causal)
     batch, tokens, _ = x.shape
     qkv = module.qkv(x).reshape(batch, tokens, 3, module.num_heads, module.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    if not native_applies(q, k, v):
-        return original(module, x, attn_mask, is_causal)
-    out = native_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, module.attn_dim)
+    if native_applies(q, k, v):
+        out = native_attention(q, k, v)
+    elif module.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+    else:
+        weights = ((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = module.attn_drop(weights) @ v
+    out = out.transpose(1, 2).reshape(batch, tokens, module.attn_dim)
     return module.proj_drop(module.proj(out))
 
 
@@ -321,16 +343,21 @@ def _plain_timm_attention(module: nn.Module) -> bool:
         and isinstance(module.k_norm, nn.Identity)
         and isinstance(getattr(module, "norm", nn.Identity()), nn.Identity)
         and getattr(module, "gate", None) is None
-        and all(hasattr(module, name) for name in ("num_heads", "head_dim", "attn_dim"))
+        and all(
+            hasattr(module, name)
+            for name in ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "attn_drop")
+        )
     )
 
 
 def use_native_attention(model: nn.Module) -> int:
     """Route a timm model's plain attention layers through :func:`attention`'s native path.
 
-    Each plain ``timm.layers.attention.Attention`` gets an instance ``forward`` that runs
-    unmasked bf16 inference on the native kernel and calls timm's own ``forward`` otherwise
-    (float32, CUDA, masks, training). Parameters and their names are unchanged.
+    Each plain ``timm.layers.attention.Attention`` gets an instance ``forward``
+    (:func:`_timm_forward`) that computes ``qkv`` once, runs unmasked bf16 inference on the
+    native kernel and finishes everything else (float32, CUDA, a CPU without AVX512-BF16) as
+    timm's own ``forward`` does; masked, causal and training calls go to timm's ``forward``.
+    Parameters and their names are unchanged.
 
     Args:
         model: a timm model (e.g. a VisionTransformer).

@@ -167,13 +167,78 @@ def _tiny_vit() -> torch.nn.Module:
     ).eval()
 
 
-def test_routed_timm_vit_keeps_parameters_and_float32_results():
+def _count_qkv_calls(model: torch.nn.Module) -> list[int]:
+    """Forward hooks on every block's ``attn.qkv``; the list they count into, one per block."""
+    counts = [0] * len(model.blocks)
+    for index, block in enumerate(model.blocks):
+
+        def hook(*_, index=index):
+            counts[index] += 1
+
+        block.attn.qkv.register_forward_hook(hook)
+    return counts
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_routed_timm_vit_keeps_parameters_and_float32_results(fused):
     plain, routed = _tiny_vit(), _tiny_vit()
+    for model in (plain, routed):
+        for block in model.blocks:
+            block.attn.fused_attn = fused  # timm's two float32 paths: SDPA or explicit softmax
     assert use_native_attention(routed) == len(routed.blocks)
     assert list(routed.state_dict()) == list(plain.state_dict())
+    plain_calls, routed_calls = _count_qkv_calls(plain), _count_qkv_calls(routed)
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(routed(images), plain(images))
+    assert plain_calls == [1] * len(plain.blocks)  # the hooks count what timm computes
+    assert routed_calls == [1] * len(routed.blocks)
+
+
+def test_routed_timm_vit_computes_qkv_once_per_layer_in_bf16():
+    """Whichever attention runs (native kernel or PyTorch's), each product runs once."""
+    routed = _tiny_vit()
+    use_native_attention(routed)
+    calls = _count_qkv_calls(routed)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        routed(images)
+        routed(images)
+    assert calls == [2] * len(routed.blocks)
+
+
+@needs_kernel
+def test_routed_timm_vit_runs_the_native_kernel_once_per_layer_in_bf16(monkeypatch):
+    routed = _tiny_vit()
+    use_native_attention(routed)
+    calls = _count_qkv_calls(routed)
+    kernel_calls = []
+    kernel = native.native_attention
+
+    def counted(q, k, v):
+        kernel_calls.append(q.shape)
+        return kernel(q, k, v)
+
+    monkeypatch.setattr(native, "native_attention", counted)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        routed(images)
+    assert calls == [1] * len(routed.blocks)
+    assert kernel_calls == [(2, 3, 65, 64)] * len(routed.blocks)  # 8x8 patches + class token
+
+
+def test_routed_timm_vit_leaves_masked_calls_to_timm():
+    plain, routed = _tiny_vit(), _tiny_vit()
+    use_native_attention(routed)
+    calls = _count_qkv_calls(routed)
+    tokens = torch.randn(2, 65, 192)
+    mask = torch.rand(65, 65) > 0.3
+    mask.fill_diagonal_(True)
+    with torch.inference_mode():
+        ours = routed.blocks[0].attn(tokens, attn_mask=mask)
+        theirs = plain.blocks[0].attn(tokens, attn_mask=mask)
+    assert torch.equal(ours, theirs)
+    assert calls[0] == 1
 
 
 def test_routed_timm_vit_in_bf16_is_as_close_to_float32_as_timm_bf16():
