@@ -160,6 +160,7 @@ def private_cache_dir(directory: Path | None = None) -> Path:
     Raises:
         UnsafeCacheError: it is not a folder, is owned by another user, or is writable by its
             group or by others (nothing in it is then read, loaded or written).
+        OSError: it could not be created.
     """
     folder = directory or kernel_cache_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -342,9 +343,11 @@ def build_kernel(directory: Path | None = None) -> Path:
 
     The cache folder must be this user's alone (:func:`private_cache_dir`). A library is
     returned only when it matches the SHA-256 recorded when it was built; a library that does
-    not (changed, without its record, not private) is removed and compiled again, with a
-    warning. Compilations hold the folder's lock, so processes that start together compile
-    once, and they clear what killed compilations left (:func:`remove_stale_temporaries`).
+    not (changed, not a private regular file, without its record) is removed and compiled
+    again, with a warning (an INFO line where only the record is missing, as for a library
+    an earlier version built). Compilations hold the folder's lock, so processes that start
+    together compile once, and they clear what killed compilations left
+    (:func:`remove_stale_temporaries`).
 
     Args:
         directory: the cache folder (default :func:`kernel_cache_dir`).
@@ -354,7 +357,9 @@ def build_kernel(directory: Path | None = None) -> Path:
 
     Raises:
         UnsafeCacheError: the cache folder is not private.
-        RuntimeError: no C compiler, or the compilation failed (its message is included).
+        RuntimeError: no C compiler, the compilation failed (its message is included), or
+            another process held the build lock too long.
+        OSError: the folder or a file in it could not be created, read or renamed.
     """
     folder = private_cache_dir(directory)
     compiler = _compiler()

@@ -192,19 +192,33 @@ def test_kernel_source_compiles_on_any_x86_machine(built, monkeypatch):
     assert not list(folder.glob(".attention_bf16-*"))
 
 
-@pytest.mark.parametrize("tampered", ["library", "record"])
-def test_a_tampered_library_is_refused_and_rebuilt(built, compiles, tmp_path, caplog, tampered):
+@pytest.mark.parametrize(
+    ("tampered", "reason"),
+    [
+        ("library", "SHA-256 differs"),
+        ("record", "SHA-256 differs"),
+        ("record's mode", "writable by its group or by others"),
+        ("library's mode", "writable by its group or by others"),
+    ],
+)
+def test_a_tampered_library_is_refused_and_rebuilt(
+    built, compiles, tmp_path, caplog, tampered, reason
+):
     target = _cache_with(built, tmp_path / "cache")
-    changed = target if tampered == "library" else record_path(target)
-    content = bytearray(changed.read_bytes())
-    content[len(content) // 2] ^= 0xFF if tampered == "library" else 0x01
-    changed.write_bytes(bytes(content))
+    changed = target if tampered.startswith("library") else record_path(target)
+    if tampered.endswith("mode"):
+        changed.chmod(0o666)  # anyone may have rewritten it: its content proves nothing
+    else:
+        content = bytearray(changed.read_bytes())
+        content[len(content) // 2] ^= 0xFF if tampered == "library" else 0x01
+        changed.write_bytes(bytes(content))
     with caplog.at_level(logging.WARNING, logger="musc_core.attention"):
         assert build_kernel(tmp_path / "cache") == target
     assert len(compiles) == 1  # compiled again
     assert target.read_bytes() == built.read_bytes()
     assert record_path(target).read_text().split() == [_sha256(built), target.name]
-    assert [r.message for r in caplog.records if "SHA-256 differs" in r.message]
+    assert not stat.S_IMODE(record_path(target).stat().st_mode) & 0o022
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and reason in r.message]
 
 
 def test_a_killed_compile_leaves_nothing_that_is_loaded(
@@ -396,6 +410,19 @@ def test_routed_timm_vit_runs_the_native_kernel_once_per_layer_in_bf16(monkeypat
         routed(images)
     assert calls == [1] * len(routed.blocks)
     assert kernel_calls == [(2, 3, 65, 64)] * len(routed.blocks)  # 8x8 patches + class token
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_timm_vit_on_cuda_is_timms_own_with_qkv_once(dtype):
+    plain, routed = _tiny_vit().cuda(), _tiny_vit().cuda()
+    use_native_attention(routed)
+    calls = _count_qkv_calls(routed)
+    images = torch.rand(2, 3, 64, 64, device="cuda")
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    with torch.inference_mode(), autocast:
+        assert torch.equal(routed(images), plain(images))
+    assert calls == [1] * len(routed.blocks)
 
 
 def test_routed_timm_vit_leaves_masked_calls_to_timm():
