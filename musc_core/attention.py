@@ -3,9 +3,11 @@
 Both backbones spend much of their bf16 time in attention: PyTorch's CPU kernels run its two
 64-wide products at 15–20 % of an AVX512-BF16 CPU's bf16 matmul rate. :func:`attention` runs
 ``softmax(q kᵀ / √d) v`` there with a small C kernel (``kernels/attention_bf16.c``, compiled
-with the system's C compiler on first use and kept in a per-user cache) and everywhere else —
-float32, CUDA, other head sizes, a CPU without AVX512-BF16, no compiler — with
-:func:`torch.nn.functional.scaled_dot_product_attention`, so float32 results are PyTorch's.
+with the system's C compiler on first use into a private per-user cache, checked against the
+SHA-256 recorded when it was built, and run once in a child process before it is loaded) and
+everywhere else — float32, CUDA, other head sizes, a CPU without AVX512-BF16, no compiler, a
+cache folder others can write to — with :func:`torch.nn.functional.scaled_dot_product_attention`,
+so float32 results are PyTorch's.
 
 The native kernel computes what PyTorch's bf16 flash attention computes (float32 products and
 softmax, bf16 probabilities times bf16 values, float32 row sums); its error against the exact
@@ -20,10 +22,16 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
 from typing import NamedTuple
@@ -47,6 +55,42 @@ CFLAGS = (
 COMPILE_TIMEOUT = 120.0
 #: Environment variable naming the folder of compiled kernels (default: the user's cache).
 CACHE_ENV = "MUSC_KERNEL_CACHE"
+#: Name prefix of a compilation's temporary files (followed by the compiling process's id).
+TEMP_PREFIX = ".attention_bf16-"
+#: Seconds after which a temporary file is stale whoever left it (> COMPILE_TIMEOUT).
+STALE_TEMP_AGE = 600.0
+#: Why a library that was never built here is not loaded.
+MISSING = "it is missing"
+#: Why a library without its SHA-256 record is not loaded.
+NO_RECORD = "it has no SHA-256 record"
+#: The cache folder's build lock.
+LOCK_NAME = "attention_bf16.lock"
+#: Seconds the instruction-set probe may take.
+PROBE_TIMEOUT = 60.0
+#: The probe (:func:`probe_kernel`): ctypes only. Two tokens whose keys are equal get equal
+#: logits, so each output row is the mean of the two value rows, j + 1 exactly in bf16.
+PROBE_SOURCE = """
+import ctypes, struct, sys
+lib = ctypes.CDLL(sys.argv[1])
+i64 = ctypes.c_int64
+run = lib.musc_attention_bf16
+run.argtypes = [ctypes.c_void_p] * 4 + [i64] * 3 + [ctypes.POINTER(i64)] * 4 + [
+    ctypes.c_float, i64, i64]
+run.restype = ctypes.c_int
+lib.musc_attention_blocks.argtypes = [i64]
+lib.musc_attention_blocks.restype = i64
+def bf16(x):
+    return struct.unpack("<I", struct.pack("<f", x))[0] >> 16
+d, n = 64, 2
+rows = ctypes.c_uint16 * (n * d)
+q, k = rows(*[bf16(0.25)] * (n * d)), rows(*[bf16(0.5)] * (n * d))
+v = rows(*[bf16(j) for j in range(d)], *[bf16(j + 2) for j in range(d)])
+o = rows()
+strides = (i64 * 3)(n * d, n * d, d)
+code = run(q, k, v, o, 1, n, d, strides, strides, strides, strides, d ** -0.5, 0,
+           lib.musc_attention_blocks(n))
+sys.exit(0 if code == 0 and list(o) == [bf16(j + 1) for j in range(d)] * n else 3)
+"""
 
 _I64x3 = ctypes.c_int64 * 3
 
@@ -75,12 +119,156 @@ _pool_threads = 0
 
 
 def kernel_cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$MUSC_KERNEL_CACHE``, else ``~/.cache/musc/kernels``."""
+    """Where compiled kernels are kept: ``$MUSC_KERNEL_CACHE``, else ``~/.cache/musc/kernels``.
+
+    ``$XDG_CACHE_HOME`` replaces ``~/.cache`` where it is set. The folder is only used when
+    it is this user's alone (:func:`private_cache_dir`).
+    """
     configured = os.environ.get(CACHE_ENV)
     if configured:
         return Path(configured)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "musc" / "kernels"
+
+
+class UnsafeCacheError(RuntimeError):
+    """The kernel cache folder, or a file in it, is not this user's alone."""
+
+
+def _require_private(path: Path, info: os.stat_result) -> None:
+    user = os.geteuid()
+    if info.st_uid != user:
+        raise UnsafeCacheError(
+            f"{path} is owned by uid {info.st_uid}, not by this user (uid {user})"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(
+            f"{path} is writable by its group or by others (mode {stat.S_IMODE(info.st_mode):o})"
+        )
+
+
+def private_cache_dir(directory: Path | None = None) -> Path:
+    """The kernel cache folder, created with mode 0700 if missing and checked to be private.
+
+    Args:
+        directory: the folder (default :func:`kernel_cache_dir`); missing parents are created
+            with the default mode, the folder itself with mode 0700.
+
+    Returns:
+        The folder.
+
+    Raises:
+        UnsafeCacheError: it is not a folder, is owned by another user, or is writable by its
+            group or by others (nothing in it is then read, loaded or written).
+        OSError: it could not be created.
+    """
+    folder = directory or kernel_cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeCacheError(f"{folder} is not a folder")
+    _require_private(folder, info)
+    return folder
+
+
+def record_path(library: Path) -> Path:
+    """The file next to a library that records its SHA-256 (``sha256sum`` format)."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _untrusted(library: Path) -> str | None:
+    """Why a cached library must not be loaded (None: it matches its record).
+
+    Both files must be regular files (not links) owned by this user and writable by nobody
+    else, and the library's SHA-256 must be the one recorded when it was built.
+    """
+    record = record_path(library)
+    if not os.path.lexists(library):
+        return MISSING
+    try:
+        infos = [os.lstat(library), os.lstat(record)]
+    except FileNotFoundError:
+        return NO_RECORD
+    for path, info in zip((library, record), infos, strict=True):
+        if not stat.S_ISREG(info.st_mode):
+            return f"{path.name} is not a regular file"
+        try:
+            _require_private(path, info)
+        except UnsafeCacheError as error:
+            return str(error)
+    recorded = record.read_text(encoding="ascii", errors="replace").split()
+    actual = hashlib.sha256(library.read_bytes()).hexdigest()
+    if not recorded or recorded[0] != actual:
+        return "its SHA-256 differs from the one recorded when it was built"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, now: float | None = None) -> list[Path]:
+    """Delete what killed compilations left: ``.attention_bf16-<pid>-*`` temporary files.
+
+    A temporary file is stale when it is older than :data:`STALE_TEMP_AGE` (a live
+    compilation gives up after :data:`COMPILE_TIMEOUT`) or when the process named in it is
+    gone. Called with the cache's build lock held. Temporary files are never loaded.
+
+    Args:
+        folder: the (private) cache folder.
+        now: the current time in seconds since the epoch (default ``time.time()``).
+
+    Returns:
+        The files removed.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for path in folder.glob(f"{TEMP_PREFIX}*"):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        owner = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        dead = owner.isdigit() and not _pid_alive(int(owner))
+        if dead or now - info.st_mtime > STALE_TEMP_AGE:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        _LOG.info("removed %d stale temporary kernel files from %s", len(removed), folder)
+    return removed
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold the cache folder's build lock (``flock`` on ``attention_bf16.lock``).
+
+    Raises:
+        RuntimeError: another process held it for longer than a compilation may take.
+    """
+    import fcntl
+
+    handle = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + COMPILE_TIMEOUT + 30.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"another process holds {folder / LOCK_NAME} for too long"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(handle)
 
 
 def _compiler() -> str | None:
@@ -100,49 +288,141 @@ def _compiler_version(compiler: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
+def _compile(compiler: str, output: Path) -> None:
+    """Compile :data:`SOURCE` with :data:`CFLAGS` into ``output``.
+
+    Raises:
+        RuntimeError: the compiler failed (its message is included) or timed out.
+    """
+    try:
+        done = subprocess.run(
+            [compiler, *CFLAGS, "-o", str(output), str(SOURCE)],
+            capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"{compiler} took over {COMPILE_TIMEOUT:.0f} s") from error
+    if done.returncode != 0:
+        raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+
+
+def _temporary(folder: Path, suffix: str) -> Path:
+    handle, name = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder
+    )
+    os.close(handle)
+    return Path(name)
+
+
+def _compile_into(compiler: str, target: Path) -> None:
+    """Compile into a temporary file, record its SHA-256, then rename both into place.
+
+    The record is renamed first and the library last, so a library under its final name
+    always has its record next to it; a compilation killed on the way leaves only
+    temporary files (removed by :func:`remove_stale_temporaries`) or a record without a
+    library, neither of which is ever loaded.
+    """
+    partial = _temporary(target.parent, ".so")
+    pending = _temporary(target.parent, ".sha256")
+    try:
+        _compile(compiler, partial)
+        os.chmod(partial, 0o700)
+        digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+        with open(pending, "w", encoding="ascii") as out:
+            out.write(f"{digest}  {target.name}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(pending, record_path(target))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
+
+
 def build_kernel(directory: Path | None = None) -> Path:
     """Compile the kernel into the cache (once per source, flags and compiler); its path.
 
-    The library is written under a temporary name and renamed into place, so processes that
-    compile at the same time never load a half-written file.
+    The cache folder must be this user's alone (:func:`private_cache_dir`). A library is
+    returned only when it matches the SHA-256 recorded when it was built; a library that does
+    not (changed, not a private regular file, without its record) is removed and compiled
+    again, with a warning (an INFO line where only the record is missing, as for a library
+    an earlier version built). Compilations hold the folder's lock, so processes that start
+    together compile once, and they clear what killed compilations left
+    (:func:`remove_stale_temporaries`).
 
     Args:
         directory: the cache folder (default :func:`kernel_cache_dir`).
 
     Returns:
-        The shared library's path.
+        The shared library's path, verified against its record.
 
     Raises:
-        RuntimeError: no C compiler, or the compilation failed (its message is included).
+        UnsafeCacheError: the cache folder is not private.
+        RuntimeError: no C compiler, the compilation failed (its message is included), or
+            another process held the build lock too long.
+        OSError: the folder or a file in it could not be created, read or renamed.
     """
+    folder = private_cache_dir(directory)
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    source = SOURCE.read_bytes()
     digest = hashlib.sha256(
-        source + " ".join(CFLAGS).encode() + _compiler_version(compiler).encode()
+        SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _compiler_version(compiler).encode()
     ).hexdigest()[:16]
-    folder = directory or kernel_cache_dir()
     target = folder / f"attention_bf16-{digest}.so"
-    if target.is_file():
+    if _untrusted(target) is None:
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=".attention_bf16-", suffix=".so", dir=folder)
-    os.close(handle)
+    with _build_lock(folder):
+        remove_stale_temporaries(folder)
+        problem = _untrusted(target)
+        if problem is None:
+            return target
+        if problem != MISSING:
+            # Without a record the library is an earlier version's or a partial one: nothing
+            # was checked against it, so it is replaced quietly; anything else is reported.
+            level = logging.INFO if problem == NO_RECORD else logging.WARNING
+            _LOG.log(level, "refusing %s: %s; compiling it again", target, problem)
+            target.unlink(missing_ok=True)
+            record_path(target).unlink(missing_ok=True)
+        _compile_into(compiler, target)
+    return target
+
+
+def _probe_command(library: Path) -> list[str]:
+    """The command that runs :data:`PROBE_SOURCE` on a library in a fresh interpreter."""
+    return [sys.executable, "-I", "-S", "-c", PROBE_SOURCE, str(library)]
+
+
+def probe_kernel(library: Path) -> str | None:
+    """Run a library's kernel once on a tiny input in a child process.
+
+    The child loads the library with ctypes alone (no torch) and checks the kernel's output
+    for two tokens with equal logits, so a CPU that cannot execute the kernel's instructions
+    (SIGILL) or a library that computes something else fails there, not in this process.
+
+    Args:
+        library: the shared library.
+
+    Returns:
+        None when the kernel ran and gave the exact answer, else why not.
+    """
     try:
         done = subprocess.run(
-            [compiler, *CFLAGS, "-o", partial, str(SOURCE)],
-            capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False,
+            _probe_command(library), capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+            check=False,
         )
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
-    except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{compiler} took over {COMPILE_TIMEOUT:.0f} s") from error
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
+    except subprocess.TimeoutExpired:
+        return f"the kernel's probe took over {PROBE_TIMEOUT:.0f} s"
+    except OSError as error:
+        return f"the kernel's probe did not start ({error})"
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        return f"the kernel's probe died with {name} (this CPU cannot run the kernel)"
+    if done.returncode != 0:
+        return f"the kernel's probe failed (exit {done.returncode}): {done.stderr.strip()[-500:]}"
+    return None
 
 
 def _load(path: Path) -> NativeKernel:
@@ -170,10 +450,14 @@ def cpu_runs_kernel() -> bool:
 
 
 def native_kernel() -> NativeKernel | None:
-    """The kernel, compiled and loaded on first use; None where it cannot run.
+    """The kernel, compiled, verified, probed and loaded on first use; None where it cannot run.
 
-    Where the CPU lacks AVX512-BF16 this is None without compiling. A failed compilation
-    is logged once (as a warning naming the reason) and attention falls back to PyTorch's.
+    Where the CPU lacks AVX512-BF16 this is None without compiling. Otherwise the library
+    comes from :func:`build_kernel` (a private cache folder, checked against its recorded
+    SHA-256) and runs once in a child process (:func:`probe_kernel`) before this process
+    loads it. Any failure — an unsafe cache folder, no compiler, a failed compilation, a
+    probe that dies (e.g. SIGILL) — is logged once as a warning naming the reason, remembered
+    for the process, and attention falls back to PyTorch's.
     """
     global _kernel, _unavailable
     if _kernel is not None or _unavailable is not None:
@@ -185,7 +469,11 @@ def native_kernel() -> NativeKernel | None:
             _unavailable = "this CPU has no AVX512-BF16"
             return None
         try:
-            _kernel = _load(build_kernel())
+            library = build_kernel()
+            problem = probe_kernel(library)
+            if problem is not None:
+                raise RuntimeError(problem)
+            _kernel = _load(library)
         except (RuntimeError, OSError, AttributeError) as error:
             _unavailable = str(error)
             _LOG.warning(
@@ -296,16 +584,38 @@ def _timm_forward(
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """A timm ``Attention.forward`` that sends unmasked bf16 inference to the native kernel."""
-    original = type(module).forward
+    """A plain timm ``Attention.forward`` that computes ``qkv`` once on every path.
+
+    Masked, causal and training calls go to timm's own forward. Otherwise the ``qkv``
+    projection runs once and its heads go to the native kernel where it applies
+    (:func:`native_applies`: CPU bf16 inference, 64-wide heads), and else through the rest of
+    timm's forward, the same operations in the same order (``F.scaled_dot_product_attention``
+    where timm's ``fused_attn`` is set, its explicit softmax otherwise), so float32, CUDA and
+    AVX2 results are timm's bit for bit. Only layers :func:`_plain_timm_attention` accepts
+    (identity q/k norms and output norm, no gate) are routed here.
+
+    Args:
+        module: the routed ``timm.layers.attention.Attention``.
+        x: (B, N, C) tokens.
+        attn_mask: timm's mask argument (a mask sends the call to timm's forward).
+        is_causal: timm's causal flag (True sends the call to timm's forward).
+
+    Returns:
+        (B, N, C_out) tokens after the output projection.
+    """
     if attn_mask is not None or is_causal or module.training:
-        return original(module, x, attn_mask, is_causal)
+        return type(module).forward(module, x, attn_mask, is_causal)
     batch, tokens, _ = x.shape
     qkv = module.qkv(x).reshape(batch, tokens, 3, module.num_heads, module.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    if not native_applies(q, k, v):
-        return original(module, x, attn_mask, is_causal)
-    out = native_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, module.attn_dim)
+    if native_applies(q, k, v):
+        out = native_attention(q, k, v)
+    elif module.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+    else:
+        weights = ((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = module.attn_drop(weights) @ v
+    out = out.transpose(1, 2).reshape(batch, tokens, module.attn_dim)
     return module.proj_drop(module.proj(out))
 
 
@@ -321,16 +631,21 @@ def _plain_timm_attention(module: nn.Module) -> bool:
         and isinstance(module.k_norm, nn.Identity)
         and isinstance(getattr(module, "norm", nn.Identity()), nn.Identity)
         and getattr(module, "gate", None) is None
-        and all(hasattr(module, name) for name in ("num_heads", "head_dim", "attn_dim"))
+        and all(
+            hasattr(module, name)
+            for name in ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "attn_drop")
+        )
     )
 
 
 def use_native_attention(model: nn.Module) -> int:
     """Route a timm model's plain attention layers through :func:`attention`'s native path.
 
-    Each plain ``timm.layers.attention.Attention`` gets an instance ``forward`` that runs
-    unmasked bf16 inference on the native kernel and calls timm's own ``forward`` otherwise
-    (float32, CUDA, masks, training). Parameters and their names are unchanged.
+    Each plain ``timm.layers.attention.Attention`` gets an instance ``forward``
+    (:func:`_timm_forward`) that computes ``qkv`` once, runs unmasked bf16 inference on the
+    native kernel and finishes everything else (float32, CUDA, a CPU without AVX512-BF16) as
+    timm's own ``forward`` does; masked, causal and training calls go to timm's ``forward``.
+    Parameters and their names are unchanged.
 
     Args:
         model: a timm model (e.g. a VisionTransformer).
