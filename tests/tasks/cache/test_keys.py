@@ -206,3 +206,12 @@ def test_identities_name_weights_without_loading_models(tmp_path):
         BackboneSpec("vit_tiny_patch16_224", str(checkpoint), str(checkpoint)), config
     )
     assert first.backbone_2d != second.backbone_2d and first.backbone_3d != second.backbone_3d
+
+
+def test_the_support_plane_mode_enters_mvtec3d_prepared_keys_only():
+    keep = dataclasses.replace(CONFIG, support_plane="keep")
+    assert _keys(config=keep).prepared.image != _keys().prepared.image
+    assert _keys(config=keep).prepared.points != _keys().prepared.points
+    assert _keys(config=keep).prepared.mask == _keys().prepared.mask  # padding only
+    folder = _keys(fmt="folder").prepared
+    assert _keys(fmt="folder", config=keep).prepared == folder  # no plane step there
