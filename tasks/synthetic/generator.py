@@ -112,7 +112,7 @@ REALISTIC_DISTANCE = 0.5  # metres, camera to plane of the realistic lines
 # Pixel pitch (mm) of the realistic lines by image size: the part (~6 cm) covers 30–45 % of
 # the image, 55k–80k points at 400 px, 170k–230k at 800 px (MVTec 3D-AD: 50k–200k).
 REALISTIC_PITCH = {400: 0.2, 600: 0.15, 800: 0.12}
-FRAME_FILLING_PITCH = 0.1  # mm: at 400 px the 40 mm field of view is smaller than the part
+FRAME_FILLING_PITCH = 0.12  # mm: at 400 px the 48 mm field of view is narrower than the part
 _MIXED = ("centred", "centred", "touching", "crossing")  # framings a mixed line draws from
 _TOUCH_OVERSHOOT_PX = (0.0, 2.0)  # touching: the outline ends this far beyond the edge
 _CROSS_CUT = (0.15, 0.35)  # crossing: fraction of the part's extent beyond the edge
@@ -998,8 +998,9 @@ def preset_kwargs(name: str) -> dict[str, object]:
 
     ``mvtec3d-400`` / ``mvtec3d-800``: :func:`realistic_line_kwargs` at 400 / 800 px
     (pre-cleaned, mixed framing); ``-raw``: the same with the support plane;
-    ``mvtec3d-400-filling``: 400 px at 0.1 mm, pre-cleaned, centred — the 40 mm field of view
-    is smaller than the part, whose top face reaches every border.
+    ``mvtec3d-400-filling``: 400 px at 0.12 mm, pre-cleaned, centred — the 48 mm field of
+    view is narrower than the part (~6 cm): a round part's top face crosses every border, a
+    box's its two short sides.
 
     Raises:
         ValueError: an unknown name.
