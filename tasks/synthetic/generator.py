@@ -787,8 +787,8 @@ def render_sample(
     depth_plain = plane - height
     depth = plane - (height + change)
     # Dents are invisible in 2D: shade with the surface without them; cracks are shaded as is.
-    shading_depth = depth if spec.defect_type == "crack" else depth_plain
-    normal = _normals(shading_depth, uu, vv, focal)
+    plain_normal = _normals(depth_plain, uu, vv, focal)
+    normal = _normals(depth, uu, vv, focal) if spec.defect_type == "crack" else plain_normal
     light = np.asarray(spec.light)
     half = light + np.array([0.0, 0.0, -1.0])
     half /= np.linalg.norm(half)
@@ -807,7 +807,7 @@ def render_sample(
     xyz = np.stack([uu * z / focal, vv * z / focal, z], axis=-1).astype(np.float32)
     measured = footprint | model.support_plane
     measured &= ~dropout & ~missing
-    measured &= np.abs(_normals(depth_plain, uu, vv, focal)[..., 2]) >= GRAZING_LIMIT
+    measured &= np.abs(plain_normal[..., 2]) >= GRAZING_LIMIT
     measured &= frame
     xyz[~measured] = 0.0
     return RenderedSample(rgb=rgb, xyz=xyz, mask=mask, variant=variant)
