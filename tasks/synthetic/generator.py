@@ -605,11 +605,8 @@ class _Defect:
 
 
 def _place(top: np.ndarray, margin_px: float, rng: np.random.Generator) -> np.ndarray:
-    """A random pixel (row, col) of ``top`` at least ``margin_px`` from its border.
-
-    The image edge counts as a border of ``top`` (a part cut off by the frame).
-    """
-    inside = ndimage.distance_transform_edt(np.pad(top, 1))[1:-1, 1:-1]
+    """A random pixel (row, col) of ``top`` at least ``margin_px`` from its border."""
+    inside = ndimage.distance_transform_edt(top)
     candidates = np.flatnonzero(inside >= margin_px)
     if candidates.size == 0:
         candidates = np.flatnonzero(inside >= inside.max())
@@ -772,7 +769,7 @@ def render_sample(
     missing = np.zeros((size, size), dtype=bool)
     variant = ""
     if apply_defect and spec.defect_type != "good":
-        top = (height > TOP_HEIGHT) & frame
+        top = (height > TOP_HEIGHT) & frame  # a part cut off by the frame: its top ends there
         where = spec.index if defect_seed is None else defect_seed
         area_px = float(_rng(model.seed, 2, where).uniform(*DEFECT_AREA)) * footprint.sum()
         defect = _DEFECT_FUNCTIONS[spec.defect_type](

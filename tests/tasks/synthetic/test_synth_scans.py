@@ -188,6 +188,23 @@ def test_a_frame_filling_part_crosses_every_border():
     assert not valid(cleaned)[:BAND, :BAND].any()  # the disc leaves the corners to the plane
 
 
+@pytest.mark.parametrize(
+    ("shape", "seed", "kwargs"),
+    [("box", 2, realistic_line_kwargs(400, framing="crossing")),
+     ("puck", 1, preset_kwargs("mvtec3d-400-filling"))],
+)
+def test_defects_of_a_part_at_the_border_lie_on_its_visible_top(shape, seed, kwargs):
+    model, specs = plan_line(num_samples=4, seed=seed, defect_rate=1.0, shape=shape, **kwargs)
+    for spec in specs:
+        sample = render_sample(model, spec)
+        points = valid(sample.xyz)
+        assert sample.mask.sum() > 1000
+        edge = np.ones(points.shape, dtype=bool)
+        edge[4:-4, 4:-4] = False  # the unmeasured frame at 400 px
+        assert (sample.mask & edge).sum() <= 0.05 * sample.mask.sum()
+        assert (sample.mask & points).sum() >= 0.75 * sample.mask.sum()
+
+
 def test_mixed_framing_is_drawn_per_sample_from_the_seed_and_changes_nothing_else():
     model, specs = plan_line(num_samples=40, seed=5, framing="mixed")
     again = plan_line(num_samples=40, seed=5, framing="mixed")[1]
