@@ -110,7 +110,8 @@ GENERATOR_VERSION = 2
 FIELD_OF_VIEW = 0.10  # metres covered by the image width at the nominal distance (no pitch)
 REALISTIC_DISTANCE = 0.5  # metres, camera to plane of the realistic lines
 # Pixel pitch (mm) of the realistic lines by image size: the part (~6 cm) covers 30–45 % of
-# the image, 55k–80k points at 400 px, 170k–230k at 800 px (MVTec 3D-AD: 50k–200k).
+# the image; measured 68k–78k points on a centred part at 400 px, 120k–138k at 600 px,
+# 188k–216k at 800 px (MVTec 3D-AD: 50k–200k).
 REALISTIC_PITCH = {400: 0.2, 600: 0.15, 800: 0.12}
 FRAME_FILLING_PITCH = 0.12  # mm: at 400 px the 48 mm field of view is narrower than the part
 _MIXED = ("centred", "centred", "touching", "crossing")  # framings a mixed line draws from
@@ -962,8 +963,8 @@ def realistic_line_kwargs(
     """``generate_line`` / ``plan_line`` arguments of a line like MVTec 3D-AD scans.
 
     The camera is 0.5 m above the plane; the pitch (:data:`REALISTIC_PITCH`: 0.2 mm at
-    400 px, 0.15 mm at 600 px, 0.12 mm at 800 px) puts 55k–80k points on the part at 400 px
-    and 170k–230k at 800 px. By default the scans are pre-cleaned (support plane removed,
+    400 px, 0.15 mm at 600 px, 0.12 mm at 800 px) puts about 68k–78k points on a centred part
+    at 400 px and 188k–216k at 800 px. By default the scans are pre-cleaned (support plane removed,
     background zeros) and the framing is mixed: half the parts centred, the others touching
     or crossing an image border.
 
