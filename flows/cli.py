@@ -38,7 +38,7 @@ from flows.checks import (
     check_location,
     check_score,
 )
-from flows.options import add_model_options, model_from_args
+from flows.options import add_model_options, model_from_args, option_name
 from flows.settings import (
     Algorithm,
     Backbones,
@@ -54,6 +54,7 @@ from flows.settings import (
     RollingBank,
     Station,
     StationRun,
+    SynthLine,
 )
 from flows.verdict_cli import add_verdict_parser, run_verdict
 from musc_core.config import MuscConfig
@@ -61,8 +62,6 @@ from tasks.choices import (
     DEFAULT_STORAGE,
     FORMATS,
     RANDOM_WEIGHTS_WARNING,
-    SYNTH_NAMED_SHAPES,
-    SYNTH_SHAPES,
 )
 
 T = TypeVar("T")
@@ -407,21 +406,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write a synthetic product line (MVTec 3D-AD layout)")
-    synth.add_argument("--out", required=True, help="dataset root to write")
-    synth.add_argument("--category", default="part", help="the line's (category's) name")
-    synth.add_argument("--num-samples", type=int, default=16, help="samples of the line")
-    synth.add_argument("--image-size", type=int, default=224, help="image side (px)")
-    synth.add_argument("--defect-rate", type=float, default=0.4,
-                       help="fraction of defective samples")
-    synth.add_argument("--seed", type=int, default=0, help="seed of everything random")
-    synth.add_argument("--no-support-plane", action="store_true",
-                       help="no measured support plane behind the object")
-    synth.add_argument(
-        "--shape",
-        choices=SYNTH_SHAPES + SYNTH_NAMED_SHAPES,
-        default=None,
-        help=f"object kind (default: drawn from the seed among {', '.join(SYNTH_SHAPES)})",
-    )
+    _add_settings(synth, (SynthLine,))
 
     score_cmd = sub.add_parser("score", help="score a dataset's lines and write results")
     _add_settings(score_cmd, (LineInput,), exclude=("category",), positional=("data",))
@@ -753,20 +738,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def synth_arguments(settings: BaseModel) -> dict[str, object]:
+    """``generate_line``'s keyword arguments from a :class:`SynthLine` (its preset applied).
+
+    Raises:
+        UsageError: an option the preset sets, given a value other than its default.
+    """
+    from tasks.synthetic.generator import preset_kwargs
+
+    values = settings.model_dump(exclude={"out", "preset"})
+    if settings.preset is None:
+        return values
+    preset = preset_kwargs(settings.preset)
+    for field in preset:
+        if values[field] != SynthLine.model_fields[field].default:
+            raise UsageError(
+                "--preset", f"{settings.preset} sets {option_name(field)}: leave it out"
+            )
+    return {**values, **preset}
+
+
 def _run_synth(args: argparse.Namespace) -> int:
     from tasks.synthetic.generator import generate_line
 
     check_counts(args)
-    summary = generate_line(
-        args.out,
-        category=args.category,
-        num_samples=args.num_samples,
-        image_size=args.image_size,
-        defect_rate=args.defect_rate,
-        seed=args.seed,
-        support_plane=not args.no_support_plane,
-        shape=args.shape,
-    )
+    settings = model_from_args(SynthLine, args)
+    summary = generate_line(settings.out, **synth_arguments(settings))
     kinds = ", ".join(f"{count} {kind}" for kind, count in summary.counts.items())
     line = summary.root / summary.category
     print(

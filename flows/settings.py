@@ -20,10 +20,25 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from musc_core.config import MuscConfig
-from tasks.choices import BACKBONES_3D, DEFAULT_BACKBONE_2D, DEFAULT_STORAGE, FORMATS
+from tasks.choices import (
+    BACKBONES_3D,
+    DEFAULT_BACKBONE_2D,
+    DEFAULT_STORAGE,
+    FORMATS,
+    SYNTH_DISTANCE_RANGE_M,
+    SYNTH_FRAMINGS,
+    SYNTH_MIN_IMAGE_SIZE,
+    SYNTH_NAMED_SHAPES,
+    SYNTH_PITCH_RANGE_MM,
+    SYNTH_PRESETS,
+    SYNTH_SHAPES,
+)
 
 DataFormat = Literal[FORMATS]  # type: ignore[valid-type]
 Backbone3D = Literal[BACKBONES_3D]  # type: ignore[valid-type]
+SynthShape = Literal[SYNTH_SHAPES + SYNTH_NAMED_SHAPES]  # type: ignore[valid-type]
+SynthFraming = Literal[SYNTH_FRAMINGS]  # type: ignore[valid-type]
+SynthPreset = Literal[SYNTH_PRESETS]  # type: ignore[valid-type]
 _OWN_DEFAULT = re.compile(r" \(default: [^)]*\)$")
 
 
@@ -275,6 +290,50 @@ class Station(Settings):
         64.0, gt=0, le=4096,
         description="largest request accepted, in MiB (a bigger one is refused with 413 as it "
         "is read)",
+    )
+
+
+class SynthLine(Settings):
+    """A synthetic product line (``musc synth``; tasks.synthetic.generator.generate_line)."""
+
+    out: str = Field(description="dataset root to write")
+    category: str = Field("part", description="the line's (category's) name")
+    num_samples: int = Field(16, ge=1, description="samples of the line")
+    image_size: int = Field(
+        224, ge=SYNTH_MIN_IMAGE_SIZE,
+        description="image side (px); MVTec 3D-AD scans are 400 to 800",
+    )
+    defect_rate: float = Field(0.4, ge=0.0, le=1.0, description="fraction of defective samples")
+    seed: int = Field(0, description="seed of everything random")
+    support_plane: bool = Field(
+        True,
+        description="a raw scan: the support plane behind the object is measured (false: a "
+        "pre-cleaned part, background all zeros)",
+    )
+    shape: SynthShape | None = Field(
+        None,
+        description=f"object kind (default: drawn from the seed among {', '.join(SYNTH_SHAPES)})",
+    )
+    pixel_pitch: float | None = Field(
+        None, ge=SYNTH_PITCH_RANGE_MM[0], le=SYNTH_PITCH_RANGE_MM[1],
+        description="mm between neighbouring pixels on the plane at the camera distance "
+        f"(range {SYNTH_PITCH_RANGE_MM[0]}-{SYNTH_PITCH_RANGE_MM[1]}; MVTec 3D-AD: about "
+        "0.1-0.2; default: 100 mm / image size)",
+    )
+    camera_distance: float | None = Field(
+        None, ge=SYNTH_DISTANCE_RANGE_M[0], le=SYNTH_DISTANCE_RANGE_M[1],
+        description=f"camera-to-plane distance in metres (range {SYNTH_DISTANCE_RANGE_M[0]}-"
+        f"{SYNTH_DISTANCE_RANGE_M[1]}; default: drawn from the seed in 0.38-0.45)",
+    )
+    framing: SynthFraming = Field(
+        "centred",
+        description="where the part sits: inside the image, its outline touching a border, "
+        "crossing one (its top face cut off), or mixed (drawn per sample)",
+    )
+    preset: SynthPreset | None = Field(
+        None,
+        description="a named line like MVTec 3D-AD scans; sets the image size, pixel pitch, "
+        "camera distance, framing and support plane (docs/usage.md)",
     )
 
 

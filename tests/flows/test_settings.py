@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from flows.settings import (
     Algorithm,
     LineRun,
     RollingBank,
+    SynthLine,
     split_settings,
 )
 from musc_core.config import MuscConfig
+from tasks.synthetic.generator import generate_line
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Subcommand → the flow's models it fills (fields a command sets itself are named).
@@ -167,3 +170,40 @@ def test_synth_prints_what_it_wrote(tmp_path, capsys):
     assert f"synthetic line written: {line}" in out
     assert "4 samples (2 good" in out and "32x32 px" in out
     assert str(line / "line.json") in out and "LineSummary(" not in out
+
+
+def test_synth_options_are_generate_lines_arguments_with_its_defaults():
+    signature = inspect.signature(generate_line).parameters
+    fields = set(SynthLine.model_fields) - {"out", "preset"}
+    assert fields == set(signature) - {"root"}
+    for name in fields:
+        assert SynthLine.model_fields[name].default == signature[name].default, name
+    options = _actions(_subparsers()["synth"])
+    assert set(SynthLine.model_fields) <= set(options)
+
+
+def test_synth_preset_writes_the_named_line_and_refuses_an_option_it_sets(tmp_path, capsys):
+    assert cli.main(["synth", "--out", str(tmp_path), "--num-samples", "2", "--preset",
+                     "mvtec3d-400", "--shape", "puck"]) == 0
+    assert "400x400 px, shape puck" in capsys.readouterr().out
+    info = json.loads((tmp_path / "part" / "line.json").read_text())
+    assert {k: info["parameters"][k] for k in ("image_size", "pixel_pitch", "camera_distance",
+                                               "framing", "support_plane")} == {
+        "image_size": 400, "pixel_pitch": 0.2, "camera_distance": 0.5, "framing": "mixed",
+        "support_plane": False}
+    assert cli.main(["synth", "--out", str(tmp_path / "b"), "--preset", "mvtec3d-400",
+                     "--image-size", "800"]) == 2
+    assert "--preset: mvtec3d-400 sets --image-size" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_synth_refuses_a_pitch_out_of_range_naming_its_option(tmp_path, capsys):
+    assert cli.main(["synth", "--out", str(tmp_path), "--pixel-pitch", "2"]) == 2
+    assert "argument --pixel-pitch" in capsys.readouterr().err
+    assert cli.main(["synth", "--out", str(tmp_path), "--num-samples", "2", "--image-size",
+                     "48", "--pixel-pitch", "1", "--framing", "crossing",
+                     "--no-support-plane"]) == 0
+    info = json.loads((tmp_path / "part" / "line.json").read_text())
+    assert info["parameters"]["framing"] == "crossing"
+    assert info["parameters"]["support_plane"] is False
+    assert info["camera"]["field_of_view_m"] == pytest.approx(0.048)

@@ -80,7 +80,8 @@ def test_layout_file_types_and_summary(line):
     assert "synthetic data" in info["note"]
     assert info["parameters"] == {
         "category": "part", "num_samples": 12, "image_size": SIZE, "defect_rate": 0.5,
-        "seed": 7, "support_plane": True, "shape": summary.shape,
+        "seed": 7, "support_plane": True, "shape": summary.shape, "pixel_pitch": None,
+        "camera_distance": None, "framing": "centred",
     }
     assert info["counts"] == summary.counts and len(info["samples"]) == 12
 
