@@ -191,24 +191,30 @@ def _plane_distance(xyz: np.ndarray, plane: np.ndarray) -> np.ndarray:
     return (xyz.reshape(-1, 3).astype(np.float64) @ plane[:3] + plane[3]).reshape(xyz.shape[:2])
 
 
-def _border_band(shape: tuple[int, int], width: int) -> np.ndarray:
-    """(H, W) bool: the pixels of the top, bottom, left and right ``width``-pixel bands."""
-    band = np.zeros(shape, dtype=bool)
-    band[:width] = band[-width:] = True
-    band[:, :width] = band[:, -width:] = True
-    return band
+def _perimeter_coverage(on_plane: np.ndarray, width: int) -> float:
+    """Fraction of the border's positions whose ``width``-pixel segment holds a plane point.
+
+    Walking the four sides (each column of the top and bottom bands, each row of the left and
+    right bands), a position counts when any of its ``width`` band pixels is on the plane, so
+    unmeasured strips along the image edge (narrower than the band) do not matter.
+    """
+    sides = (
+        on_plane[:width].any(axis=0), on_plane[-width:].any(axis=0),
+        on_plane[:, :width].any(axis=1), on_plane[:, -width:].any(axis=1),
+    )
+    return float(sum(side.sum() for side in sides) / sum(side.size for side in sides))
 
 
 def is_support_plane(xyz: np.ndarray, plane: np.ndarray) -> bool:
     """Whether a plane fitted to the border is a support plane, as in a raw scan.
 
-    In a raw scan the support plane fills the border and the part stands in front of it, as
-    the sensor (the origin of the XYZ frame) sees it. A pre-cleaned part that reaches the
-    border puts only its own points there, and the fit finds one of its faces (its flat top,
-    say). Both must hold for a support plane:
+    In a raw scan the support plane runs all around the border and the part stands in front of
+    it, as the sensor (the origin of the XYZ frame) sees it. A pre-cleaned part that reaches
+    the border puts only its own points there, where it crosses, and the fit finds one of its
+    faces (its flat top, say). Both must hold for a support plane:
 
-    - the plane's points (within 0.005) fill at least half of the 10-pixel border bands'
-      pixels (a pre-cleaned part leaves the border empty where the plane was removed);
+    - the plane's points (within 0.005) reach at least half of the border's positions (each
+      column of the top and bottom 10-pixel bands, each row of the left and right ones);
     - at least half of the valid points off the plane lie on the sensor's side of it (the rest
       of a part whose top face was fitted lies behind that face).
 
@@ -224,8 +230,7 @@ def is_support_plane(xyz: np.ndarray, plane: np.ndarray) -> bool:
     valid = foreground_mask(xyz)
     distance = _plane_distance(xyz, plane)
     on_plane = valid & (np.abs(distance) < _MVTEC_PLANE_DISTANCE)
-    band = _border_band(xyz.shape[:2], _MVTEC_BORDER)
-    if 2 * np.count_nonzero(on_plane[band]) < np.count_nonzero(band):
+    if 2 * _perimeter_coverage(on_plane, _MVTEC_BORDER) < 1:
         return False
     off = distance[valid & ~on_plane]
     sensor_side = np.sign(plane[3])
@@ -265,7 +270,7 @@ def mvtec3d_cleaning(
        the RGB image (the reference tests every pixel, including empty ones); ``"keep"`` skips
        the step; ``"auto"`` removes the plane only when the border holds enough points for the
        fit (:func:`mvtec3d_has_support_plane`) and the fitted plane is a support plane: it
-       fills the border and the part lies in front of it (:func:`is_support_plane`).
+       runs around the border and the part lies in front of it (:func:`is_support_plane`).
     2. Zero padding of map, image and mask to a square whose side is the larger of height and
        width, each rounded up to a multiple of 100; the content is centred as in the reference
        release (padding split evenly, the odd pixel at the bottom/right).

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from musc_core.config import MuscConfig
-from musc_core.preprocess_points import clean_mvtec3d
+from musc_core.preprocess_points import clean_mvtec3d, foreground_mask
 from tasks.formats.datasets import (
     SampleRecord,
     load_image,
@@ -237,3 +237,31 @@ def test_a_part_destroyed_by_the_plane_removal_is_set_aside_naming_the_step(tmp_
     problem = aside[0].problem
     assert problem.startswith(record.xyz_path) and "the grouping needs at least 1024" in problem
     assert "support-plane removal took" in problem and "--support-plane keep" in problem
+
+
+@pytest.mark.parametrize("framing", ["centred", "crossing"])
+def test_realistic_raw_and_pre_cleaned_scans_clean_to_the_same_part(tmp_path, framing):
+    # The same parts rendered raw and pre-cleaned (the pre-cleaned scan is the raw one without
+    # its plane points): cleaning the raw scan removes its plane and keeps the part; the
+    # pre-cleaned part keeps every point, also where its top face crosses the border.
+    from tasks.synthetic.generator import realistic_line_kwargs
+
+    config = MuscConfig(modality="3d", image_size=224)
+    prepared = {}
+    for plane in (True, False):
+        root = tmp_path / str(plane)
+        generate_line(root, num_samples=2, defect_rate=0.0, seed=4,
+                      **realistic_line_kwargs(400, support_plane=plane, framing=framing))
+        records = read_dataset(root, "mvtec3d", "part")
+        prepared[plane] = [prepare_record(r, "mvtec3d", config) for r in records]
+    for raw, cleaned in zip(prepared[True], prepared[False], strict=True):
+        assert raw.info.cleaning == PLANE_REMOVED
+        expected = PLANE_NOT_BEHIND if framing == "crossing" else PLANE_ALREADY_REMOVED
+        assert cleaned.info.cleaning == expected
+        read, after_plane, kept = cleaned.info.cleaned_points
+        assert read == after_plane == kept > 50_000
+        raw_kept = raw.info.cleaned_points[2]
+        assert 0.8 * kept < raw_kept <= kept  # the part, less its foot near the plane
+        raw_points = foreground_mask(raw.sample.xyz.numpy())
+        part_points = foreground_mask(cleaned.sample.xyz.numpy())
+        assert (raw_points <= part_points).all()  # nothing of the plane is left
