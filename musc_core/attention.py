@@ -2,7 +2,7 @@
 
 Both backbones spend much of their bf16 time in attention: PyTorch's CPU kernels run its two
 64-wide products at 15–20 % of an AVX512-BF16 CPU's bf16 matmul rate. :func:`attention` runs
-``softmax(q kᵀ / √d) v`` there with a small C kernel (``kernels/attention_bf16.c``, compiled
+``softmax(q kᵀ / √d) v`` there (AVX512-BF16 without AMX: :func:`kernel_preferred`) with a small C kernel (``kernels/attention_bf16.c``, compiled
 with the system's C compiler on first use into a private per-user cache, checked against the
 SHA-256 recorded when it was built, and run once in a child process before it is loaded) and
 everywhere else — float32, CUDA, other head sizes, a CPU without AVX512-BF16, no compiler, a
@@ -503,8 +503,31 @@ def _strides(tensor: torch.Tensor) -> ctypes.Array:
     return _I64x3(*tensor.stride()[:3])
 
 
-def native_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` runs these inputs on the native kernel."""
+_preference: bool | None = None
+
+
+def _preferred() -> bool:
+    """:func:`kernel_preferred`, decided once per process."""
+    global _preference
+    if _preference is None:
+        _preference = kernel_preferred()
+    return _preference
+
+
+def kernel_preferred() -> bool:
+    """Whether the native kernel is faster here than PyTorch's bf16 attention.
+
+    PyTorch's CPU attention runs its bf16 block products on oneDNN, which uses AMX tiles where
+    the CPU has them: on a 2-core Sapphire Rapids slice it ran the ViT-B/8 and Point-MAE
+    shapes at 540–690 GFLOP/s against the kernel's 200 (VDPBF16PS), so CPUs with AMX keep
+    PyTorch's attention. On AVX512-BF16 CPUs without AMX (AMD Zen 4 and 5) the kernel is
+    2.1–2.5× faster than PyTorch's.
+    """
+    return cpu_kind().isa != "AMX"
+
+
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the native kernel can compute these inputs (and is available)."""
     if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16):
         return False
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape or q.requires_grad:
@@ -513,6 +536,14 @@ def native_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     kernel = native_kernel()
     return kernel is not None and q.shape[3] == kernel.head_dim
+
+
+def native_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` runs these inputs on the native kernel.
+
+    CPU bf16 inputs with 64-wide heads, the kernel available, and :func:`kernel_preferred`.
+    """
+    return _kernel_takes(q, k, v) and _preferred()
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -530,7 +561,7 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     Raises:
         RuntimeError: inputs the kernel does not take (see :func:`native_applies`).
     """
-    if not native_applies(q, k, v):
+    if not _kernel_takes(q, k, v):
         raise RuntimeError("native attention needs CPU bf16 (B, H, N, 64) inputs and the kernel")
     kernel = native_kernel()
     assert kernel is not None

@@ -21,6 +21,7 @@ from musc_core.attention import (
     attention,
     build_kernel,
     cpu_runs_kernel,
+    kernel_preferred,
     native_applies,
     native_attention,
     native_kernel,
@@ -31,6 +32,10 @@ from musc_core.attention import (
 
 needs_kernel = pytest.mark.skipif(
     not cpu_runs_kernel(), reason="the native kernel needs an x86 CPU with AVX512-BF16"
+)
+routes_kernel = pytest.mark.skipif(
+    not (cpu_runs_kernel() and kernel_preferred()),
+    reason="attention is routed to the native kernel only on AVX512-BF16 CPUs without AMX",
 )
 
 
@@ -75,7 +80,7 @@ def test_attention_matches_the_definition_as_closely_as_torch_bf16(batch, heads,
     assert relative(ours, exact) < 4e-3
 
 
-@needs_kernel
+@routes_kernel
 def test_native_kernel_is_what_attention_runs_here():
     q, k, v = heads_of(2, 3, 50, seed=1)
     assert native_kernel() is not None
@@ -117,6 +122,20 @@ def test_native_output_is_a_free_view_of_tokens_by_heads():
     out = native_attention(q, k, v)
     merged = out.transpose(1, 2)
     assert merged.is_contiguous() and merged.shape == (2, 33, 4, 64)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("isa", "routed"), [("AMX", False), ("AVX512-BF16", True)])
+def test_cpus_with_amx_keep_torchs_attention_where_the_kernel_would_run(
+    monkeypatch, isa, routed
+):
+    kind = native.cpu_kind()
+    monkeypatch.setattr(native, "cpu_kind", lambda: kind._replace(isa=isa))
+    monkeypatch.setattr(native, "_preference", None)
+    q, k, v = heads_of(1, 2, 40, seed=6)
+    assert native_applies(q, k, v) is routed
+    expected = native_attention(q, k, v) if routed else F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attention(q, k, v), expected)
 
 
 def test_float32_and_other_head_sizes_are_torchs_own():
@@ -392,7 +411,7 @@ def test_routed_timm_vit_computes_qkv_once_per_layer_in_bf16():
     assert calls == [2] * len(routed.blocks)
 
 
-@needs_kernel
+@routes_kernel
 def test_routed_timm_vit_runs_the_native_kernel_once_per_layer_in_bf16(monkeypatch):
     routed = _tiny_vit()
     use_native_attention(routed)
