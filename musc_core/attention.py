@@ -2,12 +2,12 @@
 
 Both backbones spend much of their bf16 time in attention: PyTorch's CPU kernels run its two
 64-wide products at 15–20 % of an AVX512-BF16 CPU's bf16 matmul rate. :func:`attention` runs
-``softmax(q kᵀ / √d) v`` there (AVX512-BF16 without AMX: :func:`kernel_preferred`) with a small C kernel (``kernels/attention_bf16.c``, compiled
-with the system's C compiler on first use into a private per-user cache, checked against the
-SHA-256 recorded when it was built, and run once in a child process before it is loaded) and
-everywhere else — float32, CUDA, other head sizes, a CPU without AVX512-BF16, no compiler, a
-cache folder others can write to — with :func:`torch.nn.functional.scaled_dot_product_attention`,
-so float32 results are PyTorch's.
+``softmax(q kᵀ / √d) v`` there (AVX512-BF16 without AMX: :func:`kernel_preferred`) with a small
+C kernel (``kernels/attention_bf16.c``, compiled with the system's C compiler on first use into
+a private per-user cache, checked against the SHA-256 recorded when it was built, and run once
+in a child process before it is loaded) and everywhere else — float32, CUDA, other head sizes, a
+CPU without AVX512-BF16, no compiler, a cache folder others can write to — with
+:func:`torch.nn.functional.scaled_dot_product_attention`, so float32 results are PyTorch's.
 
 The native kernel computes what PyTorch's bf16 flash attention computes (float32 products and
 softmax, bf16 probabilities times bf16 values, float32 row sums); its error against the exact
