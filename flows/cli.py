@@ -280,7 +280,10 @@ def run_in_thread(run: Callable[[], T], tick: Callable[[], None], poll: float = 
 
 
 def with_flow_progress(
-    args: argparse.Namespace, run: Callable[[], T], modules: Sequence[str] = ()
+    args: argparse.Namespace,
+    run: Callable[[], T],
+    modules: Sequence[str] = (),
+    first: Callable[[], object] | None = None,
 ) -> T:
     """Run flows with progress and one Prefect API, in a worker thread.
 
@@ -294,6 +297,9 @@ def with_flow_progress(
         modules: the modules ``run`` imports (the flows, with torch and timm behind them:
             ~10 s). They are imported while the local server starts, which takes as long on
             the other core, instead of after it.
+        first: work that ``run`` needs done first (e.g. listing the dataset's categories),
+            also done while the server starts, before the imports; what it raises stops the
+            server and is raised here.
     """
     from flows.progress import add_reporter, remove_reporter
     from infra.prefect_api import prefect_api
@@ -303,7 +309,13 @@ def with_flow_progress(
         reporter = StageProgress() if sys.stderr.isatty() else StageLog()
         add_reporter(reporter)
     try:
-        with prefect_api(while_starting=lambda: [importlib.import_module(m) for m in modules]):
+        def while_starting() -> None:
+            if first is not None:
+                first()
+            for module in modules:
+                importlib.import_module(module)
+
+        with prefect_api(while_starting=while_starting):
             return run_in_thread(run, reporter.tick if reporter else lambda: None)
     finally:
         if reporter is not None:
@@ -625,21 +637,29 @@ def _announce_random_weights() -> None:
 
 def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
     from flows.locations import default_batch_id
-    from musc_core.metrics import summarize
-    from tasks.formats.datasets import list_categories
-    from tasks.records.result_store import ResultStore
 
-    categories = list_categories(data, fmt) if args.category == "all" else [args.category]
     batch = args.batch or default_batch_id()
+    categories: list[str] = []
+
+    def list_them() -> None:  # while the Prefect server starts: it imports torch
+        from tasks.formats.datasets import list_categories
+
+        found = list_categories(data, fmt) if args.category == "all" else [args.category]
+        categories.extend(found)
+
     failure: LineFailed | None = None
     try:
         lines = with_flow_progress(
             args,
             lambda: _score_categories(args, data, fmt, categories, out, batch),
             modules=("flows.score_line",),
+            first=list_them,
         )
     except LineFailed as failed:
         lines, failure = failed.lines, failed
+    from musc_core.metrics import summarize
+    from tasks.records.result_store import ResultStore
+
     random_weights = any(s.get("random_weights") for s in lines)
     if random_weights:
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
