@@ -48,6 +48,7 @@ chaos: install
 
 ## bench: kernel and pipeline benchmarks (long: about an hour on 2 cores); figures in benchmarks/out
 bench: install
+	$(BIN)/python -m benchmarks.bench_cli --out benchmarks/out/cli.json
 	$(BIN)/python -m benchmarks.bench_kernels --out benchmarks/out/kernels.json
 	$(BIN)/python -m benchmarks.bench_pipeline --out benchmarks/out/pipeline.json
 
