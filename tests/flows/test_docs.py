@@ -37,6 +37,9 @@ BENCHMARK_OPTIONS = {
     "--plan-sizes": "benchmarks/bench_scale.py",
     "--plan-keys-max": "benchmarks/bench_scale.py",
     "--draws": "benchmarks/bench_references.py",
+    "--before": "benchmarks/bench_cli.py",
+    "--n": "benchmarks/bench_cli.py",
+    "--runs": "benchmarks/bench_cli.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {
