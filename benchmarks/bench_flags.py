@@ -51,7 +51,9 @@ Rule = Callable[[np.ndarray, float], Decision]
 RULES: dict[str, Rule] = {"mad": flag_samples, "outliers": flag_outliers}
 
 
-def score_pool(path: Path, num_samples: int, seed: int, modality: str) -> dict[str, np.ndarray]:
+def score_pool(
+    path: Path, num_samples: int, seed: int, modality: str, preset: str | None = None
+) -> dict[str, np.ndarray]:
     """Score one generated line once and keep what the rules need (cached in ``path``)."""
     if path.exists():
         with np.load(path) as stored:
@@ -60,16 +62,16 @@ def score_pool(path: Path, num_samples: int, seed: int, modality: str) -> dict[s
     from tasks.backbones import BackboneSpec, build_backbones
     from tasks.formats.datasets import read_dataset
     from tasks.formats.prepare import prepare_records
-    from tasks.synthetic.generator import generate_line
+    from tasks.synthetic.generator import generate_line, preset_kwargs
 
     config = MuscConfig(
         modality=modality, image_size=64, num_groups=32, group_size=16, ipg_step=8,
         distance_dtype="float32", vit_dtype="float32",
     )
     with tempfile.TemporaryDirectory() as root:
+        line = preset_kwargs(preset) if preset else {"image_size": 64}
         generate_line(
-            root, category="part", num_samples=num_samples, image_size=64, defect_rate=0.5,
-            seed=seed,
+            root, category="part", num_samples=num_samples, defect_rate=0.5, seed=seed, **line
         )
         records = read_dataset(root, "mvtec3d", "part")
         prepared, _ = prepare_records(records, "mvtec3d", config)
@@ -167,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--k", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--preset", default=None,
+                        help="generate the pool as musc synth --preset (e.g. mvtec3d-400: "
+                        "scans shaped like MVTec 3D-AD, prepared down to 64 px); default: "
+                        "the coarse 64 px line")
     args = parser.parse_args(argv)
     machine = machine_info()
     start = time.perf_counter()
-    pool = score_pool(Path(args.pool), args.pool_size, args.seed, args.modality)
+    pool = score_pool(Path(args.pool), args.pool_size, args.seed, args.modality, args.preset)
     scored = time.perf_counter() - start
     results = {
         f"{rate}/{size}": evaluate(pool, rate, size, args.reps, args.k, args.seed)
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": int(pool["labels"].size),
             "defective": int(pool["labels"].sum()),
             "modality": args.modality,
+            "preset": args.preset,
         },
         "reps": args.reps,
         "k": args.k,

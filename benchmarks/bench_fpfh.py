@@ -82,6 +82,35 @@ class MemoFpfh(FpfhFeatureExtractor):
         return [torch.cat([s[j] for s in per_sample]) for j in range(len(layers))]
 
 
+def prepared_line(
+    seed: int, shape: str, size: int, num_samples: int, preset: str
+) -> dict[str, Any]:
+    """A line generated as ``musc synth --preset`` and prepared as a run prepares it.
+
+    The scans (e.g. ``mvtec3d-400``: 400 px at 0.2 mm, pre-cleaned, half of the parts at the
+    frame) go through the MVTec 3D-AD cleaning and are resized to ``size``.
+    """
+    import tempfile
+
+    from tasks.formats.datasets import read_dataset
+    from tasks.formats.prepare import prepare_records
+    from tasks.synthetic.generator import generate_line, preset_kwargs
+
+    config = MuscConfig(image_size=size, num_groups=16, group_size=8, ipg_step=4)
+    with tempfile.TemporaryDirectory() as root:
+        generate_line(root, category="part", num_samples=num_samples, seed=seed, shape=shape,
+                      defect_rate=0.5, **preset_kwargs(preset))
+        prepared, aside = prepare_records(read_dataset(root, "mvtec3d", "part"), "mvtec3d",
+                                          config)
+    if aside:
+        raise RuntimeError(f"{len(aside)} samples set aside: {aside[0].problem}")
+    return {
+        "samples": [p.sample for p in prepared],
+        "kinds": [p.record.defect_type for p in prepared],
+        "masks": np.stack([p.mask.numpy() for p in prepared]),
+    }
+
+
 def render_line(seed: int, shape: str, size: int, num_samples: int) -> dict[str, Any]:
     """Samples, defect kinds and masks of one synthetic line (no support plane)."""
     model, specs = plan_line(
@@ -174,6 +203,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--groups", type=int, default=256, help="G")
     parser.add_argument("--group-size", type=int, default=32, help="K (IPG on: K_iter = K/2)")
+    parser.add_argument("--preset", default=None,
+                        help="lines as musc synth --preset (e.g. mvtec3d-400), cleaned and "
+                        "resized as a run prepares them; default: rendered at --size")
     parser.add_argument("--only", nargs="*", choices=("ablation", "pooling"),
                         default=["ablation", "pooling"])
     return parser.parse_args(argv)
@@ -188,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lines = {}
     for item in args.lines:
         seed, kind = item.split(":")
-        lines[item] = render_line(int(seed), kind, args.size, args.samples)
+        if args.preset:
+            lines[item] = prepared_line(int(seed), kind, args.size, args.samples, args.preset)
+        else:
+            lines[item] = render_line(int(seed), kind, args.size, args.samples)
     results: dict[str, Any] = {
         "machine": machine_info(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
