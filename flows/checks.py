@@ -103,10 +103,13 @@ def check_location(url: str, option: str) -> None:
             option, f"{url!r}: {redact(str(error))}; create the bucket or fix the URL"
         ) from None
     except PermissionError as error:
+        fix = (
+            "fix the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the bucket's "
+            "permissions" if "://" in url and not url.startswith("file://")
+            else "fix the folder's permissions or name a folder this user can write"
+        )
         raise UsageError(
-            option,
-            f"{url!r} cannot be written ({redact(str(error))}); fix the permissions or the "
-            "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+            option, f"{url!r} cannot be written ({redact(str(error))}); {fix}"
         ) from None
     except StorageUnreachable as error:
         raise UsageError(option, f"{url!r}: {error}") from None

@@ -371,10 +371,22 @@ def require_s3_endpoint() -> None:
         )
 
 
+def _user() -> str:
+    """This process's effective user, for messages: ``user nobody (uid 65534)``."""
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
 def check_writable(url: str) -> None:
     """Check that a storage URL can be written, quickly and without retries.
 
-    Local: the folder is created when missing and a probe file written and removed. S3: the
+    Local: the nearest existing folder must be writable by this process's user, the folder is
+    created when missing and a probe file written and removed. S3: the
     endpoint must accept a TCP connection within 2 s, then a probe object is written and
     removed with one try (credentials, bucket and write permission in one go).
 
@@ -393,6 +405,8 @@ def check_writable(url: str) -> None:
             path = os.path.dirname(path)
         if not os.path.isdir(path):
             raise NotADirectoryError(f"{path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"the folder {path} is not writable by {_user()}")
         os.makedirs(root, exist_ok=True)
         target = os.path.join(root, probe)
         with open(target, "wb"):

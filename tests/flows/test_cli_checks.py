@@ -6,12 +6,14 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -119,18 +121,100 @@ def test_a_file_where_a_folder_is_needed_is_refused(
                  outcome="exit 2, nothing started", runs=0, completed=0, samples=0, lost=0)
 
 
-def test_a_folder_that_cannot_be_written_is_refused(two_lines, tmp_path, capsys, nothing_starts):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
+def _as_nobody(argv: list[str]) -> tuple[int, str]:
+    """``musc`` with ``argv`` in a forked child running as user ``nobody``: (status, stderr).
+
+    The child cannot read the interpreter's library once it is ``nobody``: the caller runs
+    the same checks first, as itself, so that every module they need is imported.
+    """
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            err = io.StringIO()
+            with redirect_stderr(err):
+                status = cli.main(argv)
+            payload = [status, err.getvalue()]
+        except BaseException as error:  # noqa: BLE001 - anything the child met goes back
+            payload = [-1, repr(error)]
+        os.write(writer, json.dumps(payload).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(child, 0)
+    status, err = json.loads(data)
+    return status, err
+
+
+@pytest.fixture
+def shared_folder():
+    """A folder every user can read and enter (pytest's own are its user's only)."""
+    folder = Path(tempfile.mkdtemp(prefix="musc-shared-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("option", ["--out", "--storage"])
+def test_a_folder_this_user_cannot_write_is_refused_naming_option_and_path(
+    shared_folder, capsys, nothing_starts, chaos_record, option
+):
+    """As a user without write permission (``nobody`` when the tests run as root), an
+    ``--out`` or ``--storage`` below a read-only folder is refused before anything starts."""
+    as_root = os.geteuid() == 0
+    generate_line(shared_folder / "data", category="a", num_samples=2, image_size=32, seed=1)
+    locked, free = shared_folder / "locked", shared_folder / "free"
+    locked.mkdir(mode=0o555)
+    free.mkdir(mode=0o777)
+    locked.chmod(0o555)
+    free.chmod(0o777)
+    if not as_root and os.access(locked, os.W_OK):
+        pytest.skip("this user writes into read-only folders (a capability)")
+    argv = ["score", str(shared_folder / "data"), *TINY]
+    ok = [*argv, "--out", str(free / "root-out"), "--storage", str(free / "root-store")]
+    places = {"--out": str(free / "out"), "--storage": str(free / "store")}
+    places[option] = str(locked / "below")
+    refused = [*argv, "--out", places["--out"], "--storage", places["--storage"]]
+    if as_root:
+        cli.check_args(cli.build_parser().parse_args(ok))  # imports what the checks need
+        status, err = _as_nobody(refused)
+    else:
+        status = cli.main(refused)
+        err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert status == 2, err
+    assert line.startswith(f"musc: error: argument {option}: '{locked / 'below'}' cannot be")
+    assert f"the folder {locked} is not writable by" in line and "permissions" in line
+    assert "user nobody" in line or not as_root
+    assert not (locked / "below").exists()
+    chaos_record(kind="input", what=f"{option} in a folder this user cannot write",
+                 outcome="exit 2, nothing started", runs=0, completed=0, samples=0, lost=0)
+
+
+def test_an_unwritable_folder_is_refused_as_os_access_says(tmp_path, monkeypatch):
+    from flows.checks import check_location
+
+    real = os.access
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        status = _score(two_lines, tmp_path, "--out", str(locked / "out"))
-    finally:
-        locked.chmod(0o700)
-    (line,) = _error_lines(capsys.readouterr().err)
-    assert status == 2 and "argument --out:" in line and "cannot be written" in line
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == locked else real(path, mode)
+    )
+    with pytest.raises(UsageError, match=rf"^argument --storage: '{locked}/s' cannot be written"):
+        check_location(str(locked / "s"), "--storage")
+    assert not (locked / "s").exists()
+    check_location(str(tmp_path / "free"), "--storage")
 
 
 @pytest.mark.chaos
