@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import threading
 from contextlib import ExitStack, redirect_stderr
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,10 @@ from flows.checks import UsageError, check_weights, config_from_args
 from infra import hub
 from infra.cluster import bounded_dask_runner, close_quietly
 from infra.storage import StorageUnreachable, is_transient, with_retries
+from tasks.records.batch_record import BatchExists, write_batch_record
 from tasks.stage import retry_on_storage_error
 from tasks.synthetic.generator import generate_line
+from tests.records import hand_record
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -253,6 +257,89 @@ def test_a_writable_bucket_passes_the_check_and_keeps_no_probe(s3_url):
     assert not [p for p in fs.find(root.split("/")[0]) if ".musc-write-probe" in p]
 
 
+# --------------------------------------------------------------------------- batch ids
+def _recorded(storage: Path, line: str, batch: str) -> Path:
+    write_batch_record(str(storage), hand_record(line, batch, [], data="the first run"))
+    return storage / "lines" / line / "batches" / f"{batch}.json"
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("line", ["a", "b"])
+def test_an_explicit_batch_the_line_has_recorded_is_refused_and_kept(
+    two_lines, tmp_path, capsys, nothing_starts, chaos_record, line
+):
+    record = _recorded(tmp_path / "store", line, "n1")
+    before = record.read_bytes()
+    status = _score(two_lines, tmp_path, "--category", "all", "--batch", "n1")
+    (error,) = _error_lines(capsys.readouterr().err)
+    assert status == 2
+    assert error.startswith(f"musc: error: argument --batch: line {line!r} has a batch 'n1'")
+    assert str(record) in error and "pass another --batch, or leave it out" in error
+    assert record.read_bytes() == before
+    chaos_record(kind="input", what="--batch a batch the line has recorded",
+                 outcome="exit 2, nothing started, the record kept", runs=0, completed=0,
+                 samples=0, lost=0)
+
+
+def test_the_batch_is_looked_up_on_the_line_the_run_records(
+    two_lines, tmp_path, capsys, nothing_starts, monkeypatch
+):
+    _recorded(tmp_path / "store", "line-7", "n1")
+    assert _score(two_lines, tmp_path, "--batch", "n1", "--line", "line-7") == 2
+    assert "line 'line-7' has a batch 'n1'" in _error_lines(capsys.readouterr().err)[0]
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): [])
+    assert _score(two_lines, tmp_path, "--batch", "n1") == 0  # line 'a' has no batch n1
+
+
+def test_an_invalid_batch_id_is_refused_up_front(two_lines, tmp_path, capsys, nothing_starts):
+    assert _score(two_lines, tmp_path, "--batch", "../n1") == 2
+    (error,) = _error_lines(capsys.readouterr().err)
+    assert error.startswith("musc: error: argument --batch: invalid batch id '../n1'")
+
+
+def test_eval_refuses_an_id_one_of_its_runs_has_recorded(two_lines, tmp_path, capsys,
+                                                          nothing_starts):
+    _recorded(tmp_path / "store", "eval-b", "e1-s1-2of2")  # seed 1, subset 2 of 2
+    argv = ["eval", str(two_lines), "--format", "mvtec3d", "--out", str(tmp_path / "out"),
+            "--storage", str(tmp_path / "store"), *TINY[4:], "--category", "a", "b",
+            "--subsets", "2", "--seeds", "2", "--batch", "e1"]
+    assert cli.main(argv) == 2
+    assert "line 'eval-b' has a batch 'e1-s1-2of2'" in _error_lines(capsys.readouterr().err)[0]
+    assert cli.main([*argv[:-1], "e2"]) == 1  # not refused: nothing_starts stops the run
+
+
+def test_score_new_refuses_to_record_as_an_existing_batch(tmp_path, capsys, nothing_starts):
+    record = _recorded(tmp_path / "store", "a", "n1")
+    status = cli.main(["score-new", "a", str(tmp_path / "part.png"), "--record-as", "n1",
+                       "--storage", str(tmp_path / "store"), "--quiet"])
+    (error,) = _error_lines(capsys.readouterr().err)
+    assert status == 2 and error.startswith("musc: error: argument --record-as: line 'a'")
+    assert str(record) in error and "pass another --record-as" in error
+
+
+def test_runs_started_in_one_second_get_distinct_batches_sorted_by_start(
+    two_lines, tmp_path, monkeypatch
+):
+    import flows.score_line
+
+    batches: list[str] = []
+
+    def score_line(data, batch, backbones, algorithm, bank, run):
+        batches.append(batch)
+        return _fake_summary(data.category, run.out)
+
+    monkeypatch.setattr(flows.score_line, "score_line", score_line)
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
+    started = datetime.now(timezone.utc)
+    for _ in range(3):
+        assert _score(two_lines, tmp_path) == 0
+    assert len(set(batches)) == 3 and sorted(batches) == batches
+    for batch in batches:
+        moment = datetime.strptime(batch[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        assert abs((moment - started).total_seconds()) < 60
+        assert re.fullmatch(r"\d{8}T\d{6}Z-\d{3}-[0-9a-f]{8}", batch), batch
+
+
 # --------------------------------------------------------------------------- offline weights
 @pytest.mark.chaos
 @pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "hub unreachable"])
@@ -328,6 +415,7 @@ def _fake_summary(line: str, out: str) -> dict:
         (RuntimeError("a bug"), 1),
         (StorageUnreachable("the storage cannot be reached (connection refused)"), 1),
         (ValueError("checkpoint refused"), 2),
+        (BatchExists("b", "n1", "/s/lines/b/batches/n1.json"), 2),
     ],
 )
 def test_a_failed_line_keeps_the_scored_ones_in_run_json_and_sets_the_status(
