@@ -102,7 +102,7 @@ def test_history_renders_in_headless_chromium(week, tmp_path):
 
     browser, driver_path = chromium_paths()
     if not (browser and driver_path):
-        pytest.skip("Debian chromium/chromium-driver are not installed")
+        pytest.skip("Debian chromium/chromium-driver are not installed: run `make test-deps`")
     storage, _, _ = week
     page = tmp_path / "history.html"
     page.write_text(render_history("part", line_nights(storage, "part")), encoding="utf-8")
