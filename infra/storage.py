@@ -433,9 +433,9 @@ def check_writable(url: str) -> None:
         raise PermissionError(redact(f"{type(error).__name__}: {error}")) from error
 
 
-#: S3 error codes (and HTTP statuses) of a store that refuses a conditional put
-#: (``If-None-Match: *``) instead of honouring it.
-CONDITIONAL_PUT_REFUSED = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest", "501"})
+#: S3 error codes of a store that refuses a conditional put (``If-None-Match: *``) instead of
+#: honouring it (an HTTP status 501 says the same).
+CONDITIONAL_PUT_REFUSED = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest"})
 #: ``errno`` values of a local filesystem without hard links (``os.link``).
 _NO_HARD_LINKS = frozenset(
     {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
@@ -530,7 +530,8 @@ def _create_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> Non
     except FileExistsError:
         raise _exists_already(where) from None
     except Exception as error:
-        if _s3_error(error)[0] == "PreconditionFailed" or _s3_error(error)[1] == "412":
+        code, status = _s3_error(error)
+        if code == "PreconditionFailed" or status == "412":
             raise _exists_already(where) from None
         if not _refused_condition(error):
             raise

@@ -276,7 +276,7 @@ def test_an_explicit_batch_the_line_has_recorded_is_refused_and_kept(
     assert error.startswith(f"musc: error: argument --batch: line {line!r} has a batch 'n1'")
     assert str(record) in error and "pass another --batch, or leave it out" in error
     assert record.read_bytes() == before
-    chaos_record(kind="input", what="--batch a batch the line has recorded",
+    chaos_record(kind="input", what=f"--batch a batch line {line!r} (of a, b) has recorded",
                  outcome="exit 2, nothing started, the record kept", runs=0, completed=0,
                  samples=0, lost=0)
 

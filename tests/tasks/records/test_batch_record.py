@@ -250,6 +250,10 @@ def _at_once(storage: str, batches: list[str | None], out: str) -> list[tuple]:
     return found
 
 
+def _kind(storage: str) -> str:
+    return "S3" if storage.startswith("s3://") else "local disk"
+
+
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request, tmp_path):
     if request.param == "local":
@@ -257,7 +261,10 @@ def storage(request, tmp_path):
     return f"{request.getfixturevalue('s3_env')}/store"
 
 
-def test_two_processes_at_once_leave_two_records_both_in_the_history(storage, tmp_path):
+@pytest.mark.chaos
+def test_two_processes_at_once_leave_two_records_both_in_the_history(
+    storage, tmp_path, chaos_record
+):
     outcomes = _at_once(storage, [None, None], str(tmp_path / "results"))
     assert [o[2] for o in outcomes] == ["created", "created"], outcomes
     ids = sorted(o[1] for o in outcomes)
@@ -265,9 +272,15 @@ def test_two_processes_at_once_leave_two_records_both_in_the_history(storage, tm
     assert list_batches(storage, "part") == ids
     assert [n.batch for n in line_nights(storage, "part")] == ids
     assert {read_batch_record(storage, "part", b).data for b in ids} == {"writer 0", "writer 1"}
+    chaos_record(kind="fault", what=f"two processes record a batch at once, default ids "
+                 f"({_kind(storage)})", outcome="2 writers: two records", injected=1, runs=0,
+                 completed=0, samples=0, lost=0)
 
 
-def test_two_processes_at_once_with_one_id_leave_one_complete_record(storage, tmp_path):
+@pytest.mark.chaos
+def test_two_processes_at_once_with_one_id_leave_one_complete_record(
+    storage, tmp_path, chaos_record
+):
     outcomes = _at_once(storage, ["n1", "n1"], str(tmp_path / "results"))
     assert sorted(o[2] for o in outcomes) == ["created", "refused"], outcomes
     (winner,) = [o[0] for o in outcomes if o[2] == "created"]
@@ -275,3 +288,6 @@ def test_two_processes_at_once_with_one_id_leave_one_complete_record(storage, tm
     assert "line 'part' has a batch 'n1' already" in refusal and "never replaced" in refusal
     assert list_batches(storage, "part") == ["n1"]
     assert read_batch_record(storage, "part", "n1").data == f"writer {winner}"
+    chaos_record(kind="fault", what=f"two processes record one batch id at once "
+                 f"({_kind(storage)})", outcome="2 writers: one record, the other refused",
+                 injected=1, runs=0, completed=0, samples=0, lost=0)
