@@ -335,6 +335,8 @@ def test_two_runs_sharing_one_cache_at_once_both_complete_with_equal_results(
     assert batches[0] != batches[1]
     assert list_batches(str(store), "part") == batches
     assert [night.batch for night in line_nights(str(store), "part")] == batches
+    page = (store / "results" / "part" / "history.html").read_text(encoding="utf-8")
+    assert all(f"<td>{batch}</td>" in page for batch in batches)
     for run in runs:
         assert read_batch_record(str(store), "part", run["batch"]).out == run["out"]
     chaos_record(kind="fault", what="two runs of one line on one cache at the same time",
