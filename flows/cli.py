@@ -375,7 +375,8 @@ DEMO_DEFAULTS = {"weights_2d": "random", "weights_3d": "random", "storage": None
 EXIT_HELP = f"""exit status:
   {EXIT_OK}    every line scored
   {EXIT_INTERNAL}    internal error (a bug, or storage lost mid-run)
-  {EXIT_USAGE}    usage or configuration error (nothing was started)
+  {EXIT_USAGE}    usage or configuration error (nothing was started), or the batch was
+       recorded by another run meanwhile (its record is kept)
   {EXIT_SET_ASIDE}    a sample was set aside and --fail-on-set-aside was given
   {EXIT_NOT_SCORED}    a line was not scored (fewer than 2 usable samples)
   {EXIT_INTERRUPTED}  stopped by Ctrl-C (SIGINT); re-run to resume
