@@ -291,6 +291,26 @@ def test_the_batch_is_looked_up_on_the_line_the_run_records(
     assert _score(two_lines, tmp_path, "--batch", "n1") == 0  # line 'a' has no batch n1
 
 
+def test_a_deployed_run_of_a_recorded_batch_is_refused_before_any_work(two_lines, tmp_path):
+    from flows.line_request import line_request
+    from flows.settings import Algorithm, Backbones, LineInput, LineRun, RollingBank
+
+    record = _recorded(tmp_path / "store", "a", "n1")
+    before = record.read_bytes()
+
+    def request(batch):
+        return line_request(
+            LineInput(data=str(two_lines), data_format="mvtec3d", category="a"), batch,
+            Backbones(weights_2d="random", weights_3d="random"), Algorithm(), RollingBank(),
+            LineRun(storage=str(tmp_path / "store")),
+        )
+
+    with pytest.raises(BatchExists, match=r"line 'a' has a batch 'n1' already"):
+        request("n1")
+    assert record.read_bytes() == before
+    assert request("n2").batch == "n2" and request(None).batch != request(None).batch
+
+
 def test_an_invalid_batch_id_is_refused_up_front(two_lines, tmp_path, capsys, nothing_starts):
     assert _score(two_lines, tmp_path, "--batch", "../n1") == 2
     (error,) = _error_lines(capsys.readouterr().err)
