@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--bank-samples", type=int, default=16, help="samples of the bank")
     parser.add_argument("--parts", type=int, default=50, help="parts timed")
     parser.add_argument("--warmup", type=int, default=3, help="parts sent first, not timed")
-    parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--work", default=None,
+                        help="working folder, a new one for each run: the bank's batch record is "
+                        "never replaced (default: a temporary one)")
     parser.add_argument("--out", default=None, help="JSON file of the figures")
     args = parser.parse_args()
     machine = machine_info()

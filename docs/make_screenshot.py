@@ -12,7 +12,8 @@ Usage (``make screenshot`` runs it)::
     .venv/bin/python docs/make_screenshot.py [--work DIR] [--num-samples 16] [--out PNG]
 
 ``--work`` keeps the line, the feature cache and the results (the line's batch ``shot``
-then serves as a bank for ``musc score-new``); by default a temporary folder is used.
+then serves as a bank for ``musc score-new``); by default a temporary folder is used. A batch
+record is never replaced: name a new ``--work`` folder for each run.
 """
 
 from __future__ import annotations

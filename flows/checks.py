@@ -5,15 +5,17 @@ What is bound to fail is refused at once, in one message naming the option and t
 Nothing here imports PyTorch, Prefect or Dask: the checks take a second or two even on a
 loaded machine. They cover ranges and choices (through :class:`musc_core.config.MuscConfig`,
 which validates itself), the output and storage locations (usable and writable, the S3
-endpoint reachable and the credentials accepted), the weights (checkpoint files present,
-timm's pretrained weights cached or the hub reachable), the image size against the ViT's
-patch size, and the dataset root and category.
+endpoint reachable and the credentials accepted), an explicit batch id (valid, and not
+recorded on its line already: a batch record is never replaced), the weights (checkpoint
+files present, timm's pretrained weights cached or the hub reachable), the image size
+against the ViT's patch size, and the dataset root and category.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,15 +105,49 @@ def check_location(url: str, option: str) -> None:
             option, f"{url!r}: {redact(str(error))}; create the bucket or fix the URL"
         ) from None
     except PermissionError as error:
+        fix = (
+            "fix the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the bucket's "
+            "permissions" if "://" in url and not url.startswith("file://")
+            else "fix the folder's permissions or name a folder this user can write"
+        )
         raise UsageError(
-            option,
-            f"{url!r} cannot be written ({redact(str(error))}); fix the permissions or the "
-            "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+            option, f"{url!r} cannot be written ({redact(str(error))}); {fix}"
         ) from None
     except StorageUnreachable as error:
         raise UsageError(option, f"{url!r}: {error}") from None
     except ValueError as error:
         raise UsageError(option, str(error)) from None
+
+
+def check_new_batches(storage: str, batches: Sequence[tuple[str, str]], option: str) -> None:
+    """Batch ids given explicitly are valid and not recorded on their lines yet.
+
+    A batch record is created once and never replaced, so a run that would record an
+    existing batch is refused before it starts (a re-run after a failure is not refused: a
+    run records its batch only when it completes).
+
+    Args:
+        storage: the storage root of the batch records (checked usable before).
+        batches: ``(line, batch id)`` of each record the run would create.
+        option: the option that gave the ids (``--batch``, ``--record-as``).
+
+    Raises:
+        UsageError: an invalid id, or one its line has recorded already.
+    """
+    from tasks.records.batch_record import BatchExists, check_batch_id, check_new_batch
+
+    fix = f"pass another {option}" + (
+        ", or leave it out for a new id (the UTC time and a random suffix)"
+        if option == "--batch" else ""
+    )
+    for line, batch in batches:
+        try:
+            check_new_batch(storage, line, check_batch_id(batch))
+        except BatchExists as error:
+            message = str(BatchExists(error.line, error.batch, error.where, fix))
+            raise UsageError(option, message) from None
+        except ValueError as error:
+            raise UsageError(option, str(error)) from None
 
 
 def check_weights(args: argparse.Namespace, config: MuscConfig) -> None:

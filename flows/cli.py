@@ -36,6 +36,7 @@ from flows.checks import (
     check_cluster_option,
     check_counts,
     check_location,
+    check_new_batches,
     check_score,
 )
 from flows.options import add_model_options, model_from_args, option_name
@@ -358,8 +359,11 @@ def _add_settings(
 def _add_run_flags(parser: argparse.ArgumentParser, set_aside: bool = True) -> None:
     """Options of the command itself (not settings of a flow)."""
     if set_aside:
-        parser.add_argument("--batch", default=None,
-                            help="batch id of this run (default: the UTC start time)")
+        parser.add_argument(
+            "--batch", default=None,
+            help="batch id of this run, not recorded on its line yet (default: the UTC start "
+            "time and a random suffix)",
+        )
         parser.add_argument(
             "--fail-on-set-aside",
             action="store_true",
@@ -373,6 +377,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, set_aside: bool = True) -> N
 
 #: Settings of a run that scores a dataset's lines (``score``, ``eval``, ``demo``).
 LINE_MODELS = (Backbones, Algorithm, RollingBank, LineRun)
+#: The category (and line) of the line ``demo`` generates.
+DEMO_CATEGORY = "demo_part"
 #: Where ``demo`` differs from the declarations: random weights, storage below ``--out``.
 DEMO_DEFAULTS = {"weights_2d": "random", "weights_3d": "random", "storage": None}
 
@@ -380,7 +386,8 @@ DEMO_DEFAULTS = {"weights_2d": "random", "weights_3d": "random", "storage": None
 EXIT_HELP = f"""exit status:
   {EXIT_OK}    every line scored
   {EXIT_INTERNAL}    internal error (a bug, or storage lost mid-run)
-  {EXIT_USAGE}    usage or configuration error (nothing was started)
+  {EXIT_USAGE}    usage or configuration error (nothing was started), or the batch was
+       recorded by another run meanwhile (its record is kept)
   {EXIT_SET_ASIDE}    a sample was set aside and --fail-on-set-aside was given
   {EXIT_NOT_SCORED}    a line was not scored (fewer than 2 usable samples)
   {EXIT_INTERRUPTED}  stopped by Ctrl-C (SIGINT); re-run to resume
@@ -802,7 +809,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     data = Path(args.out) / "line"
     generate_line(
         data,
-        category="demo_part",
+        category=DEMO_CATEGORY,
         num_samples=args.num_samples,
         image_size=args.image_size,
         seed=args.seed,
@@ -841,6 +848,24 @@ def command_settings(args: argparse.Namespace) -> dict[str, BaseModel]:
     }
 
 
+def _recorded_batches(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(line, batch id)`` of each record a ``score``, ``eval`` or ``demo`` run would create."""
+    from flows.locations import eval_batches, eval_line
+    from tasks.formats.datasets import list_categories
+
+    if args.command == "demo":
+        return [(DEMO_CATEGORY, args.batch)]
+    if args.command == "eval":
+        categories = args.category or list_categories(args.data, args.data_format)
+        batches = eval_batches(args.batch, args.subsets, range(args.seeds))
+        return [(eval_line(c), b) for c in categories for b in batches]
+    categories = (
+        list_categories(args.data, args.data_format) if args.category == "all"
+        else [args.category]
+    )
+    return [(args.line or category, args.batch) for category in categories]
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every up-front check of the command (nothing is started before it passes).
 
@@ -853,6 +878,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_counts(args)
         args.settings = command_settings(args)
         config = check_score(args)
+        if args.batch:
+            check_new_batches(args.storage, _recorded_batches(args), "--batch")
         if _random_weights_requested(args, config):
             _announce_random_weights()
     elif args.command in ("rescore", "score-new"):
@@ -866,6 +893,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_location(args.storage, "--storage")
         if args.out:
             check_location(args.out, "--out")
+        record_as = getattr(args, "record_as", None)
+        if record_as:
+            check_new_batches(args.storage, [(args.line, record_as)], "--record-as")
     elif args.command == "serve":
         args.settings = command_settings(args)
         check_location(args.storage, "--storage")
@@ -876,8 +906,9 @@ def check_args(args: argparse.Namespace) -> None:
 def _classify(error: BaseException) -> int:
     """Exit status of an error a command raised (see ``EXIT_HELP``)."""
     from infra.storage import is_unreachable
+    from tasks.records.batch_record import BatchExists
 
-    if isinstance(error, UsageError):
+    if isinstance(error, (UsageError, BatchExists)):
         return EXIT_USAGE
     if is_unreachable(error):
         return EXIT_INTERNAL

@@ -21,6 +21,7 @@ from tasks.records.batch_record import (
     RecordedSample,
     SetAsideSample,
     check_batch_id,
+    check_new_batch,
 )
 from tasks.results import LineResult
 
@@ -144,6 +145,7 @@ def line_request(
     Raises:
         ValueError: a dataset with several categories and none named, an invalid batch id, or
             pretrained 2D weights that cannot be had.
+        BatchExists: the line has recorded the batch already (a record is never replaced).
     """
     config = algorithm.to_config()
     category = data.category
@@ -154,8 +156,8 @@ def line_request(
                 f"{data.data} holds {len(categories)} categories; name one: {categories}"
             )
         category = categories[0]
-    batch = check_batch_id(batch or default_batch_id())
     line = data.line or category
+    batch = check_new_batch(run.storage, line, check_batch_id(batch or default_batch_id()))
     request = LineRequest(
         data=data.data,
         data_format=data.data_format,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from flows.line_request import line_request
 from flows.line_stages import run_line
-from flows.locations import cache_url
+from flows.locations import cache_url, eval_line, eval_tag
 from flows.settings import AlgorithmBase, Backbones, LineInput, LineRun, RollingBank
 from tasks.cache.store import FeatureCache
 from tasks.evaluation.paper_protocol import (
@@ -103,10 +103,10 @@ def evaluate_benchmark(
         for seed in seeds:
             collected = []
             for index, part in enumerate(split_subsets(samples, subsets, seed), start=1):
-                tag = f"s{seed}-{index}of{subsets}"
+                tag = eval_tag(seed, index, subsets)
                 request = line_request(
                     LineInput(data=data, data_format=data_format, category=category,
-                              line=f"eval-{category}", samples=part),
+                              line=eval_line(category), samples=part),
                     f"{eval_id}-{tag}", backbones, algorithm, bank,
                     run.model_copy(update={
                         "out": f"{out.rstrip('/')}/runs/{safe_file_stem(category)}/{tag}"

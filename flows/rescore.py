@@ -113,7 +113,8 @@ def rescore(
             or rolling bank (``reference_nights``: earlier batches as references instead of
             the batch's own bank); None keeps the batch's.
         run: storage, output prefix (default
-            ``<storage>/results/<line>/<batch>-rescore-<UTC time>``), cluster, workers, device.
+            ``<storage>/results/<line>/<batch>-rescore-<id>``, the id being the UTC time and a
+            random suffix), cluster, workers, device.
 
     Returns:
         The run summary (as ``score_line``'s).

@@ -33,7 +33,8 @@ def score_line(
 
     Args:
         data: the line's samples (dataset root, layout, category, line name, subset).
-        batch: batch id (letters, digits, ``_.-``); default: the UTC start time.
+        batch: batch id (letters, digits, ``_.-``), one the line has not recorded (a batch
+            record is never replaced); default: the UTC start time and a random suffix.
         backbones: the feature extractors and their weights.
         algorithm: MuSc-V2's settings.
         bank: earlier batches used as extra references, and the reference budget.

@@ -69,7 +69,12 @@ from tasks.planning.bank import (
     record_identities,
 )
 from tasks.planning.blocks import PoolSample, batch_blocks
-from tasks.records.batch_record import BatchRecord, check_batch_id, config_from_record
+from tasks.records.batch_record import (
+    BatchRecord,
+    check_batch_id,
+    check_new_batch,
+    config_from_record,
+)
 from tasks.records.verdicts import clean_records, read_verdicts
 from tasks.runtime import identify_backbones
 
@@ -401,7 +406,8 @@ def score_new(
             (``settings.bank_left_out``) and in the batch record when the parts are recorded.
         changes: the flag rule's k and the weights' locations where they differ from the
             bank's (checked against the bank's backbone identity); None keeps the bank's.
-        run: storage, output prefix (default ``<storage>/results/<line>/new-<UTC time>``),
+        run: storage, output prefix (default ``<storage>/results/<line>/new-<id>``, the id
+            being the UTC time and a random suffix),
             cluster (``threads`` by default: the fastest for a few parts), workers, device and
             new parts per block.
 
@@ -409,8 +415,10 @@ def score_new(
         The run summary (as ``score_line``'s; ``bank`` lists the bank's batches).
     """
     line, record_as = parts.line, parts.record_as
+    if record_as:
+        check_new_batch(run.storage, line, check_batch_id(record_as))
     chosen = choose_line_bank(line, bank, changes, run.storage)
-    run_id = check_batch_id(record_as) if record_as else f"new-{default_batch_id()}"
+    run_id = record_as or f"new-{default_batch_id()}"
     request = NewPartsRequest(
         line=line,
         inputs=tuple(parts.inputs),

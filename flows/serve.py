@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from flows.locations import cache_url, results_url
+from flows.locations import cache_url, default_batch_id, results_url
 from flows.score_new import NewPartsRequest, check_bank, choose_line_bank, run_settings
 from flows.settings import BankChoice, NewPartsChanges, Station, StationRun
 from flows.stages import preparation_summary, run_info
@@ -207,10 +207,11 @@ class InspectionStation:
         }
 
     def _run_id(self) -> str:
-        """A new run id: ``part-<UTC time to the millisecond>-<count>``, unique per station."""
-        now = datetime.now(timezone.utc)
-        stamp = f"{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z"
-        return f"part-{stamp}-{self.scored + 1:05d}"
+        """A new run id: ``part-<UTC time and random suffix>-<count>`` (:func:`default_batch_id`).
+
+        Unique across stations of one line and storage, even started in the same instant.
+        """
+        return f"part-{default_batch_id()}-{self.scored + 1:05d}"
 
     def score(self, files: PartFiles) -> ScoredPart:
         """Score one part against the bank and write its results (one request at a time).

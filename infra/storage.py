@@ -17,6 +17,7 @@ them (exception messages, storage options).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -370,10 +371,22 @@ def require_s3_endpoint() -> None:
         )
 
 
+def _user() -> str:
+    """This process's effective user, for messages: ``user nobody (uid 65534)``."""
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
 def check_writable(url: str) -> None:
     """Check that a storage URL can be written, quickly and without retries.
 
-    Local: the folder is created when missing and a probe file written and removed. S3: the
+    Local: the nearest existing folder must be writable by this process's user, the folder is
+    created when missing and a probe file written and removed. S3: the
     endpoint must accept a TCP connection within 2 s, then a probe object is written and
     removed with one try (credentials, bucket and write permission in one go).
 
@@ -392,6 +405,8 @@ def check_writable(url: str) -> None:
             path = os.path.dirname(path)
         if not os.path.isdir(path):
             raise NotADirectoryError(f"{path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"the folder {path} is not writable by {_user()}")
         os.makedirs(root, exist_ok=True)
         target = os.path.join(root, probe)
         with open(target, "wb"):
@@ -416,6 +431,135 @@ def check_writable(url: str) -> None:
         if is_unreachable(error):
             raise StorageUnreachable(redact(str(error))) from error
         raise PermissionError(redact(f"{type(error).__name__}: {error}")) from error
+
+
+#: S3 error codes of a store that refuses a conditional put (``If-None-Match: *``) instead of
+#: honouring it (an HTTP status 501 says the same).
+CONDITIONAL_PUT_REFUSED = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest"})
+#: ``errno`` values of a local filesystem without hard links (``os.link``).
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+)
+
+
+def _exists_already(where: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, "exists already (files created once are never replaced)",
+                           where)
+
+
+def _create_local(path: str, data: bytes) -> None:
+    """Create a local file that must not exist, complete or not at all.
+
+    The data goes to a temporary file beside the target, is flushed to disk and hard-linked
+    to the target (which fails if the target exists); a filesystem without hard links gets
+    an exclusive create (``O_EXCL``) and the data written into it instead.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise _exists_already(path) from None
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINKS:
+                raise
+            _create_exclusive(path, data)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """``O_CREAT | O_EXCL`` and a write: the fallback where hard links are not supported."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        raise _exists_already(path) from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.remove(path)
+        raise
+
+
+def _s3_error(error: BaseException) -> tuple[str, str]:
+    """The S3 error code and HTTP status behind an error (``("", "")`` when there is none)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            return code, str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        seen = seen.__cause__
+    return "", ""
+
+
+def _refused_condition(error: BaseException) -> bool:
+    """Whether an S3 error says the store does not take ``If-None-Match`` on a put."""
+    if isinstance(error, NotImplementedError):
+        return True
+    code, status = _s3_error(error)
+    if code or status:
+        return code in CONDITIONAL_PUT_REFUSED or status == "501"
+    return isinstance(error, OSError) and error.errno == errno.ENOSYS
+
+
+def _create_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Create an S3 object that must not exist: a conditional put, else a checked put.
+
+    The object is looked up first (any store: a re-run finds it), then put with
+    ``If-None-Match: *`` (AWS S3 and the stores that implement it refuse the put when the
+    object appeared meanwhile). A store that refuses the condition gets a plain put after the
+    look-up: two writers could then both create the object only when they name it in the same
+    instant, which random ids make practically impossible.
+    """
+    where = f"s3://{path}"
+    if fs.exists(path):
+        raise _exists_already(where)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return
+    except FileExistsError:
+        raise _exists_already(where) from None
+    except Exception as error:
+        code, status = _s3_error(error)
+        if code == "PreconditionFailed" or status == "412":
+            raise _exists_already(where) from None
+        if not _refused_condition(error):
+            raise
+        log.warning(
+            "the object store refused a conditional put (%s); %s was looked up before a plain "
+            "put instead", redact(f"{type(error).__name__}: {error}"), where,
+        )
+    if fs.exists(path):
+        raise _exists_already(where)
+    fs.pipe_file(path, data)
+
+
+def create_file(fs: fsspec.AbstractFileSystem, protocol: str, path: str, data: bytes) -> None:
+    """Create a file that must not exist yet; it appears complete or not at all. One try.
+
+    Args:
+        fs: the filesystem (:func:`open_filesystem`).
+        protocol: ``"file"`` or ``"s3"`` (:func:`split_url`).
+        path: the file's path in ``fs`` (absolute local path, or ``bucket/key``).
+        data: the file's bytes.
+
+    Raises:
+        FileExistsError: the file is there already (it is left as it is).
+    """
+    if protocol == "file":
+        _create_local(path, data)
+    else:
+        _create_object(fs, path, data)
 
 
 def with_retries(

@@ -5,8 +5,13 @@ the run's settings (configuration, backbones and their identities, data source),
 samples with their prepared keys, names, labels and block, and the samples set aside. A later
 night reads earlier records to add their samples as references (their features are found in
 the cache by key); ``rescore`` reads a record to score the same samples again without a
-backbone. Batch ids sort chronologically (the default is the run's UTC start,
-``YYYYmmddTHHMMSSZ``).
+backbone.
+
+Batch ids sort chronologically: the default (:func:`new_batch_id`) is the run's UTC start,
+``YYYYmmddTHHMMSSZ-mmm-xxxxxxxx`` (millisecond, then 8 random hex digits, so two runs started
+in the same instant get two ids). Ids of older musc versions, ``YYYYmmddTHHMMSSZ``, are a
+prefix of those of the same second, so they sort before every newer id. A record is created
+once and never replaced (:func:`write_batch_record`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -171,6 +178,41 @@ class BatchRecord(_Part):
         return self.model_copy(update={"samples": kept})
 
 
+class BatchExists(FileExistsError):
+    """A batch id the line has recorded already: records are created once, never replaced.
+
+    Attributes:
+        line: the line.
+        batch: the batch id.
+        where: the record's location.
+    """
+
+    def __init__(self, line: str, batch: str, where: str,
+                 fix: str = "record the run under another batch id") -> None:
+        self.line = line
+        self.batch = batch
+        self.where = where
+        super().__init__(
+            f"line {line!r} has a batch {batch!r} already ({where}); a batch record is created "
+            f"once and never replaced: {fix}"
+        )
+
+
+def new_batch_id(now: datetime | None = None) -> str:
+    """A new batch id: ``YYYYmmddTHHMMSSZ-mmm-xxxxxxxx``, sortable by time and unique.
+
+    Args:
+        now: the time it stands for (default: now); naive times are taken as UTC.
+
+    Returns:
+        The UTC time to the second, its millisecond and 8 random hex digits, e.g.
+        ``20261207T155607Z-482-3f9a2c1d``.
+    """
+    now = now or datetime.now(timezone.utc)
+    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{now.microsecond // 1000:03d}-{secrets.token_hex(4)}"
+
+
 def check_batch_id(batch: str) -> str:
     """A batch id is letters, digits, ``_.-`` (it becomes a file name); returned unchanged."""
     if not _BATCH_RE.match(batch):
@@ -182,10 +224,39 @@ def _folder(line: str) -> str:
     return f"lines/{safe_file_stem(line)}/batches"
 
 
+def _relative(line: str, batch: str) -> str:
+    return f"{_folder(line)}/{check_batch_id(batch)}.json"
+
+
 def write_batch_record(storage: str, record: BatchRecord) -> str:
-    """Store a batch record; returns its location."""
-    relative = f"{_folder(record.line)}/{check_batch_id(record.batch)}.json"
-    return ResultStore(storage).write_text(relative, record.to_json() + "\n")
+    """Store a new batch record, created once; returns its location.
+
+    The record appears complete or not at all, and an existing one is never replaced
+    (:meth:`ResultStore.create_bytes`).
+
+    Raises:
+        BatchExists: the line has a record of this batch already.
+    """
+    store = ResultStore(storage)
+    relative = _relative(record.line, record.batch)
+    try:
+        return store.create_bytes(relative, (record.to_json() + "\n").encode("utf-8"))
+    except FileExistsError:
+        raise BatchExists(record.line, record.batch, store.location(relative)) from None
+
+
+def check_new_batch(storage: str, line: str, batch: str) -> str:
+    """A batch id the line has not recorded (and a valid one); returned unchanged.
+
+    Raises:
+        BatchExists: the line has a record of this batch.
+        ValueError: an invalid batch id.
+    """
+    store = ResultStore(storage)
+    relative = _relative(line, batch)
+    if store.exists(relative):
+        raise BatchExists(line, batch, store.location(relative))
+    return batch
 
 
 def read_batch_record(storage: str, line: str, batch: str) -> BatchRecord:
@@ -195,7 +266,7 @@ def read_batch_record(storage: str, line: str, batch: str) -> BatchRecord:
         FileNotFoundError: the line has no such batch.
         ValueError: the record is unreadable, of another version or not a batch record.
     """
-    relative = f"{_folder(line)}/{check_batch_id(batch)}.json"
+    relative = _relative(line, batch)
     try:
         text = ResultStore(storage).read_bytes(relative)
     except FileNotFoundError:

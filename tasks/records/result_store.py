@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from infra.storage import open_filesystem, split_url, with_retries
+from infra.storage import create_file, open_filesystem, split_url, with_retries
 from tasks.choices import RANDOM_WEIGHTS_WARNING as RANDOM_WEIGHTS_WARNING  # re-exported
 
 #: Characters that common filesystems refuse in a name (Windows' list; ``/`` and ``\\`` split).
@@ -169,6 +169,38 @@ class ResultStore:
                     os.remove(temporary)
 
         with_retries(write_and_rename, what=f"write {relative}")
+        return self.location(relative)
+
+    def exists(self, relative: str) -> bool:
+        """Whether a file below the prefix exists (retrying transient storage errors)."""
+        path = self.path(relative)
+        return with_retries(lambda: bool(self.fs.exists(path)), what=f"look up {relative}")
+
+    def create_bytes(self, relative: str, data: bytes) -> str:
+        """Create a file that must not exist yet; returns its location.
+
+        The file appears complete or not at all and is never replaced
+        (:func:`infra.storage.create_file`: a hard link on a local disk, a conditional put on
+        S3). A transient error is retried; a retry that finds the file holding exactly
+        ``data`` takes it as its own earlier try's.
+
+        Raises:
+            FileExistsError: the file is there already (another writer's, or an earlier run's).
+        """
+        path = self.path(relative)
+        tries = 0
+
+        def create() -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                create_file(self.fs, self.protocol, path, data)
+            except FileExistsError:
+                if tries > 1 and self.fs.cat_file(path) == data:
+                    return
+                raise
+
+        with_retries(create, what=f"create {relative}")
         return self.location(relative)
 
     def write_text(self, relative: str, text: str) -> str:

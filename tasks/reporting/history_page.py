@@ -307,7 +307,23 @@ def history_link(storage: str, line: str, out: str) -> str:
     return ResultStore(storage).location(history_location(storage, line))
 
 
+#: Renderings of the history page at most while other runs of the line keep recording.
+HISTORY_RENDERINGS = 5
+
+
 def write_history(storage: str, line: str) -> str:
-    """Render and store the history page of a line; returns its location."""
-    page = render_history(line, line_nights(storage, line))
-    return ResultStore(storage).write_text(history_location(storage, line), page)
+    """Render and store the history page of a line; returns its location.
+
+    Runs of one line that finish together each record their batch, then write the page: a
+    run renders the page again when the line's batches changed while it rendered and wrote
+    it (up to :data:`HISTORY_RENDERINGS` times), so the last page written lists every batch
+    recorded before it, whichever run wrote it.
+    """
+    store = ResultStore(storage)
+    for _ in range(HISTORY_RENDERINGS):
+        batches = list_batches(storage, line)
+        page = render_history(line, line_nights(storage, line))
+        location = store.write_text(history_location(storage, line), page)
+        if list_batches(storage, line) == batches:
+            break
+    return location

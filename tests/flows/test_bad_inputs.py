@@ -213,10 +213,11 @@ def runs(tmp_path_factory):
         data=str(bad), storage=str(top / "store-bad"), cluster="threads", batch="b1", **PARAMS
     )
     cli = {}
-    for flag, out in (("--fail-on-set-aside", "out-cli"), (None, "out-cli-2")):
+    # each run records a batch of its own on the bad run's storage (a record is never replaced)
+    for flag, out, batch in (("--fail-on-set-aside", "out-cli", "b2"), (None, "out-cli-2", "b3")):
         stdout = io.StringIO()
         argv = ["score", str(bad), "--out", str(top / out), "--storage",
-                str(top / "store-bad"), *CLI_PARAMS] + ([flag] if flag else [])
+                str(top / "store-bad"), *cli_args(batch)] + ([flag] if flag else [])
         with contextlib.redirect_stdout(stdout):
             status = main(argv)
         cli[flag] = (status, stdout.getvalue(), top / out)

@@ -6,12 +6,16 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -22,8 +26,10 @@ from flows.checks import UsageError, check_weights, config_from_args
 from infra import hub
 from infra.cluster import bounded_dask_runner, close_quietly
 from infra.storage import StorageUnreachable, is_transient, with_retries
+from tasks.records.batch_record import BatchExists, write_batch_record
 from tasks.stage import retry_on_storage_error
 from tasks.synthetic.generator import generate_line
+from tests.records import hand_record
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -119,18 +125,100 @@ def test_a_file_where_a_folder_is_needed_is_refused(
                  outcome="exit 2, nothing started", runs=0, completed=0, samples=0, lost=0)
 
 
-def test_a_folder_that_cannot_be_written_is_refused(two_lines, tmp_path, capsys, nothing_starts):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
+def _as_nobody(argv: list[str]) -> tuple[int, str]:
+    """``musc`` with ``argv`` in a forked child running as user ``nobody``: (status, stderr).
+
+    The child cannot read the interpreter's library once it is ``nobody``: the caller runs
+    the same checks first, as itself, so that every module they need is imported.
+    """
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            err = io.StringIO()
+            with redirect_stderr(err):
+                status = cli.main(argv)
+            payload = [status, err.getvalue()]
+        except BaseException as error:  # noqa: BLE001 - anything the child met goes back
+            payload = [-1, repr(error)]
+        os.write(writer, json.dumps(payload).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(child, 0)
+    status, err = json.loads(data)
+    return status, err
+
+
+@pytest.fixture
+def shared_folder():
+    """A folder every user can read and enter (pytest's own are its user's only)."""
+    folder = Path(tempfile.mkdtemp(prefix="musc-shared-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("option", ["--out", "--storage"])
+def test_a_folder_this_user_cannot_write_is_refused_naming_option_and_path(
+    shared_folder, capsys, nothing_starts, chaos_record, option
+):
+    """As a user without write permission (``nobody`` when the tests run as root), an
+    ``--out`` or ``--storage`` below a read-only folder is refused before anything starts."""
+    as_root = os.geteuid() == 0
+    generate_line(shared_folder / "data", category="a", num_samples=2, image_size=32, seed=1)
+    locked, free = shared_folder / "locked", shared_folder / "free"
+    locked.mkdir(mode=0o555)
+    free.mkdir(mode=0o777)
+    locked.chmod(0o555)
+    free.chmod(0o777)
+    if not as_root and os.access(locked, os.W_OK):
+        pytest.skip("this user writes into read-only folders (a capability)")
+    argv = ["score", str(shared_folder / "data"), *TINY]
+    ok = [*argv, "--out", str(free / "root-out"), "--storage", str(free / "root-store")]
+    places = {"--out": str(free / "out"), "--storage": str(free / "store")}
+    places[option] = str(locked / "below")
+    refused = [*argv, "--out", places["--out"], "--storage", places["--storage"]]
+    if as_root:
+        cli.check_args(cli.build_parser().parse_args(ok))  # imports what the checks need
+        status, err = _as_nobody(refused)
+    else:
+        status = cli.main(refused)
+        err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert status == 2, err
+    assert line.startswith(f"musc: error: argument {option}: '{locked / 'below'}' cannot be")
+    assert f"the folder {locked} is not writable by" in line and "permissions" in line
+    assert "user nobody" in line or not as_root
+    assert not (locked / "below").exists()
+    chaos_record(kind="input", what=f"{option} in a folder this user cannot write",
+                 outcome="exit 2, nothing started", runs=0, completed=0, samples=0, lost=0)
+
+
+def test_an_unwritable_folder_is_refused_as_os_access_says(tmp_path, monkeypatch):
+    from flows.checks import check_location
+
+    real = os.access
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        status = _score(two_lines, tmp_path, "--out", str(locked / "out"))
-    finally:
-        locked.chmod(0o700)
-    (line,) = _error_lines(capsys.readouterr().err)
-    assert status == 2 and "argument --out:" in line and "cannot be written" in line
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == locked else real(path, mode)
+    )
+    with pytest.raises(UsageError, match=rf"^argument --storage: '{locked}/s' cannot be written"):
+        check_location(str(locked / "s"), "--storage")
+    assert not (locked / "s").exists()
+    check_location(str(tmp_path / "free"), "--storage")
 
 
 @pytest.mark.chaos
@@ -167,6 +255,109 @@ def test_a_writable_bucket_passes_the_check_and_keeps_no_probe(s3_url):
     check_location(s3_url, "--storage")
     fs, root = open_filesystem(s3_url)
     assert not [p for p in fs.find(root.split("/")[0]) if ".musc-write-probe" in p]
+
+
+# --------------------------------------------------------------------------- batch ids
+def _recorded(storage: Path, line: str, batch: str) -> Path:
+    write_batch_record(str(storage), hand_record(line, batch, [], data="the first run"))
+    return storage / "lines" / line / "batches" / f"{batch}.json"
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("line", ["a", "b"])
+def test_an_explicit_batch_the_line_has_recorded_is_refused_and_kept(
+    two_lines, tmp_path, capsys, nothing_starts, chaos_record, line
+):
+    record = _recorded(tmp_path / "store", line, "n1")
+    before = record.read_bytes()
+    status = _score(two_lines, tmp_path, "--category", "all", "--batch", "n1")
+    (error,) = _error_lines(capsys.readouterr().err)
+    assert status == 2
+    assert error.startswith(f"musc: error: argument --batch: line {line!r} has a batch 'n1'")
+    assert str(record) in error and "pass another --batch, or leave it out" in error
+    assert record.read_bytes() == before
+    chaos_record(kind="input", what=f"--batch a batch line {line!r} (of a, b) has recorded",
+                 outcome="exit 2, nothing started, the record kept", runs=0, completed=0,
+                 samples=0, lost=0)
+
+
+def test_the_batch_is_looked_up_on_the_line_the_run_records(
+    two_lines, tmp_path, capsys, nothing_starts, monkeypatch
+):
+    _recorded(tmp_path / "store", "line-7", "n1")
+    assert _score(two_lines, tmp_path, "--batch", "n1", "--line", "line-7") == 2
+    assert "line 'line-7' has a batch 'n1'" in _error_lines(capsys.readouterr().err)[0]
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): [])
+    assert _score(two_lines, tmp_path, "--batch", "n1") == 0  # line 'a' has no batch n1
+
+
+def test_a_deployed_run_of_a_recorded_batch_is_refused_before_any_work(two_lines, tmp_path):
+    from flows.line_request import line_request
+    from flows.settings import Algorithm, Backbones, LineInput, LineRun, RollingBank
+
+    record = _recorded(tmp_path / "store", "a", "n1")
+    before = record.read_bytes()
+
+    def request(batch):
+        return line_request(
+            LineInput(data=str(two_lines), data_format="mvtec3d", category="a"), batch,
+            Backbones(weights_2d="random", weights_3d="random"), Algorithm(), RollingBank(),
+            LineRun(storage=str(tmp_path / "store")),
+        )
+
+    with pytest.raises(BatchExists, match=r"line 'a' has a batch 'n1' already"):
+        request("n1")
+    assert record.read_bytes() == before
+    assert request("n2").batch == "n2" and request(None).batch != request(None).batch
+
+
+def test_an_invalid_batch_id_is_refused_up_front(two_lines, tmp_path, capsys, nothing_starts):
+    assert _score(two_lines, tmp_path, "--batch", "../n1") == 2
+    (error,) = _error_lines(capsys.readouterr().err)
+    assert error.startswith("musc: error: argument --batch: invalid batch id '../n1'")
+
+
+def test_eval_refuses_an_id_one_of_its_runs_has_recorded(two_lines, tmp_path, capsys,
+                                                          nothing_starts):
+    _recorded(tmp_path / "store", "eval-b", "e1-s1-2of2")  # seed 1, subset 2 of 2
+    argv = ["eval", str(two_lines), "--format", "mvtec3d", "--out", str(tmp_path / "out"),
+            "--storage", str(tmp_path / "store"), *TINY[4:], "--category", "a", "b",
+            "--subsets", "2", "--seeds", "2", "--batch", "e1"]
+    assert cli.main(argv) == 2
+    assert "line 'eval-b' has a batch 'e1-s1-2of2'" in _error_lines(capsys.readouterr().err)[0]
+    assert cli.main([*argv[:-1], "e2"]) == 1  # not refused: nothing_starts stops the run
+
+
+def test_score_new_refuses_to_record_as_an_existing_batch(tmp_path, capsys, nothing_starts):
+    record = _recorded(tmp_path / "store", "a", "n1")
+    status = cli.main(["score-new", "a", str(tmp_path / "part.png"), "--record-as", "n1",
+                       "--storage", str(tmp_path / "store"), "--quiet"])
+    (error,) = _error_lines(capsys.readouterr().err)
+    assert status == 2 and error.startswith("musc: error: argument --record-as: line 'a'")
+    assert str(record) in error and "pass another --record-as" in error
+
+
+def test_runs_started_in_one_second_get_distinct_batches_sorted_by_start(
+    two_lines, tmp_path, monkeypatch
+):
+    import flows.score_line
+
+    batches: list[str] = []
+
+    def score_line(data, batch, backbones, algorithm, bank, run):
+        batches.append(batch)
+        return _fake_summary(data.category, run.out)
+
+    monkeypatch.setattr(flows.score_line, "score_line", score_line)
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
+    started = datetime.now(timezone.utc)
+    for _ in range(3):
+        assert _score(two_lines, tmp_path) == 0
+    assert len(set(batches)) == 3 and sorted(batches) == batches
+    for batch in batches:
+        moment = datetime.strptime(batch[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        assert abs((moment - started).total_seconds()) < 60
+        assert re.fullmatch(r"\d{8}T\d{6}Z-\d{3}-[0-9a-f]{8}", batch), batch
 
 
 # --------------------------------------------------------------------------- offline weights
@@ -244,6 +435,7 @@ def _fake_summary(line: str, out: str) -> dict:
         (RuntimeError("a bug"), 1),
         (StorageUnreachable("the storage cannot be reached (connection refused)"), 1),
         (ValueError("checkpoint refused"), 2),
+        (BatchExists("b", "n1", "/s/lines/b/batches/n1.json"), 2),
     ],
 )
 def test_a_failed_line_keeps_the_scored_ones_in_run_json_and_sets_the_status(

@@ -19,6 +19,8 @@ import torch
 from infra.storage import open_filesystem
 from musc_core.config import MuscConfig
 from tasks.cache.store import FeatureCache
+from tasks.records.batch_record import list_batches, read_batch_record
+from tasks.reporting.history_page import line_nights
 from tests.flows.chaos import (
     PARAMS,
     CpuLoad,
@@ -171,11 +173,17 @@ def _cli_env(api_url: str) -> dict[str, str]:
     }
 
 
-def _musc_score(line: Path, out: Path, store: Path, api_url: str, log: Path) -> subprocess.Popen:
+def _musc_score(
+    line: Path, out: Path, store: Path, api_url: str, log: Path, batch: str | None = "b1"
+) -> subprocess.Popen:
+    """``musc score`` in a process of its own; ``batch`` None leaves the batch id to it."""
+    options = cli_args(batch or "", FAULT["shard_size"])
+    if batch is None:
+        del options[options.index("--batch"):options.index("--batch") + 2]
     with open(log, "wb") as handle:
         return subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "score", str(line), "--out", str(out),
-             "--storage", str(store), *cli_args("b1", FAULT["shard_size"])],
+             "--storage", str(store), *options],
             cwd=REPO, env=_cli_env(api_url), stdout=handle, stderr=subprocess.STDOUT,
         )
 
@@ -295,9 +303,13 @@ def test_a_killed_flow_process_is_resumed_computing_only_missing_entries(
 def test_two_runs_sharing_one_cache_at_once_both_complete_with_equal_results(
     line, undisturbed, tmp_path, prefect_server, chaos_record
 ):
+    """Two ``musc score`` of one line on one storage started together: both complete with
+    the results of an undisturbed run, each under a batch id of its own, and the line's
+    history holds both batches."""
     store = tmp_path / "store"
     processes = [
-        _musc_score(line, tmp_path / f"out{i}", store, prefect_server, tmp_path / f"cli{i}.log")
+        _musc_score(line, tmp_path / f"out{i}", store, prefect_server, tmp_path / f"cli{i}.log",
+                    batch=None)
         for i in range(2)
     ]
     try:
@@ -319,8 +331,14 @@ def test_two_runs_sharing_one_cache_at_once_both_complete_with_equal_results(
     computed = [sum(c["computed"] for c in run["counts"].values()) for run in runs]
     stages = len([k for k in entries if entries[k] != "prepared"])
     assert sum(computed) >= stages, "every entry was computed by one of the runs"
-    record = json.loads((store / "lines" / "part" / "batches" / "b1.json").read_text())
-    assert record["out"] in {run["out"] for run in runs}
+    batches = sorted(run["batch"] for run in runs)
+    assert batches[0] != batches[1]
+    assert list_batches(str(store), "part") == batches
+    assert [night.batch for night in line_nights(str(store), "part")] == batches
+    page = (store / "results" / "part" / "history.html").read_text(encoding="utf-8")
+    assert all(f"<td>{batch}</td>" in page for batch in batches)
+    for run in runs:
+        assert read_batch_record(str(store), "part", run["batch"]).out == run["out"]
     chaos_record(kind="fault", what="two runs of one line on one cache at the same time",
                  injected=1, runs=2, completed=2, samples=16, lost=lost,
                  computed_twice=sum(computed) - stages)

@@ -95,6 +95,27 @@ def test_write_history_puts_the_page_next_to_the_results(week):
     assert ResultStore(storage).read_bytes("results/part/history.html").startswith(b"<!DOCTYPE")
 
 
+def test_a_batch_recorded_while_the_page_is_written_is_on_the_last_page(week, monkeypatch):
+    """Another run of the line records its batch while this run renders the page: the page
+    this run leaves lists that batch too."""
+    from tasks.reporting import history_page
+
+    storage, batches, _ = week
+    render = history_page.render_history
+    late: list[str] = []
+
+    def render_then_another_run_records(line, nights):
+        page = render(line, nights)
+        if not late:
+            late.append(_write_night(storage, 8, [1.0] * 4, [], [])[0])
+        return page
+
+    monkeypatch.setattr(history_page, "render_history", render_then_another_run_records)
+    write_history(storage, "part")
+    page = ResultStore(storage).read_bytes("results/part/history.html").decode("utf-8")
+    assert late and all(f"<td>{batch}</td>" in page for batch in [*batches, *late])
+
+
 @pytest.mark.slow
 def test_history_renders_in_headless_chromium(week, tmp_path):
     pytest.importorskip("selenium.webdriver", reason="selenium (dev extra) missing")
@@ -102,7 +123,7 @@ def test_history_renders_in_headless_chromium(week, tmp_path):
 
     browser, driver_path = chromium_paths()
     if not (browser and driver_path):
-        pytest.skip("Debian chromium/chromium-driver are not installed")
+        pytest.skip("Debian chromium/chromium-driver are not installed: run `make test-deps`")
     storage, _, _ = week
     page = tmp_path / "history.html"
     page.write_text(render_history("part", line_nights(storage, "part")), encoding="utf-8")

@@ -4,7 +4,6 @@ import base64
 import math
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -338,20 +337,12 @@ def test_write_report_creates_parents(tmp_path):
 
 
 def _chromium_paths():
-    """(chromium, chromedriver), installing the Debian packages when they are missing."""
-
+    """(chromium, chromedriver) as installed by ``make test-deps``; the test is skipped without."""
     browser, driver = chromium_paths()
     if not (browser and driver):
-        subprocess.run(
-            ["bash", str(REPO / "infra" / "install_system_deps.sh"), "--with-browser"],
-            capture_output=True,
-            check=False,
-        )
-        browser, driver = chromium_paths()
-    if not (browser and driver):
         pytest.skip(
-            "Debian chromium/chromium-driver are not installed and could not be installed "
-            "(infra/install_system_deps.sh needs root or sudo and apt)"
+            "Debian chromium/chromium-driver are not installed: run `make test-deps` "
+            "(infra/install_system_deps.sh --with-browser) to render the report in a browser"
         )
     return browser, driver
 
