@@ -6,6 +6,7 @@ local Dask cluster's worker processes are patched one by one.
 """
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -25,7 +26,15 @@ from tasks.cache.store import FeatureCache
 from tasks.planning.bank import record_identities
 from tasks.records.batch_record import read_batch_record
 from tasks.runtime import Runtime
-from tests.flows.conftest import SMALL, SPEC, read_scores, run_line, run_rescore, small_config
+from tests.flows.conftest import (
+    SMALL,
+    SPEC,
+    read_scores,
+    run_line,
+    run_rescore,
+    run_score_new,
+    small_config,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -57,7 +66,26 @@ def test_each_worker_kind_writes_and_rescores_its_own_entries(line, tmp_path, mo
     store = str(tmp_path / "store")
     _kind(monkeypatch, True)
     fast = run_line(data=str(line), storage=store, cluster="threads", batch="fast", **AUTO)
+    # A new part scored on the float32 kind against the bf16 batch (a copy of the storage that
+    # holds only that batch's entries): the bank's entries are found under the keys its batch
+    # wrote, the part is computed in float32.
     _kind(monkeypatch, False)
+    shutil.copytree(store, tmp_path / "bf16-only")
+    name = sorted(read_scores(fast["outputs"]["scores"]))[0]
+    defect, stem = name.split("/")
+    folder = line / "part" / "test" / defect
+    new = run_score_new(
+        line="part", inputs=[str(folder / "rgb" / f"{stem}.png")],
+        xyz=[str(folder / "xyz" / f"{stem}.tiff")], bank=["fast"], clean_bank=False,
+        storage=str(tmp_path / "bf16-only"), out=str(tmp_path / "new"), cluster="threads",
+        device="cpu",
+    )
+    assert new["scored"] == 1 and new["pool"] == 8
+    assert _computed(new, "tokens_2d") == _computed(new, "tokens_3d") == 1
+    assert {name: new["config"][name] for name in DTYPE_SETTINGS} == dict.fromkeys(
+        DTYPE_SETTINGS, "float32"
+    )
+
     slow = run_line(data=str(line), storage=store, cluster="threads", batch="slow", **AUTO)
     # The float32 worker found none of the bf16 entries: it computed every dtype-dependent
     # entry itself, and reused only the grouping (no dtype) and the prepared samples.
