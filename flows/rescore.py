@@ -3,8 +3,10 @@
 New Interval Average ratio, RsCon windows, flag rule, reference budget or rolling bank: the
 SNAMD features and IPG groupings of every sample are read from the cache, pair-distance shards
 are reused where they exist (and computed from cached features where the references changed),
-and no backbone is ever loaded. A sample whose features are no longer cached stops the run
-with its name.
+and no backbone is ever loaded. The features are those the batch computed, read under the
+dtypes its record names (``dtypes``), on whichever machine the re-score runs; new shards are
+in the distance dtype this run's workers resolve. A sample whose features are no longer cached
+stops the run with its name.
 """
 
 from __future__ import annotations
