@@ -32,6 +32,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,11 +176,14 @@ def bench_memory(work: Path, sizes: list[int], budget: int, shard_size: int) -> 
     from flows.progress import StageTracker
     from flows.stages import report_run, score_pool
     from musc_core.config import MuscConfig
+    from musc_core.hardware import resolved_dtypes
     from tasks.planning.blocks import batch_blocks
     from tasks.results import RunInfo
     from tasks.runtime import Runtime
 
-    config = MuscConfig(modality="2d", layers_2d=(12,), salient_layer=0)
+    given = MuscConfig(modality="2d", layers_2d=(12,), salient_layer=0)
+    # Keys name the dtypes the tasks compute in (this process runs them: one thread).
+    config = replace(given, **resolved_dtypes(given, "cpu"))
 
     @flow(name="bench-scoring-memory", validate_parameters=False)
     def scoring(blocks, runtime, out):

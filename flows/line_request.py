@@ -9,6 +9,7 @@ from flows.locations import default_batch_id, results_url
 from flows.settings import AlgorithmBase, Backbones, LineInput, LineRun, RollingBank
 from infra.hub import pretrained_weights_problem
 from musc_core.config import MuscConfig
+from musc_core.hardware import DTYPE_SETTINGS
 from tasks.backbones import BackboneSpec
 from tasks.cache.keys import Identities
 from tasks.formats.datasets import list_categories
@@ -87,11 +88,15 @@ def batch_record(
     bank: list[str],
     result: LineResult,
     reduced: list[str],
+    run_config: MuscConfig,
     bank_left_out: dict[str, dict[str, str]] | None = None,
     scored_against_bank: bool = False,
 ) -> BatchRecord:
     """The batch record of a finished run (see :mod:`tasks.batches`).
 
+    ``run_config`` is the settings the tasks computed with (:func:`flows.stages.run_dtypes`):
+    the record keeps the request's settings as given and the dtypes the workers resolved, which
+    the keys of its entries name (re-scores and banks derive its samples' keys with them).
     ``reduced`` holds the reduced-entry key of each sample of ``blocks`` (block after block):
     ``score_new`` reads the bank's scores and salient features from them without reducing
     the bank again. ``bank_left_out`` is what the clean bank left out of the rolling bank,
@@ -107,6 +112,7 @@ def batch_record(
         category=request.category,
         prep=PrepSettings(**prep_settings(request)),
         config=request.config.as_dict(),
+        dtypes={name: getattr(run_config, name) for name in DTYPE_SETTINGS},
         backbones=RecordedBackbones(
             name_2d=spec.name_2d, weights_2d=spec.weights_2d, weights_3d=spec.weights_3d,
             patch_size_2d=spec.patch_size_2d, name_3d=spec.name_3d,

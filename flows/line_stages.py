@@ -19,11 +19,13 @@ from flows.stages import (
     preparation_summary,
     prepare_pool_samples,
     report_run,
+    run_dtypes,
     run_info,
     score_pool,
     timed,
 )
 from infra.cluster import task_runner
+from musc_core.config import MuscConfig
 from tasks.batches import load_bank, record_batch
 from tasks.cache.keys import Identities
 from tasks.cache.store import CacheCorruption
@@ -63,7 +65,7 @@ def select_samples(
 def score_line_stages(request: LineRequest) -> dict:
     """The stages of one line's run on the task runner the outer flow chose."""
     timings, started, runtime, tracker = begin_run(request.storage, request.device, 6)
-    config = request.config
+    config = run_dtypes(request.config, runtime)
     with timed(timings, "discover"):
         found, set_aside = discover_samples.submit(
             request.data, request.data_format, request.category
@@ -74,7 +76,8 @@ def score_line_stages(request: LineRequest) -> dict:
     for attempt in range(1, CORRUPTION_RETRIES + 2):
         try:
             return _score_batch(
-                request, found, list(set_aside), identities, runtime, tracker, timings, started
+                request, config, found, list(set_aside), identities, runtime, tracker, timings,
+                started,
             )
         except CacheCorruption as error:
             if attempt > CORRUPTION_RETRIES or error.key is None:
@@ -88,6 +91,7 @@ def score_line_stages(request: LineRequest) -> dict:
 
 def _score_batch(
     request: LineRequest,
+    config: MuscConfig,
     found: list[DiscoveredSample],
     set_aside: list[SetAside],
     identities: Identities,
@@ -96,8 +100,11 @@ def _score_batch(
     timings: dict[str, float],
     started: datetime,
 ) -> dict:
-    """Prepare, score and report one batch (run again after a corrupted entry was dropped)."""
-    config = request.config
+    """Prepare, score and report one batch (run again after a corrupted entry was dropped).
+
+    ``config`` is the request's settings with the dtypes the workers resolved
+    (:func:`flows.stages.run_dtypes`): every key of the run is derived from it.
+    """
     with timed(timings, "prepare"):
         current, cleaning = prepare_pool_samples(
             found, request.data_format, config, identities, request.batch,
@@ -146,7 +153,7 @@ def _score_batch(
     )
     record = batch_record(
         request, identities, tonight, set_aside, bank_ids, result, reduced[: len(current)],
-        bank_left_out=left_out,
+        config, bank_left_out=left_out,
     )
     record_batch.submit(request.storage, record).result()
     summary["outputs"]["history"] = write_history(request.storage, request.line)

@@ -3,8 +3,10 @@
 New Interval Average ratio, RsCon windows, flag rule, reference budget or rolling bank: the
 SNAMD features and IPG groupings of every sample are read from the cache, pair-distance shards
 are reused where they exist (and computed from cached features where the references changed),
-and no backbone is ever loaded. A sample whose features are no longer cached stops the run
-with its name.
+and no backbone is ever loaded. The features are those the batch computed, read under the
+dtypes its record names (``dtypes``), on whichever machine the re-score runs; new shards are
+in the distance dtype this run's workers resolve. A sample whose features are no longer cached
+stops the run with its name.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from prefect import flow
 
 from flows.locations import default_batch_id
 from flows.settings import RecordedBatch, RescoreRun, Rescoring
-from flows.stages import begin_run, report_run, run_info, score_pool
+from flows.stages import begin_run, report_run, run_dtypes, run_info, score_pool
 from infra.cluster import task_runner
 from tasks.batches import load_bank, read_batch, read_batches
 from tasks.features import missing_features
@@ -41,10 +43,14 @@ def rescore_stages(record: BatchRecord, changes: Rescoring, run: RescoreRun) -> 
     """
     timings, started, runtime, tracker = begin_run(run.storage, run.device, 4)
     storage, line = run.storage, record.line
-    config = config_from_record(record)
+    given = config_from_record(record)
     new = {k: v for k, v in changes.model_dump().items()
            if v is not None and k in ("interval_ratio", "flag_mad_k", "rescoring_windows")}
-    config = replace(config, **new)
+    given = replace(given, **new)
+    # The pool's features are read under the dtypes the batch's workers computed them in; the
+    # shards and reductions computed here are in the dtype this run's workers resolve.
+    distance = run_dtypes(given, runtime, ("distance_dtype",)).distance_dtype
+    config = replace(given, **{**record.dtypes, "distance_dtype": distance})
     identities = record_identities(record)
     tonight = bank_blocks([record], config, identities, set())
     if changes.reference_nights is None:

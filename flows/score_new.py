@@ -47,6 +47,7 @@ from flows.stages import (
     prepare_pool_samples,
     reduce_all,
     report_run,
+    run_dtypes,
     run_info,
     score_all_pairs,
     timed,
@@ -274,7 +275,10 @@ def run_settings(request: NewPartsRequest) -> dict[str, object]:
 def score_new_stages(request: NewPartsRequest) -> dict:
     """The stages of one ``score_new`` run on the task runner the outer flow chose."""
     timings, started, runtime, tracker = begin_run(request.storage, request.device, 6)
-    config = request.config
+    given = request.config
+    # The new parts are computed in the dtypes this run's workers resolve; the bank's entries
+    # are read under the dtypes their batches' workers computed them in (``as_recorded``).
+    config = run_dtypes(given, runtime)
     fmt = request.records[0].prep.format
     with timed(timings, "discover"):
         found, set_aside = discover_parts(request)
@@ -288,7 +292,9 @@ def score_new_stages(request: NewPartsRequest) -> dict:
         problems = "; ".join(f"{a.name}: {a.problem}" for a in set_aside)
         raise ValueError(f"no usable new part ({problems or 'none given'})")
     records = list(request.records)
-    bank = bank_blocks(records, config, identities, {p.keys.scored for p in parts})
+    bank = bank_blocks(
+        records, given, identities, {p.keys.scored for p in parts}, as_recorded=True
+    )
     by_batch = {r.batch: bank_reductions(request.storage, r) for r in records}
     bank_reduced = [by_batch[s.batch][s.name] for block in bank for s in block]
     check_bank(
@@ -317,14 +323,14 @@ def score_new_stages(request: NewPartsRequest) -> dict:
     if request.record_as is not None:
         line_request = LineRequest(
             data=", ".join(request.inputs), data_format=fmt, category=request.line,
-            line=request.line, batch=request.record_as, config=config, spec=request.spec,
+            line=request.line, batch=request.record_as, config=given, spec=request.spec,
             storage=request.storage, out=request.out, shard_size=request.shard_size,
             reference_budget=request.reference_budget, reference_nights=len(records),
             reference_samples=None, device=request.device, clean_bank=request.clean_bank,
         )
         record = batch_record(
             line_request, identities, new_blocks, set_aside, bank_ids, result, new_reduced,
-            bank_left_out=request.bank_left_out, scored_against_bank=True,
+            config, bank_left_out=request.bank_left_out, scored_against_bank=True,
         )
         record_batch.submit(request.storage, record).result()
         summary["recorded"] = request.record_as

@@ -37,6 +37,7 @@ from flows.score_new import NewPartsRequest, check_bank, choose_line_bank, run_s
 from flows.settings import BankChoice, NewPartsChanges, Station, StationRun
 from flows.stages import preparation_summary, run_info
 from musc_core.config import MuscConfig
+from musc_core.hardware import resolved_dtypes
 from tasks.cache.keys import Identities, decisions_key, prepared_keys, sample_keys
 from tasks.cache.memory import drop_memory_cache, memory_cache_url
 from tasks.decisions import Decided, decide_pool, write_decided
@@ -143,24 +144,28 @@ class InspectionStation:
                 "the bank is an Eyecandies line: its parts' depth maps need pose and depth "
                 "range files, which the station does not take; use musc score-new with a folder"
             )
+        self.runtime = Runtime(cache_url(run.storage), run.device)
+        device = self.runtime.torch_device
+        # Parts are computed in the dtypes this process resolves; the bank's entries are read
+        # under those its batches' workers computed them in (``as_recorded``).
+        self.given = chosen.config
+        config = replace(chosen.config, **resolved_dtypes(chosen.config, device))
         self.request = NewPartsRequest(
             line=station.line, inputs=(), xyz=None, data_format="folder", category=None,
             storage=run.storage, out=run.out or "", run="", records=chosen.records,
-            spec=chosen.spec, config=chosen.config, shard_size=1,
+            spec=chosen.spec, config=config, shard_size=1,
             reference_budget=bank.reference_budget, device=run.device, record_as=None,
             clean_bank=bank.clean_bank, bank_left_out=chosen.left_out,
         )
         self.out = run.out.rstrip("/") if run.out else None
-        self.runtime = Runtime(cache_url(run.storage), run.device)
-        config, spec = chosen.config, chosen.spec
+        spec = chosen.spec
         self.identities: Identities = identify_backbones.fn(spec, config, self.runtime)
-        device = self.runtime.torch_device
         if config.uses_2d:
             extractor_2d(spec, config, device)
         if config.uses_3d:
             extractor_3d(spec, config, device)
         records = list(chosen.records)
-        blocks = bank_blocks(records, config, self.identities, set())
+        blocks = bank_blocks(records, self.given, self.identities, set(), as_recorded=True)
         self.by_batch = {r.batch: bank_reductions(run.storage, r) for r in records}
         reduced = [self.by_batch[s.batch][s.name] for block in blocks for s in block]
         check_bank(
@@ -187,7 +192,7 @@ class InspectionStation:
 
     @property
     def config(self) -> MuscConfig:
-        """The bank's settings."""
+        """The bank's settings, with the dtypes this process computes the parts in."""
         return self.request.config
 
     def facts(self) -> dict[str, object]:
@@ -306,7 +311,10 @@ class InspectionStation:
             reduced keys in pool order, and the shards' work counts.
         """
         config = self.config
-        bank = bank_blocks(self.request.records, config, self.identities, {part.keys.scored})
+        bank = bank_blocks(
+            self.request.records, self.given, self.identities, {part.keys.scored},
+            as_recorded=True,
+        )
         bank_reduced = [self.by_batch[s.batch][s.name] for block in bank for s in block]
         plan = plan_against_bank([[part]], bank, config, self.request.reference_budget)
         counts: list[StageCount] = []

@@ -15,13 +15,16 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import NamedTuple
 
+from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from flows.locations import cache_url
 from flows.progress import StageTracker
+from infra.cluster import on_every_worker
 from infra.storage import is_unreachable
 from musc_core.config import MuscConfig
+from musc_core.hardware import DTYPE_SETTINGS
 from tasks.backbones import BackboneSpec
 from tasks.cache.keys import Identities, decisions_key, prepared_keys, sample_keys
 from tasks.decisions import decide
@@ -40,7 +43,7 @@ from tasks.planning import groups
 from tasks.planning.blocks import PoolSample, ScoringPlan, plan_scoring
 from tasks.records.run_summary import RunFacts
 from tasks.results import LineResult, RunInfo, report_line
-from tasks.runtime import Runtime
+from tasks.runtime import Runtime, agreed_dtypes, worker_dtypes
 from tasks.scoring import reduce_samples, score_pairs
 from tasks.stage import StageCount, add_counts
 
@@ -251,6 +254,35 @@ def begin_run(storage: str, device: str, stages: int) -> tuple[
     """
     runtime = Runtime(cache_url(storage), device)
     return {}, datetime.now(timezone.utc), runtime, StageTracker(total_stages=stages)
+
+
+def run_dtypes(
+    config: MuscConfig, runtime: Runtime, settings: tuple[str, ...] = DTYPE_SETTINGS
+) -> MuscConfig:
+    """The settings with each dtype setting as the run's workers compute it.
+
+    Asks every worker of the flow's task runner what it resolves the settings to on the tasks'
+    device (:func:`tasks.runtime.worker_dtypes`) and takes what they agree on, float32 where
+    workers of different kinds disagree (:func:`tasks.runtime.agreed_dtypes`, one warning
+    each). Run before any key is derived: the keys name these dtypes, never ``auto``, so an
+    entry's key says what it holds whichever worker wrote it.
+
+    Args:
+        config: the settings as given.
+        runtime: the tasks' device.
+        settings: the dtype settings to resolve (the others are kept as given).
+
+    Returns:
+        The settings the run's tasks get, each of ``settings`` ``float32`` or ``bfloat16``.
+
+    Raises:
+        ValueError: a worker without native bf16 for an explicit ``bfloat16``.
+    """
+    answers = on_every_worker(worker_dtypes, config, runtime.device, settings)
+    resolved, warnings = agreed_dtypes(config, answers, settings)
+    for warning in warnings:
+        get_run_logger().warning(warning)
+    return resolved
 
 
 def prepare_pool_samples(

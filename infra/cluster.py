@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from functools import cache
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect.task_runners import TaskRunner
@@ -133,6 +134,37 @@ def task_runner(cluster: str = "auto", workers: int = 1) -> TaskRunner:
             },
         )
     return runner_class(address=cluster)
+
+
+#: The answer key of the flow's own process (thread-pool task runner, or no flow run).
+THIS_PROCESS = "this process"
+
+
+def on_every_worker(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """``function(*args)`` on every worker of the running flow's task runner, by worker.
+
+    On a Dask cluster each worker process runs it (``Client.run``; keyed by worker address),
+    so it sees that worker's own hardware. A thread pool's tasks run in this process: it runs
+    here once (keyed :data:`THIS_PROCESS`), as it does outside a flow run.
+
+    Args:
+        function: a module-level function (Dask ships it to the workers by reference).
+        *args: its arguments (picklable).
+
+    Returns:
+        Each worker's result.
+    """
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = context.task_runner if context is not None else None
+    # A Dask task runner has imported prefect_dask; a thread pool needs neither it nor Dask.
+    if runner is not None and "prefect_dask" in sys.modules:
+        from prefect_dask import DaskTaskRunner
+
+        if isinstance(runner, DaskTaskRunner):
+            return dict(runner.client.run(function, *args))
+    return {THIS_PROCESS: function(*args)}
 
 
 #: Thread variables every local worker process starts with (read when the math libraries load).

@@ -16,6 +16,10 @@ from typing import NamedTuple
 import torch
 
 from musc_core.config import DISTANCE_DTYPES as COMPUTE_DTYPES
+from musc_core.config import MuscConfig
+
+#: The settings that choose a compute dtype (``auto``, ``float32`` or ``bfloat16`` each).
+DTYPE_SETTINGS = ("vit_dtype", "point_dtype", "distance_dtype")
 
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
@@ -168,3 +172,25 @@ def resolve_compute_dtype(
             f"than float32 here. Use {option}=auto (float32 on this machine) or float32."
         )
     return torch.bfloat16 if fast else torch.float32
+
+
+def resolved_dtypes(
+    config: MuscConfig, device: torch.device | str, settings: tuple[str, ...] = DTYPE_SETTINGS
+) -> dict[str, str]:
+    """What each dtype setting computes in on ``device``, by name (:func:`resolve_compute_dtype`).
+
+    Args:
+        config: the settings as given (``auto`` allowed).
+        device: where the computation runs.
+        settings: which of :data:`DTYPE_SETTINGS` to resolve.
+
+    Returns:
+        ``{"vit_dtype": "bfloat16", ...}``: ``"float32"`` or ``"bfloat16"`` per setting.
+
+    Raises:
+        ValueError: an explicit ``bfloat16`` on a device without native bf16.
+    """
+    return {
+        name: str(resolve_compute_dtype(getattr(config, name), device, name)).removeprefix("torch.")
+        for name in settings
+    }

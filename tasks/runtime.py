@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import atexit
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from prefect import task
 
 from musc_core.config import MuscConfig
 from musc_core.features_2d import ViTFeatureExtractor
+from musc_core.hardware import DTYPE_SETTINGS, resolved_dtypes
 from tasks.backbones import (
     BackboneSpec,
     PointExtractor,
@@ -100,6 +102,78 @@ def extractor_3d(spec: BackboneSpec, config: MuscConfig, device: torch.device) -
     """This process's 3D backbone for a spec, built once and kept."""
     key = ("3d", spec.name_3d, spec.weights_3d, config.point_batchnorm, str(device))
     return _model(key, lambda: build_3d(spec, config).to(device))
+
+
+def worker_dtypes(
+    config: MuscConfig, device: str, settings: tuple[str, ...] = DTYPE_SETTINGS
+) -> dict[str, str] | str:
+    """What this worker process computes each dtype setting in, on its tasks' device.
+
+    Run on every worker of a cluster (see :func:`agreed_dtypes`) before a run derives its keys.
+
+    Args:
+        config: the settings as given.
+        device: the tasks' device option (``auto``, ``cpu``, ``cuda:N``).
+        settings: which dtype settings to resolve.
+
+    Returns:
+        ``{"vit_dtype": "bfloat16", ...}``, or the refusal's message where an explicit
+        ``bfloat16`` has no native bf16 on this worker.
+    """
+    try:
+        return resolved_dtypes(config, resolve_device(device), settings)
+    except ValueError as error:
+        return str(error)
+
+
+def agreed_dtypes(
+    config: MuscConfig,
+    answers: Mapping[str, dict[str, str] | str],
+    settings: tuple[str, ...] = DTYPE_SETTINGS,
+) -> tuple[MuscConfig, list[str]]:
+    """The settings a run computes in on a cluster, from every worker's :func:`worker_dtypes`.
+
+    Cache keys name these dtypes, so every worker must compute in them: a setting all workers
+    resolve alike takes that dtype; an ``auto`` that workers of different kinds resolve
+    differently (bf16 on some, float32 on others) takes ``float32``, which every worker
+    computes natively.
+
+    Args:
+        config: the settings as given.
+        answers: each worker's answer, by worker.
+        settings: the dtype settings to resolve (the others keep their value).
+
+    Returns:
+        ``config`` with each of ``settings`` as ``"float32"`` or ``"bfloat16"``, and one
+        warning per setting that fell back to float32.
+
+    Raises:
+        ValueError: a worker refused an explicit ``bfloat16`` (naming it), or no answer.
+    """
+    if not answers:
+        raise ValueError("no worker answered: the cluster has no worker")
+    refused = {worker: answer for worker, answer in answers.items() if isinstance(answer, str)}
+    if refused:
+        worker, message = sorted(refused.items())[0]
+        raise ValueError(f"worker {worker} of {len(answers)}: {message}")
+    resolved: dict[str, str] = {}
+    warnings: list[str] = []
+    for name in settings:
+        kinds: dict[str, list[str]] = {}
+        for worker, answer in sorted(answers.items()):
+            kinds.setdefault(answer[name], []).append(worker)
+        if len(kinds) == 1:
+            resolved[name] = next(iter(kinds))
+            continue
+        resolved[name] = "float32"
+        counts = ", ".join(f"{dtype} on {len(kinds[dtype])}" for dtype in sorted(kinds))
+        warnings.append(
+            f"{name}={getattr(config, name)} resolves differently on the workers ({counts}, "
+            f"e.g. {kinds['bfloat16'][0]} against {kinds['float32'][0]}): the run computes "
+            "it in float32 on every worker; for bfloat16, use a cluster whose workers all "
+            "have native bf16"
+        )
+    return replace(config, **resolved), warnings
 
 
 @task(name="identify-backbones", **TASK_OPTIONS)

@@ -4,7 +4,9 @@ A stage's key is a hash of everything its output depends on: the key of its inpu
 the settings of the stage, never a file name or a run. Hence a changed input file, a different
 preprocessing setting or backbone (name + weights digest) gives a new key, and an unchanged one
 finds the entry a previous run wrote. The flow derives every key up front from the samples'
-input digests and the settings, so tasks receive keys and never large arrays.
+input digests and the settings, so tasks receive keys and never large arrays. The settings'
+dtypes are those the run's workers resolved (:func:`flows.stages.run_dtypes`): a key names the
+dtype its entry was computed in (``float32`` or ``bfloat16``), never ``auto``.
 
 Chains (→ reads the entry of), one row per stage in ``docs/cache-keys.md``: ``prepared_2d`` (the
 files the image preparation reads, format, size, MVTec 3D-AD support-plane mode) ← ``tokens_2d``
@@ -182,7 +184,12 @@ def prepared_keys(
 
 
 def sample_keys(prepared: PreparedKeys, config: MuscConfig, identities: Identities) -> SampleKeys:
-    """Every feature key of a sample, from its prepared keys, the config and the backbones."""
+    """Every feature key of a sample, from its prepared keys, the config and the backbones.
+
+    ``config``'s dtypes enter the keys as they are: a run passes them resolved (the dtypes its
+    entries are computed in); ``auto`` gives the keys of batches recorded before runs resolved
+    them.
+    """
     tokens_2d = snamd_2d = grouping = tokens_3d = snamd_3d = None
     if config.uses_2d:
         if identities.backbone_2d is None:

@@ -4,7 +4,8 @@
 (the *bank*) without touching the bank's samples again:
 
 - every bank sample's SNAMD features and grouping are found in the cache by the keys its
-  batch record implies (:func:`tasks.cache.keys.sample_keys` of its prepared keys);
+  batch record implies (:func:`tasks.cache.keys.sample_keys` of its prepared keys, with the
+  dtypes its batch's workers computed in: ``as_recorded``);
 - a bank sample whose scored inputs equal a new part's (same prepared image / XYZ-map keys,
   whatever its mask or label) is left out, so a part is never scored against itself;
 - a new part's references are the bank samples, so only the pair shards between the new
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 from musc_core.config import MuscConfig
 from tasks.cache.keys import (
@@ -103,6 +105,16 @@ def _differing(first: BatchRecord, other: BatchRecord) -> list[str]:
     return [f for f in COMPATIBLE_FIELDS if getattr(first, f) != getattr(other, f)]
 
 
+def computed_config(record: BatchRecord) -> MuscConfig:
+    """The settings a batch's tasks computed with: as given, with the dtypes its workers resolved.
+
+    Every key of the batch's pool (its samples and its rolling bank's) was derived from them.
+    Records written before :attr:`BatchRecord.dtypes` give their settings as given, as their
+    keys do.
+    """
+    return replace(config_from_record(record), **record.dtypes)
+
+
 def record_identities(record: BatchRecord) -> Identities:
     """The backbone identities a batch was scored with."""
     return Identities(record.identities.get("2d"), record.identities.get("3d"))
@@ -113,6 +125,7 @@ def record_blocks(
     config: MuscConfig,
     identities: Identities,
     exclude: set[tuple[str, str]],
+    as_recorded: bool = False,
 ) -> list[list[PoolSample]]:
     """A batch's samples in the blocks they were scored in, without the excluded ones.
 
@@ -125,10 +138,16 @@ def record_blocks(
         identities: its backbone identities.
         exclude: scored-entry keys (:attr:`tasks.cache.keys.SampleKeys.scored`) to leave out: the
             new parts themselves, whatever their masks and labels.
+        as_recorded: derive the feature keys with the dtypes the batch's workers computed in
+            (:attr:`BatchRecord.dtypes`) instead of ``config``'s: the entries the batch wrote,
+            for flows that run no backbone on it (re-scores, banks of new parts). Otherwise
+            ``config``'s dtypes apply (a run that computes what is missing in its own).
 
     Returns:
         The blocks (possibly fewer or smaller than recorded).
     """
+    if as_recorded:
+        config = replace(config, **record.dtypes)
     grouped: dict[int, list[PoolSample]] = {}
     old = 0
     for sample in record.samples:
@@ -160,6 +179,7 @@ def bank_blocks(
     config: MuscConfig,
     identities: Identities,
     exclude: set[tuple[str, str]],
+    as_recorded: bool = False,
 ) -> list[list[PoolSample]]:
     """Pool blocks of recorded batches, as they were stored, without the excluded samples.
 
@@ -168,6 +188,8 @@ def bank_blocks(
         config: their configuration.
         identities: their backbone identities.
         exclude: scored-entry keys to leave out (tonight's samples, the new parts).
+        as_recorded: each record's feature keys with the dtypes its batch computed in
+            (see :func:`record_blocks`).
 
     Returns:
         The blocks, record after record.
@@ -175,7 +197,7 @@ def bank_blocks(
     return [
         block
         for record in records
-        for block in record_blocks(record, config, identities, exclude)
+        for block in record_blocks(record, config, identities, exclude, as_recorded)
     ]
 
 
@@ -195,7 +217,7 @@ def bank_reductions(storage: str, record: BatchRecord) -> dict[str, str]:
     """
     if all(s.reduced is not None for s in record.samples):
         return {s.name: s.reduced for s in record.samples}
-    config = config_from_record(record)
+    config = computed_config(record)
     identities = record_identities(record)
     own = record_blocks(record, config, identities, set())
     scored = {s.keys.scored for block in own for s in block}

@@ -95,7 +95,11 @@ class BatchRecord(_Part):
         data: the data source (dataset root, or the new parts' files).
         category: the dataset category.
         prep: preprocessing settings.
-        config: MuSc-V2 settings (:meth:`MuscConfig.as_dict`).
+        config: MuSc-V2 settings as given (:meth:`MuscConfig.as_dict`).
+        dtypes: what the dtype settings resolved to on the run's workers
+            (``vit_dtype``, ``point_dtype``, ``distance_dtype``: ``float32`` or ``bfloat16``),
+            as the keys of its entries name them; empty in records written before (their
+            keys name the settings as given).
         backbones: backbone names and weights.
         identities: backbone identity by modality (``"2d"``, ``"3d"``).
         samples: the usable samples, block after block.
@@ -117,6 +121,7 @@ class BatchRecord(_Part):
     category: str
     prep: PrepSettings
     config: dict[str, Any]
+    dtypes: dict[str, str] = Field(default_factory=dict)
     backbones: RecordedBackbones
     identities: dict[str, str | None]
     samples: tuple[RecordedSample, ...]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from musc_core import hardware
+from musc_core.config import MuscConfig
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -57,6 +58,25 @@ def test_explicit_bfloat16_follows_the_hardware(monkeypatch):
     assert hardware.resolve_compute_dtype("float32", "cpu", "vit_dtype") == torch.float32
     with pytest.raises(ValueError, match="vit_dtype must be one of"):
         hardware.resolve_compute_dtype("float16", "cpu", "vit_dtype")
+
+
+def test_resolved_dtypes_name_what_each_setting_computes_in(monkeypatch):
+    given = MuscConfig(vit_dtype="auto", point_dtype="float32", distance_dtype="auto")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.resolved_dtypes(given, "cpu") == {
+        "vit_dtype": "bfloat16", "point_dtype": "float32", "distance_dtype": "bfloat16"
+    }
+    assert hardware.resolved_dtypes(given, "cpu", ("distance_dtype",)) == {
+        "distance_dtype": "bfloat16"
+    }
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert hardware.resolved_dtypes(given, "cpu") == {
+        "vit_dtype": "float32", "point_dtype": "float32", "distance_dtype": "float32"
+    }
+    explicit = MuscConfig(point_dtype="bfloat16")
+    with pytest.raises(ValueError, match="point_dtype=bfloat16 needs native bfloat16"):
+        hardware.resolved_dtypes(explicit, "cpu")
+    assert hardware.resolved_dtypes(explicit, "cpu", ("vit_dtype",)) == {"vit_dtype": "float32"}
 
 
 def test_this_machine_says_whether_it_has_native_bf16():

@@ -7,17 +7,22 @@ must change.
 
 import dataclasses
 
+import pytest
+
+from musc_core import hardware
 from musc_core.config import MuscConfig
 from tasks.backbones import BackboneSpec, backbone_identities
 from tasks.cache.keys import (
     Identities,
     _key,
     decisions_key,
+    pairs_key,
     prepared_keys,
     reduced_key,
     sample_keys,
 )
 from tasks.planning.blocks import PoolSample, batch_blocks, plan_scoring
+from tasks.runtime import agreed_dtypes, worker_dtypes
 
 CONFIG = MuscConfig(modality="2d+3d")
 IDS = Identities("vit:a", "point_mae:b")
@@ -215,3 +220,49 @@ def test_the_support_plane_mode_enters_mvtec3d_prepared_keys_only():
     assert _keys(config=keep).prepared.mask == _keys().prepared.mask  # padding only
     folder = _keys(fmt="folder").prepared
     assert _keys(fmt="folder", config=keep).prepared == folder  # no plane step there
+
+
+#: Keys of CONFIG's sample (tokens and SNAMD 2D, 3D; its pairs with itself, 2D and 3D; its
+#: reduction) with every dtype setting explicit, as derived before keys named the dtype a
+#: worker resolved (commit b9fdd8c): stored caches hold their entries under these.
+PINNED = {
+    "float32": (
+        "406f9ce6442fa49d7e56bfcbaab3401c38e72a2cfc28b80b0861f5bb59f20a13",
+        "eda8e8f333ae890b7a3060a8cabb8d66a97027fa5d862d3c5b0304da2b4141cc",
+        "35db4c8f562438c8578084ad42f0dc3ecbc59d455fe713a7837453b4efae5c2c",
+        "447d1cea53296afe49f5933cdb544da3a443f2cece45a700a7d00eab4a381764",
+        "1c97e6fafde856578ab3009c5ae431ac6a786152a912dfa0c13baeca1b3bf025",
+        "21db858732abf16cc3155d501412f253055d6dd1dea0d8ee21849f52451fb857",
+        "914aa964505830f056bf936ee19d889ca3aa5a1df386562f167d123af618a19b",
+    ),
+    "bfloat16": (
+        "c67c64b0dc8fdedc27cb7f905d2d585f1f27c1abfd62cdc8530b6797d13de330",
+        "ea901d2fc0754e6993790cbd46414732b21024dd1f5695ae9d8b7bd0ddfe22a7",
+        "c1aa241b673a5881fcb52354e57bbdcab030ff559449638e67466db01c6eca37",
+        "413190fe0caf7caac645543bdbc76ebb2f031e8a642f4f49350449afdcfbb790",
+        "e80e4ab1e7179cc0be9fb59fc3a65c7ec2a87f48c22da8e7592c98a5b0eb61ce",
+        "e527453baee10ae7fb48c97e4a90e9f79e9bbd158ff0bf803411e4cfb072b86d",
+        "188bee0ef6fea39bcca42e269012a00cb3e22b2a6b6819cfffe4510c135722b9",
+    ),
+}
+
+
+def _dtype_keys(config):
+    keys = _keys(config=config)
+    return (
+        keys.tokens_2d, keys.snamd_2d, keys.tokens_3d, keys.snamd_3d,
+        *pairs_key([keys], [keys], config), reduced_key(keys, [keys], config),
+    )
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_keys_name_the_dtype_the_workers_resolved(monkeypatch, fast_bf16):
+    """``auto`` gives the key of the dtype it runs in: float32 entries keep their old keys."""
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert CONFIG.vit_dtype == CONFIG.point_dtype == CONFIG.distance_dtype == "auto"
+    resolved, warnings = agreed_dtypes(CONFIG, {"worker": worker_dtypes(CONFIG, "cpu")})
+    assert warnings == []
+    assert _dtype_keys(resolved) == PINNED["bfloat16" if fast_bf16 else "float32"]
+    explicit = {name: "float32" for name in hardware.DTYPE_SETTINGS}
+    assert _dtype_keys(dataclasses.replace(CONFIG, **explicit)) == PINNED["float32"]
+    assert set(_dtype_keys(CONFIG)).isdisjoint(PINNED["float32"] + PINNED["bfloat16"])
