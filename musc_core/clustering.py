@@ -40,8 +40,10 @@ _SIDE = (1 - 1e-9) / (2 * math.sqrt(3))
 _REACH = 4
 # Relative radius margin of the KD-tree counts; counts between the two radii are checked exactly.
 _RADIUS_MARGIN = 1e-9
-# Largest linear cube key (the grid falls back to Open3D beyond it).
+# Largest linear cube key, and cube number along one axis (the grid falls back to Open3D
+# beyond them).
 _MAX_KEY = 1 << 62
+_MAX_CELLS = float(1 << 52)
 
 _TOUCHING = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
 # Offsets of cubes further apart than touching whose points can still be closer than eps, one
@@ -241,7 +243,10 @@ def dbscan(points: np.ndarray, eps: float, min_points: int) -> np.ndarray:
     if points.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
     side = eps * _SIDE
-    raw = np.floor((points - points.min(axis=0)) / side).astype(np.int64)
+    spans = (points - points.min(axis=0)) / side
+    if not spans.max() < _MAX_CELLS:  # cube numbers would not fit int64
+        return _open3d_dbscan(points, eps, min_points)
+    raw = np.floor(spans).astype(np.int64)
     axes = [_compressed_axis(raw[:, axis]) for axis in range(3)]
     sizes = [size for _, size in axes]
     if math.prod(sizes) >= _MAX_KEY:

@@ -148,6 +148,15 @@ def test_grids_too_large_for_a_linear_key_use_open3d(monkeypatch):
     assert np.array_equal(dbscan(points, 0.05, 5), expected)
 
 
+def test_coordinates_far_beyond_the_grid_use_open3d():
+    rng = np.random.default_rng(4)
+    points = blobs(rng, 200, 2, 0.02, 10)
+    points[0] = (1e30, 0, 0)  # far outside any grid of eps-sized cubes
+    labels = dbscan(points, 0.05, 5)
+    assert labels[0] == -1
+    assert np.array_equal(labels, open3d_dbscan(points, 0.05, 5))
+
+
 def test_edge_cases_and_bad_input():
     assert dbscan(np.zeros((0, 3)), 0.1, 5).shape == (0,)
     assert dbscan(np.zeros((1, 3)), 0.1, 1).tolist() == [0]
