@@ -173,6 +173,7 @@ class InspectionStation:
             lambda needed: missing_features.fn(needed, self.runtime),
         )
         self.bank_samples = sum(len(b) for b in blocks)
+        self.bank_scored = {s.keys.scored for block in blocks for s in block}
         if not self.bank_samples:
             raise ValueError(
                 f"the bank of line {station.line!r} holds no sample (batches "
@@ -369,9 +370,27 @@ class InspectionStation:
                           None)
         return part, {} if cleaned is None else {files.name: cleaned}
 
+    def _stored_features(self, part: PoolSample, scratch: Runtime) -> None:
+        """A part equal to a bank sample takes that sample's stored features, as score-new does.
+
+        ``score_new`` finds the entries of a part whose files equal a bank sample's in the
+        storage cache; the station copies them into the request's scratch cache, so both score
+        the same features (computed in the bank's batch: a batch's composition may change the
+        last bits of a sample's tokens, see docs/method.md).
+        """
+        if part.keys.scored not in self.bank_scored:
+            return
+        stored, target = feature_cache(self.runtime.cache_url), feature_cache(scratch.cache_url)
+        keys = part.keys
+        for key in (keys.tokens_2d, keys.snamd_2d, keys.grouping, keys.tokens_3d, keys.snamd_3d):
+            if key is not None and not target.has(key) and stored.has(key):
+                arrays, meta = stored.read(key)
+                target.write(key, arrays, meta=meta)
+
     def _features(self, part: PoolSample, scratch: Runtime) -> list[StageCount]:
         """The part's features into the scratch cache: ``compute_features``'s chains for it."""
         config, spec, keys = self.config, self.request.spec, part.keys
+        self._stored_features(part, scratch)
         counts: list[StageCount] = []
         if config.uses_2d:
             counts.append(extract_2d.fn([[(keys.prepared.image, keys.tokens_2d)]], spec, config,
