@@ -2,7 +2,8 @@
 
 Image AUROC/AP/F1-max (and the threshold at the F1 maximum), pixel AUROC/AP/F1-max, and
 AUPRO up to an FPR limit (the exact MVTec-style one and the reference release's 200-threshold
-variant).
+variant). :class:`PixelMetricsAccumulator` gives the same pixel metrics from samples added a
+block at a time, with memory bounded by the distinct scores and the defect pixels.
 
 Everything here works on NumPy arrays (CPU torch tensors are accepted through ``np.asarray``);
 nothing reads or writes files.
@@ -242,8 +243,12 @@ def _pro_curve_from_sorted(
     weight = np.zeros(count + 1, dtype=np.float64)
     weight[1:] = 1.0 / (sizes[1:] * count)
     pro = np.cumsum(weight[flat[sorted_pixels.order]])[sorted_pixels.ends]
-    num_normal = int(sizes[0])
-    fpr = sorted_pixels.fps / num_normal
+    return _pro_curve_from_points(pro, sorted_pixels.fps, int(sizes[0]))
+
+
+def _pro_curve_from_points(pro: np.ndarray, fps: np.ndarray, num_normal: int) -> ProCurve:
+    """The curve from the (T,) summed region fractions and false positives per threshold."""
+    fpr = fps / num_normal
     np.clip(pro, None, 1.0, out=pro)
     return ProCurve(
         fpr=np.concatenate(([0.0], fpr, [1.0])), pro=np.concatenate(([0.0], pro, [1.0]))
@@ -355,16 +360,35 @@ def _aupro_200_from_labels(
 ) -> float:
     """:func:`aupro_200` on already labelled regions (``count >= 1`` and normal pixels)."""
     a = maps
-    low, high = a.min(), a.max()
-    step = (high - low) / steps
-    if not step > 0:
+    thresholds = _aupro_200_thresholds(a.min(), a.max(), steps)
+    if thresholds is None:
         return math.nan
-    thresholds = np.arange(low, high, step)
     bins = thresholds.size + 1
     # below[p] = number of thresholds t with t < score[p]: p is positive for t_0 .. t_{below-1}.
     below = np.searchsorted(thresholds, a.ravel(), side="left")
     flat = labels.ravel().astype(np.int64)
     hist = np.bincount(flat * bins + below, minlength=(count + 1) * bins).reshape(count + 1, bins)
+    return _aupro_200_from_hist(hist, fpr_limit)
+
+
+def _aupro_200_thresholds(low: np.generic, high: np.generic, steps: int) -> np.ndarray | None:
+    """The reference's threshold grid between the maps' minimum and maximum (in their dtype).
+
+    Returns:
+        (K,) thresholds (K = ``steps``, occasionally one more), or None for constant maps.
+    """
+    step = (high - low) / steps
+    if not step > 0:
+        return None
+    return np.arange(low, high, step)
+
+
+def _aupro_200_from_hist(hist: np.ndarray, fpr_limit: float) -> float:
+    """:func:`aupro_200` from the (R + 1, K + 1) int64 histogram of thresholds below each pixel.
+
+    ``hist[r, k]``: pixels of region r (row 0: the normal pixels) with exactly k thresholds
+    below their score.
+    """
     # positives[r, k] = pixels of region r (0 = normal) with below > k, i.e. score > t_k.
     positives = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
     sizes = hist.sum(axis=1).astype(np.float64)
@@ -407,23 +431,176 @@ def pixel_metrics(
     if positives == 0 or positives == y.size:
         return {key: math.nan for key in PIXEL_KEYS}
     sorted_pixels = _sort_pixels(y, a.ravel())
-    tps, fps = sorted_pixels.tps, sorted_pixels.fps
-    tpr = np.concatenate(([0], tps)) / tps[-1]
-    fpr = np.concatenate(([0], fps)) / fps[-1]
-    auroc = _trapezoid(fpr, tpr)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
+    ranking = _ranking_metrics(sorted_pixels.tps, sorted_pixels.fps)
     labels, count = label_regions(m)
     curve = _pro_curve_from_sorted(labels, count, sorted_pixels)
     del sorted_pixels
     return {
-        "auroc": auroc,
-        "ap": ap,
-        "f1_max": _f1_max(precision, recall),
+        **ranking,
         "aupro": trapezoid_to(curve.fpr, curve.pro, pro_fpr_limit) / pro_fpr_limit,
         "aupro_200": _aupro_200_from_labels(labels, count, a, pro_fpr_limit, 200),
     }
+
+
+def _ranking_metrics(tps: np.ndarray, fps: np.ndarray) -> dict[str, float]:
+    """AUROC, AP and F1-max from the (T,) int64 cumulative counts at each distinct threshold.
+
+    Args:
+        tps: (T,) anomalous pixels with score >= each distinct score (decreasing scores).
+        fps: (T,) normal pixels with score >= each distinct score.
+
+    Returns:
+        ``{"auroc", "ap", "f1_max"}``.
+    """
+    tpr = np.concatenate(([0], tps)) / tps[-1]
+    fpr = np.concatenate(([0], fps)) / fps[-1]
+    auroc = _trapezoid(fpr, tpr)
+    del tpr, fpr
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
+    return {"auroc": auroc, "ap": ap, "f1_max": _f1_max(precision, recall)}
+
+
+class PixelMetricsAccumulator:
+    """:func:`pixel_metrics` over samples added a block at a time, with the same results.
+
+    Every value equals :func:`pixel_metrics` on all blocks stacked, to the last bit: the
+    curves are built from the same integer counts at every distinct score, and the PRO sums
+    run over the anomalous pixels in the same order as the stacked computation's (decreasing
+    score, ties by decreasing position in the stack; the normal pixels it interleaves add
+    exact zeros).
+
+    Memory: O(T + D + R·K) for T distinct map values seen, D anomalous (ground-truth) pixels,
+    R ground-truth regions and K = 201 thresholds of the 200-step AUPRO, plus one block at a
+    time; never the N·H·W pixels of the line. Per distinct value 12 bytes are kept (the value
+    and an int64 count), per anomalous pixel 8 (its score and region), and :meth:`result`
+    needs about 40 bytes per distinct value more while it runs. T is at most the number of
+    pixels, and at most the float32 values in the maps' range however large N grows.
+
+    Example::
+
+        acc = PixelMetricsAccumulator()
+        for masks, maps in blocks:  # (B, H, W) each, in sample order
+            acc.add(masks, maps)
+        metrics = acc.result()  # == pixel_metrics(all masks, all maps)
+    """
+
+    def __init__(self, pro_fpr_limit: float = 0.3, connectivity: int = 8) -> None:
+        """Start with no pixel.
+
+        Args:
+            pro_fpr_limit: FPR limit of both AUPRO variants.
+            connectivity: ground-truth region connectivity, 8 (as :func:`pixel_metrics`) or 4.
+        """
+        self.pro_fpr_limit = pro_fpr_limit
+        self.connectivity = connectivity
+        self._values: np.ndarray | None = None
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._defect_scores: list[np.ndarray] = []
+        self._defect_regions: list[np.ndarray] = []
+        self._region_sizes: list[np.ndarray] = []
+        self._regions = 0
+        self._pixels = 0
+
+    def add(self, masks: np.ndarray, maps: np.ndarray) -> None:
+        """Add the next samples (in the order of the stack they stand for).
+
+        Args:
+            masks: (B, H, W) or (H, W) bool ground truth (non-zero = anomalous).
+            maps: (B, H, W) or (H, W) float anomaly maps, the dtype of the earlier blocks.
+
+        Raises:
+            ValueError: when shapes differ, the maps are not finite or change dtype.
+        """
+        m, a = _check_pixels(masks, maps)
+        if self._values is not None and a.dtype != self._values.dtype:
+            raise ValueError(f"maps changed dtype from {self._values.dtype} to {a.dtype}")
+        values, counts = np.unique(a, return_counts=True)
+        self._merge(values, counts.astype(np.int64))
+        labels, count = label_regions(m, self.connectivity)
+        flat = labels.ravel()
+        inside = np.flatnonzero(flat)
+        self._defect_scores.append(a.ravel()[inside])
+        self._defect_regions.append(flat[inside].astype(np.int64) + self._regions)
+        self._region_sizes.append(np.bincount(flat, minlength=count + 1)[1:])
+        self._regions += count
+        self._pixels += a.size
+
+    def _merge(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """Fold a block's sorted distinct values and their counts into the line's."""
+        if self._values is None:
+            self._values, self._counts = values, counts
+            return
+        old = self._values
+        at = np.searchsorted(old, values)
+        known = at < old.size
+        known[known] = old[at[known]] == values[known]
+        self._counts[at[known]] += counts[known]
+        fresh = ~known
+        self._values = np.insert(old, at[fresh], values[fresh])
+        self._counts = np.insert(self._counts, at[fresh], counts[fresh])
+
+    def result(self) -> dict[str, float]:
+        """The metrics of every pixel added so far.
+
+        Returns:
+            What :func:`pixel_metrics` returns on all added blocks stacked: ``{"auroc", "ap",
+            "f1_max", "aupro", "aupro_200"}``, every value ``nan`` without anomalous or
+            without normal pixels.
+        """
+        scores = np.concatenate(self._defect_scores) if self._defect_scores else np.zeros(0)
+        positives = scores.size
+        if self._values is None or positives == 0 or positives == self._pixels:
+            return {key: math.nan for key in PIXEL_KEYS}
+        values, counts = self._values, self._counts
+        regions = np.concatenate(self._defect_regions)
+        # Distinct scores rise with the index; the curves run from the highest score down.
+        at = np.searchsorted(values, scores)
+        defects = np.bincount(at, minlength=values.size)
+        del at
+        aupro_200 = self._aupro_200(values, counts - defects, scores, regions)
+        tps = np.cumsum(defects[::-1])
+        del defects
+        fps = np.cumsum(counts[::-1]) - tps
+        sizes = np.concatenate(([self._pixels - positives], *self._region_sizes))
+        weight = np.zeros(self._regions + 1, dtype=np.float64)
+        weight[1:] = 1.0 / (sizes[1:].astype(np.float64) * self._regions)
+        running = np.cumsum(weight[regions[np.argsort(scores, kind="stable")[::-1]]])
+        pro = np.zeros(tps.size, dtype=np.float64)
+        reached = tps > 0
+        pro[reached] = running[tps[reached] - 1]
+        del running, reached
+        curve = _pro_curve_from_points(pro, fps, int(sizes[0]))
+        limit = self.pro_fpr_limit
+        return {
+            **_ranking_metrics(tps, fps),
+            "aupro": trapezoid_to(curve.fpr, curve.pro, limit) / limit,
+            "aupro_200": aupro_200,
+        }
+
+    def _aupro_200(
+        self, values: np.ndarray, normal: np.ndarray, scores: np.ndarray, regions: np.ndarray
+    ) -> float:
+        """The 200-step AUPRO from the distinct values, their normal counts and the defects.
+
+        Args:
+            values: (T,) sorted distinct scores of every pixel.
+            normal: (T,) normal pixels at each distinct score.
+            scores: (D,) scores of the anomalous pixels.
+            regions: (D,) their region ids (1 .. R).
+        """
+        thresholds = _aupro_200_thresholds(values[0], values[-1], 200)
+        if thresholds is None:
+            return math.nan
+        bins = thresholds.size + 1
+        below = np.searchsorted(thresholds, scores, side="left")
+        hist = np.bincount(
+            regions * bins + below, minlength=(self._regions + 1) * bins
+        ).reshape(self._regions + 1, bins)
+        normal_below = np.searchsorted(thresholds, values, side="left")
+        hist[0] = np.bincount(normal_below, weights=normal, minlength=bins).astype(np.int64)
+        return _aupro_200_from_hist(hist, self.pro_fpr_limit)
 
 
 def summarize(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

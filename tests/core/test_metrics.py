@@ -8,6 +8,7 @@ import pytest
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from musc_core.metrics import (
+    PixelMetricsAccumulator,
     aupro,
     aupro_200,
     image_metrics,
@@ -268,6 +269,75 @@ def test_perfect_maps_score_one():
     assert got["ap"] == pytest.approx(1.0)
     assert got["f1_max"] == pytest.approx(1.0)
     assert got["aupro"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# pixel metrics a block at a time
+
+
+def accumulated(masks, maps, sizes):
+    """PixelMetricsAccumulator fed the stack in consecutive blocks of the given sizes."""
+    acc = PixelMetricsAccumulator()
+    start = 0
+    for size in sizes:
+        acc.add(masks[start : start + size], maps[start : start + size])
+        start += size
+    assert start == len(maps)
+    return acc.result()
+
+
+@pytest.mark.parametrize(
+    "seed,levels,sizes",
+    [(0, None, [1, 1, 1, 1, 1]), (1, 5, [2, 3]), (2, 9, [4, 1]), (5, 3, [1, 3, 1]), (6, 2, [5])],
+)
+def test_accumulated_pixel_metrics_equal_the_stacked_ones_to_the_last_bit(seed, levels, sizes):
+    # Coarse levels make many ties between normal and anomalous pixels and across blocks.
+    masks, maps = random_pixels(seed, levels=levels)
+    got = accumulated(masks, maps, sizes)
+    expected = pixel_metrics(masks, maps)
+    assert got == expected  # exact equality, every key (no nan: both classes are present)
+    y, s = masks.ravel(), maps.ravel()
+    assert got["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-10)
+    assert got["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-10)
+    assert got["aupro"] == pytest.approx(brute_aupro(masks, maps.astype(np.float64)), abs=1e-9)
+    assert got["aupro_200"] == pytest.approx(brute_aupro_200(masks, maps), abs=1e-9)
+
+
+def test_accumulated_pixel_metrics_on_regions_at_sample_borders_and_many_blocks():
+    # Defects touching the first and last rows of consecutive samples: regions must not join
+    # across samples, whether the samples share a block or not; float64 maps.
+    rng = np.random.default_rng(11)
+    masks = np.zeros((12, 8, 8), dtype=bool)
+    masks[1:, -2:, 2:5] = True
+    masks[1:, :2, 3:6] = True
+    masks[3, 4, 4] = True
+    maps = np.round(rng.random(masks.shape) * 6) / 6 + 0.3 * masks
+    expected = pixel_metrics(masks, maps)
+    for sizes in ([12], [1] * 12, [5, 7], [3, 3, 3, 3]):
+        assert accumulated(masks, maps, sizes) == expected
+    assert expected["aupro"] == pytest.approx(brute_aupro(masks, maps), abs=1e-9)
+
+
+def test_accumulated_pixel_metrics_degenerate_cases_match_the_stacked_ones():
+    masks, maps = random_pixels(3)
+    none = np.zeros_like(masks)
+    assert all(math.isnan(v) for v in accumulated(none, maps, [2, 3]).values())
+    assert all(math.isnan(v) for v in accumulated(~none, maps, [2, 3]).values())
+    assert all(math.isnan(v) for v in PixelMetricsAccumulator().result().values())
+    constant = np.ones(masks.shape, dtype=np.float32)
+    got, expected = accumulated(masks, constant, [1, 4]), pixel_metrics(masks, constant)
+    assert math.isnan(got.pop("aupro_200")) and math.isnan(expected.pop("aupro_200"))
+    assert got == expected and got["auroc"] == 0.5
+
+
+def test_accumulator_refuses_blocks_of_another_dtype_or_shape():
+    masks, maps = random_pixels(0)
+    acc = PixelMetricsAccumulator()
+    acc.add(masks[:2], maps[:2])
+    with pytest.raises(ValueError, match="dtype"):
+        acc.add(masks[2:], maps[2:].astype(np.float64))
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(masks[2:], maps[2:, :, :5])
 
 
 # ------------------------------------------------------------------------------------------
