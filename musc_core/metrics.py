@@ -2,8 +2,8 @@
 
 Image AUROC/AP/F1-max (and the threshold at the F1 maximum), pixel AUROC/AP/F1-max, and
 AUPRO up to an FPR limit (the exact MVTec-style one and the reference release's 200-threshold
-variant). :class:`PixelMetricsAccumulator` gives the same pixel metrics from samples added a
-block at a time, with memory bounded by the distinct scores and the defect pixels.
+variant). :class:`PixelMetricsStream` gives the same pixel metrics from a line read a block of
+samples at a time, in memory that does not grow with the number of samples.
 
 Everything here works on NumPy arrays (CPU torch tensors are accepted through ``np.asarray``);
 nothing reads or writes files.
@@ -27,7 +27,7 @@ Conventions shared by the functions below:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -169,11 +169,70 @@ def _sort_pixels(y: np.ndarray, s: np.ndarray) -> _SortedPixels:
     return _SortedPixels(order, ends, tps, fps)
 
 
+class ExactSum:
+    """The correctly rounded sum of float64 terms added in any order and any chunks.
+
+    Each term is split into an integer mantissa and a power of two; the mantissas are summed
+    exactly per power (as float64 sums of 26-bit halves, exact for up to 2**26 terms per call)
+    and folded into one Python integer, so the result does not depend on how the terms were
+    grouped: the sum of a whole array equals the sum of its pieces added one by one. Memory:
+    O(1) besides the chunk; the integer holds at most a few thousand bits.
+    """
+
+    _SCALE = 1074 + 52  # the total is kept in units of 2**-_SCALE, below the least subnormal
+    _HALF = 26
+    _CHUNK = 1 << 26
+
+    def __init__(self) -> None:
+        """Start at zero."""
+        self._total = 0
+
+    def add(self, terms: np.ndarray) -> None:
+        """Add finite terms of any shape.
+
+        Raises:
+            ValueError: when a term is NaN or infinite.
+        """
+        flat = np.asarray(terms, dtype=np.float64).ravel()
+        if not np.isfinite(flat).all():
+            raise ValueError("an exact sum needs finite terms")
+        for start in range(0, flat.size, self._CHUNK):
+            self._add_chunk(flat[start : start + self._CHUNK])
+
+    def _add_chunk(self, flat: np.ndarray) -> None:
+        """Add at most ``_CHUNK`` terms: mantissa halves summed per exponent (exact)."""
+        mantissa, exponent = np.frexp(flat)
+        whole = (mantissa * 2.0**53).astype(np.int64)  # exact: |whole| < 2**53
+        shift = (exponent.astype(np.int64) - 53 + self._SCALE)
+        high = np.bincount(shift, weights=whole >> self._HALF)
+        low = np.bincount(shift, weights=whole & ((1 << self._HALF) - 1))
+        for power in np.flatnonzero((high != 0) | (low != 0)):
+            part = (int(high[power]) << self._HALF) + int(low[power])
+            self._total += part << int(power)
+
+    @property
+    def value(self) -> float:
+        """The sum, rounded once to the nearest float64."""
+        return self._total / (1 << self._SCALE)
+
+
+def exact_sum(terms: np.ndarray) -> float:
+    """Correctly rounded sum of an array's finite float64 terms (see :class:`ExactSum`)."""
+    total = ExactSum()
+    total.add(terms)
+    return total.value
+
+
 def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
-    """Trapezoidal area under y(x) (x in the given order)."""
+    """Trapezoidal area under y(x) (x in the given order), summed exactly."""
     if x.size < 2:
         return 0.0
-    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+    return exact_sum(_trapezoid_terms(x, y))
+
+
+def _trapezoid_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(T - 1,) trapezoid areas between consecutive points of (T,) x and y."""
+    return 0.5 * (y[1:] + y[:-1]) * np.diff(x)
 
 
 def trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -458,149 +517,365 @@ def _ranking_metrics(tps: np.ndarray, fps: np.ndarray) -> dict[str, float]:
     del tpr, fpr
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
-    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
+    ap = exact_sum(np.diff(np.concatenate(([0.0], recall))) * precision)
     return {"auroc": auroc, "ap": ap, "f1_max": _f1_max(precision, recall)}
 
 
-class PixelMetricsAccumulator:
-    """:func:`pixel_metrics` over samples added a block at a time, with the same results.
+class PixelMetricsStream:
+    """:func:`pixel_metrics` of a line read a block of samples at a time, with equal results.
 
-    Every value equals :func:`pixel_metrics` on all blocks stacked, to the last bit: the
-    curves are built from the same integer counts at every distinct score, and the PRO sums
-    run over the anomalous pixels in the same order as the stacked computation's (decreasing
-    score, ties by decreasing position in the stack; the normal pixels it interleaves add
-    exact zeros).
+    The line's pixels are never held at once. Pass 1 (:meth:`add`, every block in sample
+    order) keeps the anomalous pixels (score and region), the region sizes, the extremes and a
+    histogram of the scores over 65,536 buckets of their bit patterns. The distinct scores are
+    then visited from the highest down in :attr:`passes_left` value passes (:meth:`add_values`
+    on every block's maps, any order, then :meth:`end_pass`), each covering consecutive
+    buckets that hold at most ``max_values`` distinct scores (one bucket of float32 scores
+    holds at most 65,536). A pass builds the exact count of pixels at each distinct score in
+    its range and extends the curves of every metric from there.
 
-    Memory: O(T + D + R·K) for T distinct map values seen, D anomalous (ground-truth) pixels,
-    R ground-truth regions and K = 201 thresholds of the 200-step AUPRO, plus one block at a
-    time; never the N·H·W pixels of the line. Per distinct value 12 bytes are kept (the value
-    and an int64 count), per anomalous pixel 8 (its score and region), and :meth:`result`
-    needs about 40 bytes per distinct value more while it runs. T is at most the number of
-    pixels, and at most the float32 values in the maps' range however large N grows.
+    The values equal :func:`pixel_metrics` on the stacked blocks to the last bit: the curves
+    are built from the same integer counts at each distinct score, the PRO sums run over the
+    anomalous pixels in the same order (decreasing score, ties by decreasing position in the
+    stack: the stacked computation's normal pixels only add exact zeros), and every area is
+    an :class:`ExactSum`, which does not depend on how the terms are grouped.
+
+    Memory, independent of the number of samples N for a given defect area: 12 bytes per
+    anomalous pixel, 201 int64 per ground-truth region, the 512 KiB histogram, and per pass
+    about 40 bytes per distinct score of the pass (so O(``max_values``) for float32 maps;
+    float64 maps can put more distinct scores in one bucket), plus the block being read.
 
     Example::
 
-        acc = PixelMetricsAccumulator()
-        for masks, maps in blocks:  # (B, H, W) each, in sample order
-            acc.add(masks, maps)
-        metrics = acc.result()  # == pixel_metrics(all masks, all maps)
+        stream = PixelMetricsStream()
+        for masks, maps in blocks():  # (B, H, W) each, in sample order
+            stream.add(masks, maps)
+        while stream.passes_left:
+            for _, maps in blocks():
+                stream.add_values(maps)
+            stream.end_pass()
+        metrics = stream.result()  # == pixel_metrics(all masks, all maps)
     """
 
-    def __init__(self, pro_fpr_limit: float = 0.3, connectivity: int = 8) -> None:
+    _BUCKET_BITS = 16
+
+    def __init__(
+        self, pro_fpr_limit: float = 0.3, connectivity: int = 8, max_values: int = 1 << 23
+    ) -> None:
         """Start with no pixel.
 
         Args:
             pro_fpr_limit: FPR limit of both AUPRO variants.
             connectivity: ground-truth region connectivity, 8 (as :func:`pixel_metrics`) or 4.
+            max_values: distinct scores one value pass may gather (the pass's memory).
+
+        Raises:
+            ValueError: when ``max_values`` is below 1.
         """
+        if max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {max_values}")
         self.pro_fpr_limit = pro_fpr_limit
         self.connectivity = connectivity
-        self._values: np.ndarray | None = None
-        self._counts = np.zeros(0, dtype=np.int64)
-        self._defect_scores: list[np.ndarray] = []
-        self._defect_regions: list[np.ndarray] = []
-        self._region_sizes: list[np.ndarray] = []
-        self._regions = 0
+        self.max_values = max_values
+        self._dtype: np.dtype | None = None
+        self._low: np.generic | None = None
+        self._high: np.generic | None = None
+        self._buckets = np.zeros(1 << self._BUCKET_BITS, dtype=np.int64)
+        self._scores: list[np.ndarray] = []
+        self._regions: list[np.ndarray] = []
+        self._sizes: list[np.ndarray] = []
+        self._region_count = 0
         self._pixels = 0
+        self._passes: list[tuple[int, int]] | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    # -- pass 1 ------------------------------------------------------------------------------
 
     def add(self, masks: np.ndarray, maps: np.ndarray) -> None:
-        """Add the next samples (in the order of the stack they stand for).
+        """Pass 1: add the next samples, in the order of the stack they stand for.
 
         Args:
             masks: (B, H, W) or (H, W) bool ground truth (non-zero = anomalous).
             maps: (B, H, W) or (H, W) float anomaly maps, the dtype of the earlier blocks.
 
         Raises:
-            ValueError: when shapes differ, the maps are not finite or change dtype.
+            ValueError: when shapes differ, the maps are not finite or change dtype, or the
+                value passes have begun.
         """
-        m, a = _check_pixels(masks, maps)
-        if self._values is not None and a.dtype != self._values.dtype:
-            raise ValueError(f"maps changed dtype from {self._values.dtype} to {a.dtype}")
-        values, counts = np.unique(a, return_counts=True)
-        self._merge(values, counts.astype(np.int64))
+        if self._passes is not None:
+            raise ValueError("pass 1 is over: the value passes have begun")
+        m, a = self._check(masks, maps)
+        low, high = a.min(), a.max()
+        self._low = low if self._low is None else min(self._low, low)
+        self._high = high if self._high is None else max(self._high, high)
+        self._buckets += np.bincount(self._bucket(a).ravel(), minlength=self._buckets.size)
         labels, count = label_regions(m, self.connectivity)
         flat = labels.ravel()
         inside = np.flatnonzero(flat)
-        self._defect_scores.append(a.ravel()[inside])
-        self._defect_regions.append(flat[inside].astype(np.int64) + self._regions)
-        self._region_sizes.append(np.bincount(flat, minlength=count + 1)[1:])
-        self._regions += count
+        self._scores.append(a.ravel()[inside])
+        self._regions.append(flat[inside].astype(np.int64) + self._region_count)
+        self._sizes.append(np.bincount(flat, minlength=count + 1)[1:])
+        self._region_count += count
         self._pixels += a.size
 
-    def _merge(self, values: np.ndarray, counts: np.ndarray) -> None:
-        """Fold a block's sorted distinct values and their counts into the line's."""
-        if self._values is None:
-            self._values, self._counts = values, counts
+    def _check(self, masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validated masks and maps of this stream's dtype."""
+        m, a = _check_pixels(masks, maps)
+        if self._dtype is None:
+            self._dtype = a.dtype
+        elif a.dtype != self._dtype:
+            raise ValueError(f"maps changed dtype from {self._dtype} to {a.dtype}")
+        return m, a
+
+    def _bucket(self, maps: np.ndarray) -> np.ndarray:
+        """Bucket of each score: the top bits of an order-preserving unsigned key."""
+        canonical = maps + maps.dtype.type(0)  # -0.0 becomes 0.0: one key for equal scores
+        unsigned = np.uint32 if maps.dtype.itemsize == 4 else np.uint64
+        bits = canonical.view(unsigned)
+        sign = unsigned(1) << unsigned(8 * maps.dtype.itemsize - 1)
+        key = np.where(bits & sign, ~bits, bits | sign)
+        return (key >> unsigned(8 * maps.dtype.itemsize - self._BUCKET_BITS)).astype(np.int64)
+
+    # -- value passes ------------------------------------------------------------------------
+
+    @property
+    def passes_left(self) -> int:
+        """Value passes still to make (pass 1 ends at the first call)."""
+        if self._passes is None:
+            self._begin_passes()
+        assert self._passes is not None
+        return len(self._passes)
+
+    def _degenerate(self) -> bool:
+        """No anomalous or no normal pixel: every metric is nan."""
+        positives = sum(s.size for s in self._scores)
+        return positives == 0 or positives == self._pixels
+
+    def _begin_passes(self) -> None:
+        """End pass 1: the PRO sums, the regions' 200-step histogram and the passes' ranges."""
+        self._passes = []
+        if self._degenerate():
             return
-        old = self._values
-        at = np.searchsorted(old, values)
-        known = at < old.size
-        known[known] = old[at[known]] == values[known]
-        self._counts[at[known]] += counts[known]
-        fresh = ~known
-        self._values = np.insert(old, at[fresh], values[fresh])
-        self._counts = np.insert(self._counts, at[fresh], counts[fresh])
+        scores = np.concatenate(self._scores)
+        regions = np.concatenate(self._regions)
+        self._scores, self._regions = [scores], [regions]
+        sizes = np.concatenate(self._sizes).astype(np.float64)
+        weight = np.zeros(self._region_count + 1, dtype=np.float64)
+        weight[1:] = 1.0 / (sizes * self._region_count)
+        self._running = np.cumsum(weight[regions[np.argsort(scores, kind="stable")[::-1]]])
+        self._defect_buckets = self._bucket(scores)
+        self._normal = self._pixels - scores.size
+        self._thresholds = _aupro_200_thresholds(self._low, self._high, 200)
+        if self._thresholds is not None:
+            bins = self._thresholds.size + 1
+            below = np.searchsorted(self._thresholds, scores, side="left")
+            self._hist = np.bincount(
+                regions * bins + below, minlength=(self._region_count + 1) * bins
+            ).reshape(self._region_count + 1, bins)
+        per_value = 1 << (8 * self._dtype.itemsize - self._BUCKET_BITS)
+        bound = np.minimum(self._buckets, per_value)
+        top = self._buckets.size - 1
+        while top >= 0:
+            if bound[top] == 0:
+                top -= 1
+                continue
+            bottom, gathered = top, 0
+            while bottom >= 0 and gathered + bound[bottom] <= self.max_values or bottom == top:
+                gathered += bound[bottom]
+                bottom -= 1
+            self._passes.append((bottom + 1, top))
+            top = bottom
+        self._curve = _StreamedCurves(scores.size, self._normal, self.pro_fpr_limit)
+
+    def add_values(self, maps: np.ndarray) -> None:
+        """Add one block's maps to the current value pass (blocks in any order, each once).
+
+        Args:
+            maps: (B, H, W) or (H, W) float anomaly maps.
+
+        Raises:
+            ValueError: when no value pass is left, or the maps are not finite or of
+                another dtype than pass 1's.
+        """
+        if not self.passes_left:
+            raise ValueError("no value pass is left")
+        assert self._passes is not None
+        a = _as_scores(maps, "maps")
+        if a.dtype != self._dtype:
+            raise ValueError(f"maps changed dtype from {self._dtype} to {a.dtype}")
+        bottom, top = self._passes[0]
+        bucket = self._bucket(a)
+        values, counts = np.unique(a[(bucket >= bottom) & (bucket <= top)], return_counts=True)
+        self._pending.append((values, counts.astype(np.int64)))
+        self._pending_size += values.size
+        if self._pending_size > 2 * self.max_values:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Merge the pending distinct scores of the pass into one sorted, counted list."""
+        values = np.concatenate([v for v, _ in self._pending])
+        counts = np.concatenate([c for _, c in self._pending])
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        del order
+        starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        self._pending = [(values[starts], np.add.reduceat(counts, starts))]
+        self._pending_size = starts.size
+
+    def end_pass(self) -> None:
+        """Close the current value pass: its distinct scores extend every curve.
+
+        Raises:
+            ValueError: when no value pass is left.
+        """
+        if not self.passes_left:
+            raise ValueError("no value pass is left")
+        assert self._passes is not None
+        bottom, top = self._passes.pop(0)
+        self._compact()
+        values, counts = self._pending[0]
+        self._pending, self._pending_size = [], 0
+        scores = self._scores[0]
+        mine = (self._defect_buckets >= bottom) & (self._defect_buckets <= top)
+        defects = np.bincount(np.searchsorted(values, scores[mine]), minlength=values.size)
+        normal = counts - defects
+        if self._thresholds is not None:
+            below = np.searchsorted(self._thresholds, values, side="left")
+            bins = self._thresholds.size + 1
+            self._hist[0] += np.bincount(below, weights=normal, minlength=bins).astype(np.int64)
+        self._curve.extend(defects[::-1], normal[::-1], self._running)
 
     def result(self) -> dict[str, float]:
-        """The metrics of every pixel added so far.
+        """The metrics of every pixel added.
 
         Returns:
-            What :func:`pixel_metrics` returns on all added blocks stacked: ``{"auroc", "ap",
+            What :func:`pixel_metrics` returns on all blocks stacked: ``{"auroc", "ap",
             "f1_max", "aupro", "aupro_200"}``, every value ``nan`` without anomalous or
             without normal pixels.
+
+        Raises:
+            ValueError: while value passes are left.
         """
-        scores = np.concatenate(self._defect_scores) if self._defect_scores else np.zeros(0)
-        positives = scores.size
-        if self._values is None or positives == 0 or positives == self._pixels:
+        if self.passes_left:
+            raise ValueError(f"{self.passes_left} value passes are left")
+        if self._dtype is None or self._degenerate():
             return {key: math.nan for key in PIXEL_KEYS}
-        values, counts = self._values, self._counts
-        regions = np.concatenate(self._defect_regions)
-        # Distinct scores rise with the index; the curves run from the highest score down.
-        at = np.searchsorted(values, scores)
-        defects = np.bincount(at, minlength=values.size)
-        del at
-        aupro_200 = self._aupro_200(values, counts - defects, scores, regions)
-        tps = np.cumsum(defects[::-1])
-        del defects
-        fps = np.cumsum(counts[::-1]) - tps
-        sizes = np.concatenate(([self._pixels - positives], *self._region_sizes))
-        weight = np.zeros(self._regions + 1, dtype=np.float64)
-        weight[1:] = 1.0 / (sizes[1:].astype(np.float64) * self._regions)
-        running = np.cumsum(weight[regions[np.argsort(scores, kind="stable")[::-1]]])
+        aupro_200 = math.nan
+        if self._thresholds is not None:
+            aupro_200 = _aupro_200_from_hist(self._hist, self.pro_fpr_limit)
+        return {**self._curve.result(), "aupro_200": aupro_200}
+
+
+class _StreamedCurves:
+    """ROC, precision-recall and PRO curves extended a run of distinct scores at a time.
+
+    The points and trapezoids are those of :func:`pixel_metrics` (same float operations on
+    the same counts); the areas are exact sums (:class:`ExactSum`).
+    """
+
+    def __init__(self, positives: int, normal: int, pro_fpr_limit: float) -> None:
+        self.positives = positives
+        self.normal = normal
+        self.limit = pro_fpr_limit
+        self.tps = 0
+        self.fps = 0
+        self.roc_last = (0.0, 0.0)
+        self.roc = ExactSum()
+        self.recall_last = 0.0
+        self.ap = ExactSum()
+        self.f1 = -math.inf
+        self.pro_last = (0.0, 0.0)
+        self.pro = ExactSum()
+        self.pro_points = 1
+        self.pro_hits_limit = 0.0 == pro_fpr_limit
+        self.pro_after: tuple[float, float, float, float] | None = None
+        self.pro_inside = 0.0 <= pro_fpr_limit
+
+    def extend(self, defects: np.ndarray, normal: np.ndarray, running: np.ndarray) -> None:
+        """The next distinct scores, from the highest down.
+
+        Args:
+            defects: (T,) anomalous pixels at each distinct score.
+            normal: (T,) normal pixels at each.
+            running: (D,) PRO sum after each anomalous pixel, in the curve's order.
+        """
+        tps = self.tps + np.cumsum(defects)
+        fps = self.fps + np.cumsum(normal)
+        if tps.size == 0:
+            return
+        self.tps, self.fps = int(tps[-1]), int(fps[-1])
+        tpr, fpr = tps / self.positives, fps / self.normal
+        x = np.concatenate(([self.roc_last[0]], fpr))
+        y = np.concatenate(([self.roc_last[1]], tpr))
+        self.roc.add(_trapezoid_terms(x, y))
+        self.roc_last = (float(fpr[-1]), float(tpr[-1]))
+        del x, y, tpr
+        precision = tps / (tps + fps)
+        recall = tps / self.positives
+        self.ap.add(np.diff(np.concatenate(([self.recall_last], recall))) * precision)
+        self.recall_last = float(recall[-1])
+        self.f1 = max(self.f1, _f1_max(precision, recall))
+        del precision, recall
         pro = np.zeros(tps.size, dtype=np.float64)
         reached = tps > 0
         pro[reached] = running[tps[reached] - 1]
-        del running, reached
-        curve = _pro_curve_from_points(pro, fps, int(sizes[0]))
-        limit = self.pro_fpr_limit
+        np.clip(pro, None, 1.0, out=pro)
+        self._extend_pro(fps / self.normal, pro)
+
+    def _extend_pro(self, fpr: np.ndarray, pro: np.ndarray) -> None:
+        """PRO points up to the FPR limit, and the first one past it (interpolated there)."""
+        if self.pro_after is not None or not self.pro_inside:
+            return
+        inside = int(np.searchsorted(fpr, self.limit, side="right"))
+        x = np.concatenate(([self.pro_last[0]], fpr[:inside]))
+        y = np.concatenate(([self.pro_last[1]], pro[:inside]))
+        self.pro.add(_trapezoid_terms(x, y))
+        self.pro_points += inside
+        self.pro_hits_limit = self.pro_hits_limit or bool(np.any(fpr[:inside] == self.limit))
+        self.pro_last = (float(x[-1]), float(y[-1]))
+        if inside < fpr.size:
+            self.pro_after = (*self.pro_last, float(fpr[inside]), float(pro[inside]))
+
+    def result(self) -> dict[str, float]:
+        """AUROC, AP, F1-max and the exact AUPRO (the curve's end point added)."""
+        self._extend_pro(np.array([1.0]), np.array([1.0]))
+        area = self.pro.value if self.pro_points >= 2 else 0.0
+        if self.pro_after is not None and not self.pro_hits_limit:
+            x0, y0, x1, y1 = self.pro_after
+            y_at = y0 + (y1 - y0) * (self.limit - x0) / (x1 - x0)
+            area += 0.5 * (y0 + y_at) * (self.limit - x0)
         return {
-            **_ranking_metrics(tps, fps),
-            "aupro": trapezoid_to(curve.fpr, curve.pro, limit) / limit,
-            "aupro_200": aupro_200,
+            "auroc": self.roc.value,
+            "ap": self.ap.value,
+            "f1_max": self.f1,
+            "aupro": area / self.limit,
         }
 
-    def _aupro_200(
-        self, values: np.ndarray, normal: np.ndarray, scores: np.ndarray, regions: np.ndarray
-    ) -> float:
-        """The 200-step AUPRO from the distinct values, their normal counts and the defects.
 
-        Args:
-            values: (T,) sorted distinct scores of every pixel.
-            normal: (T,) normal pixels at each distinct score.
-            scores: (D,) scores of the anomalous pixels.
-            regions: (D,) their region ids (1 .. R).
-        """
-        thresholds = _aupro_200_thresholds(values[0], values[-1], 200)
-        if thresholds is None:
-            return math.nan
-        bins = thresholds.size + 1
-        below = np.searchsorted(thresholds, scores, side="left")
-        hist = np.bincount(
-            regions * bins + below, minlength=(self._regions + 1) * bins
-        ).reshape(self._regions + 1, bins)
-        normal_below = np.searchsorted(thresholds, values, side="left")
-        hist[0] = np.bincount(normal_below, weights=normal, minlength=bins).astype(np.int64)
-        return _aupro_200_from_hist(hist, self.pro_fpr_limit)
+def pixel_metrics_of_blocks(
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    pro_fpr_limit: float = 0.3,
+    max_values: int = 1 << 23,
+) -> dict[str, float]:
+    """:func:`pixel_metrics` of a line given as blocks of samples, read once per pass.
+
+    Args:
+        blocks: gives a fresh iterator over the line's ``(masks, maps)`` blocks, (B, H, W)
+            each, in sample order, on every call (once for pass 1, once per value pass).
+        pro_fpr_limit: FPR limit of both AUPRO variants.
+        max_values: distinct scores per value pass (see :class:`PixelMetricsStream`).
+
+    Returns:
+        The values of :func:`pixel_metrics` on the stacked blocks, bit for bit.
+    """
+    stream = PixelMetricsStream(pro_fpr_limit, max_values=max_values)
+    for masks, maps in blocks():
+        stream.add(masks, maps)
+    while stream.passes_left:
+        for _, maps in blocks():
+            stream.add_values(maps)
+        stream.end_pass()
+    return stream.result()
 
 
 def summarize(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
