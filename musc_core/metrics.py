@@ -691,7 +691,8 @@ class PixelMetricsStream:
         """Add one block's maps to the current value pass (blocks in any order, each once).
 
         Args:
-            maps: (B, H, W) or (H, W) float anomaly maps.
+            maps: float map values of any shape: (B, H, W) maps, or their pixels flattened
+                (only the values count here, not where they are).
 
         Raises:
             ValueError: when no value pass is left, or the maps are not finite or of

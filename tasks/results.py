@@ -16,6 +16,7 @@ Written under the run's output prefix (local or ``s3://``)::
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -44,10 +45,10 @@ from tasks.stage import TASK_OPTIONS
 
 #: Samples shown with thumbnails in the HTML report (the ranked table lists all of them).
 REPORT_THUMBNAILS = 40
-#: Map pixels the report reads per block for the pixel metrics (16 MiB of float32 maps).
-METRIC_BLOCK_PIXELS = 1 << 22
+#: Map pixels the report reads per block for the pixel metrics (4 MiB of float32 maps).
+METRIC_BLOCK_PIXELS = 1 << 20
 #: Distinct map values one value pass of the pixel metrics gathers (about 40 bytes each).
-METRIC_VALUES_PER_PASS = 1 << 23
+METRIC_VALUES_PER_PASS = 1 << 21
 FLAG_RULE = (
     "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
     "run's normal-looking scores after RsCon (k = {k}): the set starts as the lower half of "
@@ -163,10 +164,13 @@ def _write_maps(
     """Every sample's map (.npy), the line's colour scale and its pixel metrics.
 
     Memory does not grow with the line: maps and masks are read a block of
-    :data:`METRIC_BLOCK_PIXELS` map pixels at a time. Pass 1 writes the maps, takes the scale
-    and feeds pass 1 of :class:`musc_core.metrics.PixelMetricsStream`; its value passes read
-    the maps again (a few passes: each gathers up to :data:`METRIC_VALUES_PER_PASS` distinct
-    map values).
+    :data:`METRIC_BLOCK_PIXELS` map pixels at a time. Pass 1 reads the maps from the cache,
+    writes them, takes the scale and feeds pass 1 of
+    :class:`musc_core.metrics.PixelMetricsStream`, and copies the maps to a local temporary
+    file (4 bytes per float32 pixel on disk, deleted at the end); the value passes read that
+    file back a block at a time, each gathering up to :data:`METRIC_VALUES_PER_PASS`
+    distinct map values (about 20 passes for 10,000 maps of 64 px with nearly all values
+    distinct).
 
     Args:
         store: the run's result files.
@@ -184,30 +188,35 @@ def _write_maps(
     stream = PixelMetricsStream(max_values=METRIC_VALUES_PER_PASS) if pixel_metrics else None
     defective = False
     low, high = math.inf, -math.inf
+    with tempfile.TemporaryFile(prefix="musc-report-maps-") as spill:
 
-    def first_pass() -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
-        nonlocal low, high, defective, stream
-        for sample, stem, key in zip(tonight, stems, keys, strict=True):
-            anomaly_map = cache.read_array(key, "map")
-            store.write_npy(f"maps/{stem}.npy", anomaly_map.astype(np.float32))
-            low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
-            mask = _ground_truth(cache, sample, size) if stream is not None else None
-            if mask is None:
-                stream = None
-            else:
-                defective = defective or bool(mask.any())
-            yield mask, anomaly_map
+        def first_pass() -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
+            nonlocal low, high, defective, stream
+            for sample, stem, key in zip(tonight, stems, keys, strict=True):
+                anomaly_map = cache.read_array(key, "map")
+                store.write_npy(f"maps/{stem}.npy", anomaly_map.astype(np.float32))
+                low = min(low, float(anomaly_map.min()))
+                high = max(high, float(anomaly_map.max()))
+                mask = _ground_truth(cache, sample, size) if stream is not None else None
+                if mask is None:
+                    stream = None
+                else:
+                    defective = defective or bool(mask.any())
+                    spill.write(np.ascontiguousarray(anomaly_map).tobytes())
+                yield mask, anomaly_map
 
-    for masks, maps in _blocks(first_pass(), METRIC_BLOCK_PIXELS):
-        if stream is not None:
-            stream.add(np.stack(masks), maps)
-    if stream is None or not defective:
-        return (low, high), None
-    while stream.passes_left:
-        maps_only = ((None, cache.read_array(key, "map")) for key in keys)
-        for _, maps in _blocks(maps_only, METRIC_BLOCK_PIXELS):
-            stream.add_values(maps)
-        stream.end_pass()
+        dtype = None
+        for masks, maps in _blocks(first_pass(), METRIC_BLOCK_PIXELS):
+            if stream is not None:
+                stream.add(np.stack(masks), maps)
+                dtype = maps.dtype
+        if stream is None or not defective or dtype is None:
+            return (low, high), None
+        while stream.passes_left:
+            spill.seek(0)
+            while (chunk := spill.read(METRIC_BLOCK_PIXELS * dtype.itemsize)):
+                stream.add_values(np.frombuffer(chunk, dtype=dtype))
+            stream.end_pass()
     return (low, high), stream.result()
 
 
