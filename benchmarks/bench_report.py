@@ -10,8 +10,10 @@ every third sample, so the pixel metrics run), then runs the report task
 (:func:`tasks.results.report_line`, without Prefect artifacts) in a fresh process and records
 its peak traced memory (Python and NumPy allocations, ``tracemalloc``), the growth of the
 process's peak resident memory during the task, and its wall time. ``--compare`` runs other
-checkouts' report task on the same lines (e.g. the code before a change). Memory that does not grow
-with N is the point; the wall time is the share of a shared machine the task got.
+checkouts' report task on the same lines (e.g. the code before a change);
+``--values-per-pass`` lowers the distinct values one pass of the pixel metrics gathers, so
+that small lines already reach the cap that bounds the stage's memory at large N. Memory that
+does not grow with N is the point; the wall time is the share of a shared machine the task got.
 """
 
 from __future__ import annotations
@@ -61,11 +63,15 @@ def _write_line(root: Path, n: int, size: int, seed: int = 0) -> dict:
 def _run_report(line: dict, size: int) -> dict:
     """Run the report task on a written line in this process; its peak memory and time."""
     from musc_core.config import MuscConfig
+    from tasks import results
     from tasks.cache.keys import PreparedKeys, SampleKeys
     from tasks.planning.blocks import PoolSample
     from tasks.records.run_summary import RunFacts
     from tasks.results import RunInfo, report_line
     from tasks.runtime import Runtime
+
+    if line.get("values_per_pass") and hasattr(results, "METRIC_VALUES_PER_PASS"):
+        results.METRIC_VALUES_PER_PASS = line["values_per_pass"]
 
     pool = []
     for sample in line["samples"]:
@@ -112,6 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--values-per-pass", type=int, default=None,
+                        help="distinct map values per pass of the pixel metrics (the report "
+                        "stage's METRIC_VALUES_PER_PASS; default: the stage's own)")
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="other checkouts whose report task runs on the same lines")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
@@ -128,7 +137,8 @@ def main() -> None:
             line = _write_line(Path(tmp), n, args.image_size)
             for index, checkout in enumerate(checkouts):
                 spec = Path(tmp) / f"line-{index}.json"
-                spec.write_text(json.dumps({**line, "out": f"{line['out']}-{index}"}))
+                spec.write_text(json.dumps({**line, "out": f"{line['out']}-{index}",
+                                            "values_per_pass": args.values_per_pass}))
                 row = {"n": n, "image_size": args.image_size, "checkout": str(checkout),
                        **_child(checkout, spec, args.image_size)}
                 rows.append(row)

@@ -181,7 +181,7 @@ class ExactSum:
 
     _SCALE = 1074 + 52  # the total is kept in units of 2**-_SCALE, below the least subnormal
     _HALF = 26
-    _CHUNK = 1 << 26
+    _CHUNK = 1 << 20  # terms per step (exact up to 2**26)
 
     def __init__(self) -> None:
         """Start at zero."""
@@ -459,7 +459,8 @@ def _aupro_200_from_hist(hist: np.ndarray, fpr_limit: float) -> float:
         return math.nan
     fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())
     # FPR decreases as the threshold rises: integrate along increasing FPR.
-    return _trapezoid(fpr[::-1], pro[::-1])
+    # At most steps + 1 points, always in memory in one piece: NumPy's sum, as before.
+    return float(np.sum(_trapezoid_terms(fpr[::-1], pro[::-1])))
 
 
 def pixel_metrics(
@@ -539,10 +540,12 @@ class PixelMetricsStream:
     stack: the stacked computation's normal pixels only add exact zeros), and every area is
     an :class:`ExactSum`, which does not depend on how the terms are grouped.
 
-    Memory, independent of the number of samples N for a given defect area: 12 bytes per
-    anomalous pixel, 201 int64 per ground-truth region, the 512 KiB histogram, and per pass
-    about 40 bytes per distinct score of the pass (so O(``max_values``) for float32 maps;
-    float64 maps can put more distinct scores in one bucket), plus the block being read.
+    Memory, independent of the number of samples N for a given defect area: 20 bytes per
+    anomalous pixel, 201 int64 per ground-truth region, the 512 KiB histogram, the block being
+    read, and per pass up to about 100 bytes per distinct score gathered while the pending
+    ones are merged (at most 2 · ``max_values`` + one block's, so O(``max_values``) for
+    float32 maps; float64 maps can put more distinct scores in one bucket); the curve points
+    are computed 262,144 scores at a time.
 
     Example::
 
@@ -557,9 +560,10 @@ class PixelMetricsStream:
     """
 
     _BUCKET_BITS = 16
+    _SLICE = 1 << 18  # distinct scores whose curve points are computed together
 
     def __init__(
-        self, pro_fpr_limit: float = 0.3, connectivity: int = 8, max_values: int = 1 << 23
+        self, pro_fpr_limit: float = 0.3, connectivity: int = 8, max_values: int = 1 << 20
     ) -> None:
         """Start with no pixel.
 
@@ -613,7 +617,7 @@ class PixelMetricsStream:
         flat = labels.ravel()
         inside = np.flatnonzero(flat)
         self._scores.append(a.ravel()[inside])
-        self._regions.append(flat[inside].astype(np.int64) + self._region_count)
+        self._regions.append((flat[inside] + self._region_count).astype(np.int32))
         self._sizes.append(np.bincount(flat, minlength=count + 1)[1:])
         self._region_count += count
         self._pixels += a.size
@@ -663,14 +667,14 @@ class PixelMetricsStream:
         weight = np.zeros(self._region_count + 1, dtype=np.float64)
         weight[1:] = 1.0 / (sizes * self._region_count)
         self._running = np.cumsum(weight[regions[np.argsort(scores, kind="stable")[::-1]]])
-        self._defect_buckets = self._bucket(scores)
+        self._defect_buckets = self._bucket(scores).astype(np.uint16)
         self._normal = self._pixels - scores.size
         self._thresholds = _aupro_200_thresholds(self._low, self._high, 200)
         if self._thresholds is not None:
             bins = self._thresholds.size + 1
             below = np.searchsorted(self._thresholds, scores, side="left")
             self._hist = np.bincount(
-                regions * bins + below, minlength=(self._region_count + 1) * bins
+                regions.astype(np.int64) * bins + below, minlength=(self._region_count + 1) * bins
             ).reshape(self._region_count + 1, bins)
         per_value = 1 << (8 * self._dtype.itemsize - self._BUCKET_BITS)
         bound = np.minimum(self._buckets, per_value)
@@ -714,6 +718,9 @@ class PixelMetricsStream:
 
     def _compact(self) -> None:
         """Merge the pending distinct scores of the pass into one sorted, counted list."""
+        if not self._pending:
+            self._pending = [(np.zeros(0, dtype=self._dtype), np.zeros(0, dtype=np.int64))]
+            return
         values = np.concatenate([v for v, _ in self._pending])
         counts = np.concatenate([c for _, c in self._pending])
         order = np.argsort(values, kind="stable")
@@ -739,12 +746,17 @@ class PixelMetricsStream:
         scores = self._scores[0]
         mine = (self._defect_buckets >= bottom) & (self._defect_buckets <= top)
         defects = np.bincount(np.searchsorted(values, scores[mine]), minlength=values.size)
-        normal = counts - defects
-        if self._thresholds is not None:
-            below = np.searchsorted(self._thresholds, values, side="left")
-            bins = self._thresholds.size + 1
-            self._hist[0] += np.bincount(below, weights=normal, minlength=bins).astype(np.int64)
-        self._curve.extend(defects[::-1], normal[::-1], self._running)
+        normal = counts
+        normal -= defects
+        del counts, mine
+        for stop in range(values.size, 0, -self._SLICE):  # highest scores first
+            part = slice(max(stop - self._SLICE, 0), stop)
+            if self._thresholds is not None:
+                below = np.searchsorted(self._thresholds, values[part], side="left")
+                bins = self._thresholds.size + 1
+                hist = np.bincount(below, weights=normal[part], minlength=bins)
+                self._hist[0] += hist.astype(np.int64)
+            self._curve.extend(defects[part][::-1], normal[part][::-1], self._running)
 
     def result(self) -> dict[str, float]:
         """The metrics of every pixel added.
@@ -856,7 +868,7 @@ class _StreamedCurves:
 def pixel_metrics_of_blocks(
     blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
     pro_fpr_limit: float = 0.3,
-    max_values: int = 1 << 23,
+    max_values: int = 1 << 20,
 ) -> dict[str, float]:
     """:func:`pixel_metrics` of a line given as blocks of samples, read once per pass.
 

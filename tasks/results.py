@@ -48,7 +48,7 @@ REPORT_THUMBNAILS = 40
 #: Map pixels the report reads per block for the pixel metrics (4 MiB of float32 maps).
 METRIC_BLOCK_PIXELS = 1 << 20
 #: Distinct map values one value pass of the pixel metrics gathers (about 40 bytes each).
-METRIC_VALUES_PER_PASS = 1 << 21
+METRIC_VALUES_PER_PASS = 1 << 20
 FLAG_RULE = (
     "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
     "run's normal-looking scores after RsCon (k = {k}): the set starts as the lower half of "
@@ -169,7 +169,7 @@ def _write_maps(
     :class:`musc_core.metrics.PixelMetricsStream`, and copies the maps to a local temporary
     file (4 bytes per float32 pixel on disk, deleted at the end); the value passes read that
     file back a block at a time, each gathering up to :data:`METRIC_VALUES_PER_PASS`
-    distinct map values (about 20 passes for 10,000 maps of 64 px with nearly all values
+    distinct map values (about 40 passes for 10,000 maps of 64 px with nearly all values
     distinct).
 
     Args:
