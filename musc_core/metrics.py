@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -169,65 +169,86 @@ def _sort_pixels(y: np.ndarray, s: np.ndarray) -> _SortedPixels:
     return _SortedPixels(order, ends, tps, fps)
 
 
-class ExactSum:
-    """The correctly rounded sum of float64 terms added in any order and any chunks.
+class Terms(Protocol):
+    """Where a streamed metric keeps the terms of a sum until it knows how many there are.
 
-    Each term is split into an integer mantissa and a power of two; the mantissas are summed
-    exactly per power (as float64 sums of 26-bit halves, exact for up to 2**26 terms per call)
-    and folded into one Python integer, so the result does not depend on how the terms were
-    grouped: the sum of a whole array equals the sum of its pieces added one by one. Memory:
-    O(1) besides the chunk; the integer holds at most a few thousand bits.
+    :class:`MemoryTerms` keeps them in memory; a caller with a disk can pass a store that
+    writes them to a file, so that memory stays bounded (:class:`PixelMetricsStream`).
     """
 
-    _SCALE = 1074 + 52  # the total is kept in units of 2**-_SCALE, below the least subnormal
-    _HALF = 26
-    _CHUNK = 1 << 20  # terms per step (exact up to 2**26)
+    def append(self, terms: np.ndarray) -> None:
+        """Add (K,) float64 terms after the ones already kept."""
+
+    def __len__(self) -> int:
+        """How many terms are kept."""
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) float64 terms ``start`` to ``stop`` (a fresh contiguous array)."""
+
+
+class MemoryTerms:
+    """Terms of a sum kept in memory (8 bytes each)."""
 
     def __init__(self) -> None:
-        """Start at zero."""
-        self._total = 0
+        """Start empty."""
+        self._parts: list[np.ndarray] = []
+        self._size = 0
 
-    def add(self, terms: np.ndarray) -> None:
-        """Add finite terms of any shape.
+    def append(self, terms: np.ndarray) -> None:
+        """Add (K,) float64 terms after the ones already kept."""
+        self._parts.append(np.array(terms, dtype=np.float64).ravel())
+        self._size += self._parts[-1].size
 
-        Raises:
-            ValueError: when a term is NaN or infinite.
-        """
-        flat = np.asarray(terms, dtype=np.float64).ravel()
-        if not np.isfinite(flat).all():
-            raise ValueError("an exact sum needs finite terms")
-        for start in range(0, flat.size, self._CHUNK):
-            self._add_chunk(flat[start : start + self._CHUNK])
+    def __len__(self) -> int:
+        """How many terms are kept."""
+        return self._size
 
-    def _add_chunk(self, flat: np.ndarray) -> None:
-        """Add at most ``_CHUNK`` terms: mantissa halves summed per exponent (exact)."""
-        mantissa, exponent = np.frexp(flat)
-        whole = (mantissa * 2.0**53).astype(np.int64)  # exact: |whole| < 2**53
-        shift = (exponent.astype(np.int64) - 53 + self._SCALE)
-        high = np.bincount(shift, weights=whole >> self._HALF)
-        low = np.bincount(shift, weights=whole & ((1 << self._HALF) - 1))
-        for power in np.flatnonzero((high != 0) | (low != 0)):
-            part = (int(high[power]) << self._HALF) + int(low[power])
-            self._total += part << int(power)
-
-    @property
-    def value(self) -> float:
-        """The sum, rounded once to the nearest float64."""
-        return self._total / (1 << self._SCALE)
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) float64 terms ``start`` to ``stop``."""
+        if len(self._parts) > 1:
+            self._parts = [np.concatenate(self._parts)]
+        whole = self._parts[0] if self._parts else np.zeros(0)
+        return np.array(whole[start:stop])
 
 
-def exact_sum(terms: np.ndarray) -> float:
-    """Correctly rounded sum of an array's finite float64 terms (see :class:`ExactSum`)."""
-    total = ExactSum()
-    total.add(terms)
-    return total.value
+#: NumPy's pairwise summation sums blocks of at most this many terms without splitting them.
+_PAIRWISE_BLOCK = 128
+
+
+def pairwise_sum(terms: Terms, leaf: int = 1 << 20) -> float:
+    """``np.sum`` of every kept term, bit for bit, reading at most ``leaf`` terms at a time.
+
+    NumPy sums a contiguous float64 array by splitting it in two halves (the first half's
+    length rounded down to a multiple of 8) until at most 128 terms remain. Following those
+    splits down to pieces of at most ``leaf`` terms and letting NumPy sum each piece gives its
+    result for the whole array without holding it (``test_pairwise_sum_is_numpys_sum``
+    checks this against the installed NumPy).
+
+    Args:
+        terms: the terms, in order.
+        leaf: the most terms read at once (at least 128).
+
+    Returns:
+        The sum as a float (0.0 without terms).
+    """
+    leaf = max(leaf, _PAIRWISE_BLOCK)
+
+    def part(start: int, stop: int) -> np.float64:
+        size = stop - start
+        if size <= leaf:
+            return np.add.reduce(terms.read(start, stop))
+        half = size // 2
+        half -= half % 8
+        return part(start, start + half) + part(start + half, stop)
+
+    return float(part(0, len(terms))) if len(terms) else 0.0
 
 
 def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
-    """Trapezoidal area under y(x) (x in the given order), summed exactly."""
+    """Trapezoidal area under y(x) (x in the given order)."""
     if x.size < 2:
         return 0.0
-    return exact_sum(_trapezoid_terms(x, y))
+    return float(np.sum(_trapezoid_terms(x, y)))
 
 
 def _trapezoid_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -459,8 +480,7 @@ def _aupro_200_from_hist(hist: np.ndarray, fpr_limit: float) -> float:
         return math.nan
     fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())
     # FPR decreases as the threshold rises: integrate along increasing FPR.
-    # At most steps + 1 points, always in memory in one piece: NumPy's sum, as before.
-    return float(np.sum(_trapezoid_terms(fpr[::-1], pro[::-1])))
+    return _trapezoid(fpr[::-1], pro[::-1])
 
 
 def pixel_metrics(
@@ -518,7 +538,7 @@ def _ranking_metrics(tps: np.ndarray, fps: np.ndarray) -> dict[str, float]:
     del tpr, fpr
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
-    ap = exact_sum(np.diff(np.concatenate(([0.0], recall))) * precision)
+    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
     return {"auroc": auroc, "ap": ap, "f1_max": _f1_max(precision, recall)}
 
 
@@ -538,14 +558,18 @@ class PixelMetricsStream:
     are built from the same integer counts at each distinct score, the PRO sums run over the
     anomalous pixels in the same order (decreasing score, ties by decreasing position in the
     stack: the stacked computation's normal pixels only add exact zeros), and every area is
-    an :class:`ExactSum`, which does not depend on how the terms are grouped.
+    NumPy's sum of the same trapezoids (:func:`pairwise_sum` over the terms, kept in
+    ``terms`` stores until their number is known).
 
     Memory, independent of the number of samples N for a given defect area: 20 bytes per
     anomalous pixel, 201 int64 per ground-truth region, the 512 KiB histogram, the block being
     read, and per pass up to about 100 bytes per distinct score gathered while the pending
     ones are merged (at most 2 · ``max_values`` + one block's, so O(``max_values``) for
     float32 maps; float64 maps can put more distinct scores in one bucket); the curve points
-    are computed 262,144 scores at a time.
+    are computed 262,144 scores at a time. The sums' terms, 8 bytes per distinct score for
+    the ROC and the precision-recall curves each and per distinct score up to the FPR limit
+    for the PRO curve, are in the ``terms`` stores: in memory with the default
+    :class:`MemoryTerms` (O(distinct scores)), on disk with a file-backed store.
 
     Example::
 
@@ -563,7 +587,11 @@ class PixelMetricsStream:
     _SLICE = 1 << 18  # distinct scores whose curve points are computed together
 
     def __init__(
-        self, pro_fpr_limit: float = 0.3, connectivity: int = 8, max_values: int = 1 << 20
+        self,
+        pro_fpr_limit: float = 0.3,
+        connectivity: int = 8,
+        max_values: int = 1 << 20,
+        terms: Callable[[], Terms] = MemoryTerms,
     ) -> None:
         """Start with no pixel.
 
@@ -571,6 +599,7 @@ class PixelMetricsStream:
             pro_fpr_limit: FPR limit of both AUPRO variants.
             connectivity: ground-truth region connectivity, 8 (as :func:`pixel_metrics`) or 4.
             max_values: distinct scores one value pass may gather (the pass's memory).
+            terms: makes an empty store for the terms of one sum (called three times).
 
         Raises:
             ValueError: when ``max_values`` is below 1.
@@ -580,6 +609,7 @@ class PixelMetricsStream:
         self.pro_fpr_limit = pro_fpr_limit
         self.connectivity = connectivity
         self.max_values = max_values
+        self._terms = terms
         self._dtype: np.dtype | None = None
         self._low: np.generic | None = None
         self._high: np.generic | None = None
@@ -689,7 +719,9 @@ class PixelMetricsStream:
                 bottom -= 1
             self._passes.append((bottom + 1, top))
             top = bottom
-        self._curve = _StreamedCurves(scores.size, self._normal, self.pro_fpr_limit)
+        self._curve = _StreamedCurves(
+            scores.size, self._normal, self.pro_fpr_limit, self._terms
+        )
 
     def add_values(self, maps: np.ndarray) -> None:
         """Add one block's maps to the current value pass (blocks in any order, each once).
@@ -783,22 +815,24 @@ class _StreamedCurves:
     """ROC, precision-recall and PRO curves extended a run of distinct scores at a time.
 
     The points and trapezoids are those of :func:`pixel_metrics` (same float operations on
-    the same counts); the areas are exact sums (:class:`ExactSum`).
+    the same counts); the areas are their terms' :func:`pairwise_sum`.
     """
 
-    def __init__(self, positives: int, normal: int, pro_fpr_limit: float) -> None:
+    def __init__(
+        self, positives: int, normal: int, pro_fpr_limit: float, terms: Callable[[], Terms]
+    ) -> None:
         self.positives = positives
         self.normal = normal
         self.limit = pro_fpr_limit
         self.tps = 0
         self.fps = 0
         self.roc_last = (0.0, 0.0)
-        self.roc = ExactSum()
+        self.roc = terms()
         self.recall_last = 0.0
-        self.ap = ExactSum()
+        self.ap = terms()
         self.f1 = -math.inf
         self.pro_last = (0.0, 0.0)
-        self.pro = ExactSum()
+        self.pro = terms()
         self.pro_points = 1
         self.pro_hits_limit = 0.0 == pro_fpr_limit
         self.pro_after: tuple[float, float, float, float] | None = None
@@ -820,12 +854,12 @@ class _StreamedCurves:
         tpr, fpr = tps / self.positives, fps / self.normal
         x = np.concatenate(([self.roc_last[0]], fpr))
         y = np.concatenate(([self.roc_last[1]], tpr))
-        self.roc.add(_trapezoid_terms(x, y))
+        self.roc.append(_trapezoid_terms(x, y))
         self.roc_last = (float(fpr[-1]), float(tpr[-1]))
         del x, y, tpr
         precision = tps / (tps + fps)
         recall = tps / self.positives
-        self.ap.add(np.diff(np.concatenate(([self.recall_last], recall))) * precision)
+        self.ap.append(np.diff(np.concatenate(([self.recall_last], recall))) * precision)
         self.recall_last = float(recall[-1])
         self.f1 = max(self.f1, _f1_max(precision, recall))
         del precision, recall
@@ -842,7 +876,7 @@ class _StreamedCurves:
         inside = int(np.searchsorted(fpr, self.limit, side="right"))
         x = np.concatenate(([self.pro_last[0]], fpr[:inside]))
         y = np.concatenate(([self.pro_last[1]], pro[:inside]))
-        self.pro.add(_trapezoid_terms(x, y))
+        self.pro.append(_trapezoid_terms(x, y))
         self.pro_points += inside
         self.pro_hits_limit = self.pro_hits_limit or bool(np.any(fpr[:inside] == self.limit))
         self.pro_last = (float(x[-1]), float(y[-1]))
@@ -852,14 +886,14 @@ class _StreamedCurves:
     def result(self) -> dict[str, float]:
         """AUROC, AP, F1-max and the exact AUPRO (the curve's end point added)."""
         self._extend_pro(np.array([1.0]), np.array([1.0]))
-        area = self.pro.value if self.pro_points >= 2 else 0.0
+        area = pairwise_sum(self.pro) if self.pro_points >= 2 else 0.0
         if self.pro_after is not None and not self.pro_hits_limit:
             x0, y0, x1, y1 = self.pro_after
             y_at = y0 + (y1 - y0) * (self.limit - x0) / (x1 - x0)
             area += 0.5 * (y0 + y_at) * (self.limit - x0)
         return {
-            "auroc": self.roc.value,
-            "ap": self.ap.value,
+            "auroc": pairwise_sum(self.roc),
+            "ap": pairwise_sum(self.ap),
             "f1_max": self.f1,
             "aupro": area / self.limit,
         }
@@ -869,6 +903,7 @@ def pixel_metrics_of_blocks(
     blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
     pro_fpr_limit: float = 0.3,
     max_values: int = 1 << 20,
+    terms: Callable[[], Terms] = MemoryTerms,
 ) -> dict[str, float]:
     """:func:`pixel_metrics` of a line given as blocks of samples, read once per pass.
 
@@ -877,11 +912,12 @@ def pixel_metrics_of_blocks(
             each, in sample order, on every call (once for pass 1, once per value pass).
         pro_fpr_limit: FPR limit of both AUPRO variants.
         max_values: distinct scores per value pass (see :class:`PixelMetricsStream`).
+        terms: makes an empty store for the terms of one sum.
 
     Returns:
         The values of :func:`pixel_metrics` on the stacked blocks, bit for bit.
     """
-    stream = PixelMetricsStream(pro_fpr_limit, max_values=max_values)
+    stream = PixelMetricsStream(pro_fpr_limit, max_values=max_values, terms=terms)
     for masks, maps in blocks():
         stream.add(masks, maps)
     while stream.passes_left:

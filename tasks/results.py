@@ -15,10 +15,13 @@ Written under the run's output prefix (local or ``s3://``)::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import IO
 
 import numpy as np
 from prefect import task
@@ -170,7 +173,9 @@ def _write_maps(
     file (4 bytes per float32 pixel on disk, deleted at the end); the value passes read that
     file back a block at a time, each gathering up to :data:`METRIC_VALUES_PER_PASS`
     distinct map values (about 40 passes for 10,000 maps of 64 px with nearly all values
-    distinct).
+    distinct). The terms of the metrics' sums go to temporary files too (8 bytes per
+    distinct map value for AUROC and AP each, fewer for AUPRO), so that the sums are NumPy's
+    over the whole curves, as in :func:`musc_core.metrics.pixel_metrics`.
 
     Args:
         store: the run's result files.
@@ -185,10 +190,17 @@ def _write_maps(
         ``(low, high)``, the minimum and maximum over every map, and the pixel metrics, or
         None when not asked for, when a sample has no ground truth or none has a defect pixel.
     """
-    stream = PixelMetricsStream(max_values=METRIC_VALUES_PER_PASS) if pixel_metrics else None
     defective = False
     low, high = math.inf, -math.inf
-    with tempfile.TemporaryFile(prefix="musc-report-maps-") as spill:
+    with contextlib.ExitStack() as files:
+        spill = files.enter_context(tempfile.TemporaryFile(prefix="musc-report-maps-"))
+
+        def terms() -> _FileTerms:
+            return _FileTerms(files.enter_context(tempfile.TemporaryFile(prefix="musc-terms-")))
+
+        stream = None
+        if pixel_metrics:
+            stream = PixelMetricsStream(max_values=METRIC_VALUES_PER_PASS, terms=terms)
 
         def first_pass() -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
             nonlocal low, high, defective, stream
@@ -217,7 +229,34 @@ def _write_maps(
             while (chunk := spill.read(METRIC_BLOCK_PIXELS * dtype.itemsize)):
                 stream.add_values(np.frombuffer(chunk, dtype=dtype))
             stream.end_pass()
-    return (low, high), stream.result()
+        return (low, high), stream.result()
+
+
+class _FileTerms:
+    """The terms of one sum of the pixel metrics in a temporary file (8 bytes each).
+
+    Args:
+        file: an open, empty binary file; the caller closes it.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._size = 0
+
+    def append(self, terms: np.ndarray) -> None:
+        """Add (K,) float64 terms at the end of the file."""
+        self._file.seek(0, io.SEEK_END)
+        self._file.write(np.ascontiguousarray(terms, dtype=np.float64).tobytes())
+        self._size += int(np.size(terms))
+
+    def __len__(self) -> int:
+        """How many terms are kept."""
+        return self._size
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) float64 terms ``start`` to ``stop``, read from the file."""
+        self._file.seek(start * 8)
+        return np.frombuffer(self._file.read((stop - start) * 8), dtype=np.float64).copy()
 
 
 def _write_overlays(

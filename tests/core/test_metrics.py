@@ -8,12 +8,12 @@ import pytest
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from musc_core.metrics import (
-    ExactSum,
+    MemoryTerms,
     PixelMetricsStream,
     aupro,
     aupro_200,
-    exact_sum,
     image_metrics,
+    pairwise_sum,
     pixel_metrics,
     pixel_metrics_of_blocks,
     pro_curve,
@@ -275,22 +275,19 @@ def test_perfect_maps_score_one():
 
 
 # ------------------------------------------------------------------------------------------
-# exact sums and pixel metrics a block at a time
+# NumPy's sum piece by piece, and pixel metrics a block at a time
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-300, 1e200])
-def test_exact_sum_is_the_correctly_rounded_sum_in_any_grouping(scale):
+@pytest.mark.parametrize("leaf", [128, 300, 4096])
+def test_pairwise_sum_is_numpys_sum(leaf):
     rng = np.random.default_rng(3)
-    terms = (rng.random(5000) - 0.3) * np.exp(rng.standard_normal(5000) * 8) * scale
-    expected = math.fsum(terms.tolist())  # the standard library's correctly rounded sum
-    assert exact_sum(terms) == expected
-    total = ExactSum()
-    for part in np.array_split(terms[::-1], 13):
-        total.add(part)
-    assert total.value == expected
-    assert exact_sum(np.zeros(0)) == 0.0
-    with pytest.raises(ValueError, match="finite"):
-        exact_sum(np.array([1.0, np.inf]))
+    for size in [*range(0, 300, 7), 1000, 4097, 65_537, 300_001]:
+        values = rng.random(size) * np.exp(rng.standard_normal(size) * 6)
+        terms = MemoryTerms()
+        for part in np.array_split(values, 5):
+            terms.append(part)
+        assert len(terms) == size
+        assert pairwise_sum(terms, leaf=leaf) == float(np.sum(values)), size
 
 
 def streamed(masks, maps, sizes, max_values):
