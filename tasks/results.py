@@ -19,7 +19,7 @@ import contextlib
 import io
 import math
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import IO
 
@@ -155,6 +155,43 @@ def _blocks(
         yield masks, np.stack(maps)
 
 
+class _MapCopy:
+    """The line's maps in a local temporary file, in sample order, read back in sequence.
+
+    Reading them back costs a local file read, not a cache read and decode per sample.
+
+    Args:
+        file: an open, empty binary file; the caller closes it.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._layout: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def write(self, anomaly_map: np.ndarray) -> None:
+        """Add the next sample's map."""
+        self._layout.append((anomaly_map.shape, anomaly_map.dtype))
+        self._file.write(np.ascontiguousarray(anomaly_map).tobytes())
+
+    def maps(self) -> Iterator[np.ndarray]:
+        """Every map, in the order written, one at a time."""
+        self._file.seek(0)
+        for shape, dtype in self._layout:
+            size = int(np.prod(shape)) * dtype.itemsize
+            yield np.frombuffer(self._file.read(size), dtype=dtype).reshape(shape)
+
+    def pixels(self, count: int) -> Iterator[np.ndarray]:
+        """Every map pixel, in order, about ``count`` at a time (maps of one dtype)."""
+        maps: list[np.ndarray] = []
+        for anomaly_map in self.maps():
+            maps.append(anomaly_map.ravel())
+            if sum(m.size for m in maps) >= count:
+                yield np.concatenate(maps)
+                maps = []
+        if maps:
+            yield np.concatenate(maps)
+
+
 def _write_maps(
     store: ResultStore,
     cache: FeatureCache,
@@ -162,20 +199,21 @@ def _write_maps(
     stems: list[str],
     keys: list[str],
     size: int,
-    pixel_metrics: bool,
+    copy: _MapCopy,
+    terms: Callable[[], _FileTerms] | None,
 ) -> tuple[tuple[float, float], dict[str, float] | None]:
     """Every sample's map (.npy), the line's colour scale and its pixel metrics.
 
     Memory does not grow with the line: maps and masks are read a block of
-    :data:`METRIC_BLOCK_PIXELS` map pixels at a time. Pass 1 reads the maps from the cache,
-    writes them, takes the scale and feeds pass 1 of
-    :class:`musc_core.metrics.PixelMetricsStream`, and copies the maps to a local temporary
-    file (4 bytes per float32 pixel on disk, deleted at the end); the value passes read that
-    file back a block at a time, each gathering up to :data:`METRIC_VALUES_PER_PASS`
-    distinct map values (about 40 passes for 10,000 maps of 64 px with nearly all values
-    distinct). The terms of the metrics' sums go to temporary files too (8 bytes per
-    distinct map value for AUROC and AP each, fewer for AUPRO), so that the sums are NumPy's
-    over the whole curves, as in :func:`musc_core.metrics.pixel_metrics`.
+    :data:`METRIC_BLOCK_PIXELS` map pixels at a time. The pass over the cache writes the
+    maps, takes the scale, feeds pass 1 of :class:`musc_core.metrics.PixelMetricsStream` and
+    copies the maps to ``copy`` (4 bytes per float32 pixel on local disk); the value passes
+    of the metrics read that copy back a block at a time, each gathering up to
+    :data:`METRIC_VALUES_PER_PASS` distinct map values (about 40 passes for 10,000 maps of
+    64 px with nearly all values distinct). The terms of the metrics' sums go to temporary
+    files (``terms``; 8 bytes per distinct map value for AUROC and AP each, fewer for
+    AUPRO), so that the sums are NumPy's over the whole curves, as in
+    :func:`musc_core.metrics.pixel_metrics`.
 
     Args:
         store: the run's result files.
@@ -184,52 +222,45 @@ def _write_maps(
         stems: their file stems.
         keys: their reduced-entry keys.
         size: image side S (for the all-normal ground truth of a normal sample without mask).
-        pixel_metrics: compute the pixel metrics (labelled samples only).
+        copy: where the maps are copied, for the metrics' passes and the overlays.
+        terms: makes a file store for the terms of a sum; None: no pixel metrics (samples
+            without labels).
 
     Returns:
         ``(low, high)``, the minimum and maximum over every map, and the pixel metrics, or
         None when not asked for, when a sample has no ground truth or none has a defect pixel.
     """
+    stream = None
+    if terms is not None:
+        stream = PixelMetricsStream(max_values=METRIC_VALUES_PER_PASS, terms=terms)
     defective = False
     low, high = math.inf, -math.inf
-    with contextlib.ExitStack() as files:
-        spill = files.enter_context(tempfile.TemporaryFile(prefix="musc-report-maps-"))
 
-        def terms() -> _FileTerms:
-            return _FileTerms(files.enter_context(tempfile.TemporaryFile(prefix="musc-terms-")))
+    def first_pass() -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
+        nonlocal low, high, defective, stream
+        for sample, stem, key in zip(tonight, stems, keys, strict=True):
+            anomaly_map = cache.read_array(key, "map")
+            store.write_npy(f"maps/{stem}.npy", anomaly_map.astype(np.float32))
+            copy.write(anomaly_map)
+            low = min(low, float(anomaly_map.min()))
+            high = max(high, float(anomaly_map.max()))
+            mask = _ground_truth(cache, sample, size) if stream is not None else None
+            if mask is None:
+                stream = None
+            else:
+                defective = defective or bool(mask.any())
+            yield mask, anomaly_map
 
-        stream = None
-        if pixel_metrics:
-            stream = PixelMetricsStream(max_values=METRIC_VALUES_PER_PASS, terms=terms)
-
-        def first_pass() -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
-            nonlocal low, high, defective, stream
-            for sample, stem, key in zip(tonight, stems, keys, strict=True):
-                anomaly_map = cache.read_array(key, "map")
-                store.write_npy(f"maps/{stem}.npy", anomaly_map.astype(np.float32))
-                low = min(low, float(anomaly_map.min()))
-                high = max(high, float(anomaly_map.max()))
-                mask = _ground_truth(cache, sample, size) if stream is not None else None
-                if mask is None:
-                    stream = None
-                else:
-                    defective = defective or bool(mask.any())
-                    spill.write(np.ascontiguousarray(anomaly_map).tobytes())
-                yield mask, anomaly_map
-
-        dtype = None
-        for masks, maps in _blocks(first_pass(), METRIC_BLOCK_PIXELS):
-            if stream is not None:
-                stream.add(np.stack(masks), maps)
-                dtype = maps.dtype
-        if stream is None or not defective or dtype is None:
-            return (low, high), None
-        while stream.passes_left:
-            spill.seek(0)
-            while (chunk := spill.read(METRIC_BLOCK_PIXELS * dtype.itemsize)):
-                stream.add_values(np.frombuffer(chunk, dtype=dtype))
-            stream.end_pass()
-        return (low, high), stream.result()
+    for masks, maps in _blocks(first_pass(), METRIC_BLOCK_PIXELS):
+        if stream is not None:
+            stream.add(np.stack(masks), maps)
+    if stream is None or not defective:
+        return (low, high), None
+    while stream.passes_left:
+        for pixels in copy.pixels(METRIC_BLOCK_PIXELS):
+            stream.add_values(pixels)
+        stream.end_pass()
+    return (low, high), stream.result()
 
 
 class _FileTerms:
@@ -264,7 +295,7 @@ def _write_overlays(
     cache: FeatureCache,
     tonight: list[PoolSample],
     stems: list[str],
-    keys: list[str],
+    copy: _MapCopy,
     scale: tuple[float, float],
 ) -> None:
     """Every sample's overlay (.png, one colour scale for the line), one sample at a time.
@@ -275,16 +306,16 @@ def _write_overlays(
 
     Args:
         store: the run's result files.
-        cache: the feature cache.
+        cache: the feature cache (the images).
         tonight: the batch's samples.
         stems: their file stems.
-        keys: their reduced-entry keys.
+        copy: the maps, in sample order (:func:`_write_maps`).
         scale: ``(low, high)`` of every map of the line (:func:`_write_maps`).
     """
     low, high = scale
     spread = (high - low) or 1.0
-    for sample, stem, key in zip(tonight, stems, keys, strict=True):
-        heat = (cache.read_array(key, "map") - low) / spread
+    for sample, stem, anomaly_map in zip(tonight, stems, copy.maps(), strict=True):
+        heat = (anomaly_map - low) / spread
         image = _prepared_array(cache, sample.keys.prepared.image, "image")
         base = None
         if image is not None:
@@ -384,12 +415,19 @@ def report_line(
     labels = [s.label for s in tonight]
     metrics = None if against_bank else image_line_metrics(labels, before, after)
     stems = unique_stems([s.name for s in tonight])
-    scale, pixel = _write_maps(
-        store, cache, tonight, stems, keys, config.image_size, metrics is not None
-    )
-    if metrics is not None:
-        metrics = with_pixel_metrics(metrics, pixel)
-    _write_overlays(store, cache, tonight, stems, keys, scale)
+    with contextlib.ExitStack() as files:
+
+        def temporary() -> IO[bytes]:
+            return files.enter_context(tempfile.TemporaryFile(prefix="musc-report-"))
+
+        copy = _MapCopy(temporary())
+        terms = (lambda: _FileTerms(temporary())) if metrics is not None else None
+        scale, pixel = _write_maps(
+            store, cache, tonight, stems, keys, config.image_size, copy, terms
+        )
+        if metrics is not None:
+            metrics = with_pixel_metrics(metrics, pixel)
+        _write_overlays(store, cache, tonight, stems, copy, scale)
     outputs = {"maps": store.location("maps"), "overlays": store.location("overlays")}
     rows = _ranked_rows(tonight, stems, before, after, decided.flags, info.random_weights)
     warning = RANDOM_WEIGHTS_WARNING if info.random_weights else ""
