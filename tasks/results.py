@@ -50,7 +50,8 @@ from tasks.stage import TASK_OPTIONS
 REPORT_THUMBNAILS = 40
 #: Map pixels the report reads per block for the pixel metrics (4 MiB of float32 maps).
 METRIC_BLOCK_PIXELS = 1 << 20
-#: Distinct map values one value pass of the pixel metrics gathers (about 40 bytes each).
+#: Distinct map values one value pass of the pixel metrics gathers (up to about 100 bytes
+#: each while the pass merges them).
 METRIC_VALUES_PER_PASS = 1 << 20
 FLAG_RULE = (
     "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
@@ -145,12 +146,14 @@ def _blocks(
     """
     masks: list[np.ndarray | None] = []
     maps: list[np.ndarray] = []
+    held = 0
     for mask, anomaly_map in items:
         masks.append(mask)
         maps.append(anomaly_map)
-        if sum(m.size for m in maps) >= pixels:
+        held += anomaly_map.size
+        if held >= pixels:
             yield masks, np.stack(maps)
-            masks, maps = [], []
+            masks, maps, held = [], [], 0
     if maps:
         yield masks, np.stack(maps)
 
@@ -183,11 +186,13 @@ class _MapCopy:
     def pixels(self, count: int) -> Iterator[np.ndarray]:
         """Every map pixel, in order, about ``count`` at a time (maps of one dtype)."""
         maps: list[np.ndarray] = []
+        held = 0
         for anomaly_map in self.maps():
             maps.append(anomaly_map.ravel())
-            if sum(m.size for m in maps) >= count:
+            held += anomaly_map.size
+            if held >= count:
                 yield np.concatenate(maps)
-                maps = []
+                maps, held = [], 0
         if maps:
             yield np.concatenate(maps)
 
