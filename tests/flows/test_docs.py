@@ -37,6 +37,8 @@ BENCHMARK_OPTIONS = {
     "--plan-sizes": "benchmarks/bench_scale.py",
     "--plan-keys-max": "benchmarks/bench_scale.py",
     "--draws": "benchmarks/bench_references.py",
+    "--compare": "benchmarks/bench_report.py",
+    "--values-per-pass": "benchmarks/bench_report.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {
