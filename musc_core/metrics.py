@@ -2,7 +2,8 @@
 
 Image AUROC/AP/F1-max (and the threshold at the F1 maximum), pixel AUROC/AP/F1-max, and
 AUPRO up to an FPR limit (the exact MVTec-style one and the reference release's 200-threshold
-variant).
+variant). :class:`PixelMetricsStream` gives the same pixel metrics from a line read a block of
+samples at a time, in memory that does not grow with the number of samples.
 
 Everything here works on NumPy arrays (CPU torch tensors are accepted through ``np.asarray``);
 nothing reads or writes files.
@@ -26,8 +27,8 @@ Conventions shared by the functions below:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -168,11 +169,91 @@ def _sort_pixels(y: np.ndarray, s: np.ndarray) -> _SortedPixels:
     return _SortedPixels(order, ends, tps, fps)
 
 
+class Terms(Protocol):
+    """Where a streamed metric keeps the terms of a sum until it knows how many there are.
+
+    :class:`MemoryTerms` keeps them in memory; a caller with a disk can pass a store that
+    writes them to a file, so that memory stays bounded (:class:`PixelMetricsStream`).
+    """
+
+    def append(self, terms: np.ndarray) -> None:
+        """Add (K,) float64 terms after the ones already kept."""
+
+    def __len__(self) -> int:
+        """How many terms are kept."""
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) float64 terms ``start`` to ``stop`` (a fresh contiguous array)."""
+
+
+class MemoryTerms:
+    """Terms of a sum kept in memory (8 bytes each)."""
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self._parts: list[np.ndarray] = []
+        self._size = 0
+
+    def append(self, terms: np.ndarray) -> None:
+        """Add (K,) float64 terms after the ones already kept."""
+        self._parts.append(np.array(terms, dtype=np.float64).ravel())
+        self._size += self._parts[-1].size
+
+    def __len__(self) -> int:
+        """How many terms are kept."""
+        return self._size
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) float64 terms ``start`` to ``stop``."""
+        if len(self._parts) > 1:
+            self._parts = [np.concatenate(self._parts)]
+        whole = self._parts[0] if self._parts else np.zeros(0)
+        return np.array(whole[start:stop])
+
+
+#: NumPy's pairwise summation sums blocks of at most this many terms without splitting them.
+_PAIRWISE_BLOCK = 128
+
+
+def pairwise_sum(terms: Terms, leaf: int = 1 << 20) -> float:
+    """``np.sum`` of every kept term, bit for bit, reading at most ``leaf`` terms at a time.
+
+    NumPy sums a contiguous float64 array by splitting it in two halves (the first half's
+    length rounded down to a multiple of 8) until at most 128 terms remain. Following those
+    splits down to pieces of at most ``leaf`` terms and letting NumPy sum each piece gives its
+    result for the whole array without holding it (``test_pairwise_sum_is_numpys_sum``
+    checks this against the installed NumPy).
+
+    Args:
+        terms: the terms, in order.
+        leaf: the most terms read at once (at least 128).
+
+    Returns:
+        The sum as a float (0.0 without terms).
+    """
+    leaf = max(leaf, _PAIRWISE_BLOCK)
+
+    def part(start: int, stop: int) -> np.float64:
+        size = stop - start
+        if size <= leaf:
+            return np.add.reduce(terms.read(start, stop))
+        half = size // 2
+        half -= half % 8
+        return part(start, start + half) + part(start + half, stop)
+
+    return float(part(0, len(terms))) if len(terms) else 0.0
+
+
 def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     """Trapezoidal area under y(x) (x in the given order)."""
     if x.size < 2:
         return 0.0
-    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+    return float(np.sum(_trapezoid_terms(x, y)))
+
+
+def _trapezoid_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(T - 1,) trapezoid areas between consecutive points of (T,) x and y."""
+    return 0.5 * (y[1:] + y[:-1]) * np.diff(x)
 
 
 def trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -242,8 +323,12 @@ def _pro_curve_from_sorted(
     weight = np.zeros(count + 1, dtype=np.float64)
     weight[1:] = 1.0 / (sizes[1:] * count)
     pro = np.cumsum(weight[flat[sorted_pixels.order]])[sorted_pixels.ends]
-    num_normal = int(sizes[0])
-    fpr = sorted_pixels.fps / num_normal
+    return _pro_curve_from_points(pro, sorted_pixels.fps, int(sizes[0]))
+
+
+def _pro_curve_from_points(pro: np.ndarray, fps: np.ndarray, num_normal: int) -> ProCurve:
+    """The curve from the (T,) summed region fractions and false positives per threshold."""
+    fpr = fps / num_normal
     np.clip(pro, None, 1.0, out=pro)
     return ProCurve(
         fpr=np.concatenate(([0.0], fpr, [1.0])), pro=np.concatenate(([0.0], pro, [1.0]))
@@ -355,16 +440,35 @@ def _aupro_200_from_labels(
 ) -> float:
     """:func:`aupro_200` on already labelled regions (``count >= 1`` and normal pixels)."""
     a = maps
-    low, high = a.min(), a.max()
-    step = (high - low) / steps
-    if not step > 0:
+    thresholds = _aupro_200_thresholds(a.min(), a.max(), steps)
+    if thresholds is None:
         return math.nan
-    thresholds = np.arange(low, high, step)
     bins = thresholds.size + 1
     # below[p] = number of thresholds t with t < score[p]: p is positive for t_0 .. t_{below-1}.
     below = np.searchsorted(thresholds, a.ravel(), side="left")
     flat = labels.ravel().astype(np.int64)
     hist = np.bincount(flat * bins + below, minlength=(count + 1) * bins).reshape(count + 1, bins)
+    return _aupro_200_from_hist(hist, fpr_limit)
+
+
+def _aupro_200_thresholds(low: np.generic, high: np.generic, steps: int) -> np.ndarray | None:
+    """The reference's threshold grid between the maps' minimum and maximum (in their dtype).
+
+    Returns:
+        (K,) thresholds (K = ``steps``, occasionally one more), or None for constant maps.
+    """
+    step = (high - low) / steps
+    if not step > 0:
+        return None
+    return np.arange(low, high, step)
+
+
+def _aupro_200_from_hist(hist: np.ndarray, fpr_limit: float) -> float:
+    """:func:`aupro_200` from the (R + 1, K + 1) int64 histogram of thresholds below each pixel.
+
+    ``hist[r, k]``: pixels of region r (row 0: the normal pixels) with exactly k thresholds
+    below their score.
+    """
     # positives[r, k] = pixels of region r (0 = normal) with below > k, i.e. score > t_k.
     positives = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
     sizes = hist.sum(axis=1).astype(np.float64)
@@ -407,23 +511,420 @@ def pixel_metrics(
     if positives == 0 or positives == y.size:
         return {key: math.nan for key in PIXEL_KEYS}
     sorted_pixels = _sort_pixels(y, a.ravel())
-    tps, fps = sorted_pixels.tps, sorted_pixels.fps
-    tpr = np.concatenate(([0], tps)) / tps[-1]
-    fpr = np.concatenate(([0], fps)) / fps[-1]
-    auroc = _trapezoid(fpr, tpr)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
+    ranking = _ranking_metrics(sorted_pixels.tps, sorted_pixels.fps)
     labels, count = label_regions(m)
     curve = _pro_curve_from_sorted(labels, count, sorted_pixels)
     del sorted_pixels
     return {
-        "auroc": auroc,
-        "ap": ap,
-        "f1_max": _f1_max(precision, recall),
+        **ranking,
         "aupro": trapezoid_to(curve.fpr, curve.pro, pro_fpr_limit) / pro_fpr_limit,
         "aupro_200": _aupro_200_from_labels(labels, count, a, pro_fpr_limit, 200),
     }
+
+
+def _ranking_metrics(tps: np.ndarray, fps: np.ndarray) -> dict[str, float]:
+    """AUROC, AP and F1-max from the (T,) int64 cumulative counts at each distinct threshold.
+
+    Args:
+        tps: (T,) anomalous pixels with score >= each distinct score (decreasing scores).
+        fps: (T,) normal pixels with score >= each distinct score.
+
+    Returns:
+        ``{"auroc", "ap", "f1_max"}``.
+    """
+    tpr = np.concatenate(([0], tps)) / tps[-1]
+    fpr = np.concatenate(([0], fps)) / fps[-1]
+    auroc = _trapezoid(fpr, tpr)
+    del tpr, fpr
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
+    return {"auroc": auroc, "ap": ap, "f1_max": _f1_max(precision, recall)}
+
+
+class PixelMetricsStream:
+    """:func:`pixel_metrics` of a line read a block of samples at a time, with equal results.
+
+    The line's pixels are never held at once. Pass 1 (:meth:`add`, every block in sample
+    order) keeps the anomalous pixels (score and region), the region sizes, the extremes and a
+    histogram of the scores over 65,536 buckets of their bit patterns. The distinct scores are
+    then visited from the highest down in :attr:`passes_left` value passes (:meth:`add_values`
+    on every block's maps, any order, then :meth:`end_pass`), each covering consecutive
+    buckets that hold at most ``max_values`` distinct scores (one bucket of float32 scores
+    holds at most 65,536). A pass builds the exact count of pixels at each distinct score in
+    its range and extends the curves of every metric from there.
+
+    The values equal :func:`pixel_metrics` on the stacked blocks to the last bit: the curves
+    are built from the same integer counts at each distinct score, the PRO sums run over the
+    anomalous pixels in the same order (decreasing score, ties by decreasing position in the
+    stack: the stacked computation's normal pixels only add exact zeros), and every area is
+    NumPy's sum of the same trapezoids (:func:`pairwise_sum` over the terms, kept in
+    ``terms`` stores until their number is known).
+
+    Memory, independent of the number of samples N for a given defect area: 20 bytes per
+    anomalous pixel, 201 int64 per ground-truth region, the 512 KiB histogram, the block being
+    read, and per pass up to about 100 bytes per distinct score gathered while the pending
+    ones are merged (at most 2 · ``max_values`` + one block's, so O(``max_values``) for
+    float32 maps; float64 maps can put more distinct scores in one bucket); the curve points
+    are computed 262,144 scores at a time. The sums' terms, 8 bytes per distinct score for
+    the ROC and the precision-recall curves each and per distinct score up to the FPR limit
+    for the PRO curve, are in the ``terms`` stores: in memory with the default
+    :class:`MemoryTerms` (O(distinct scores)), on disk with a file-backed store.
+
+    Example::
+
+        stream = PixelMetricsStream()
+        for masks, maps in blocks():  # (B, H, W) each, in sample order
+            stream.add(masks, maps)
+        while stream.passes_left:
+            for _, maps in blocks():
+                stream.add_values(maps)
+            stream.end_pass()
+        metrics = stream.result()  # == pixel_metrics(all masks, all maps)
+    """
+
+    _BUCKET_BITS = 16
+    _SLICE = 1 << 18  # distinct scores whose curve points are computed together
+
+    def __init__(
+        self,
+        pro_fpr_limit: float = 0.3,
+        connectivity: int = 8,
+        max_values: int = 1 << 20,
+        terms: Callable[[], Terms] = MemoryTerms,
+    ) -> None:
+        """Start with no pixel.
+
+        Args:
+            pro_fpr_limit: FPR limit of both AUPRO variants.
+            connectivity: ground-truth region connectivity, 8 (as :func:`pixel_metrics`) or 4.
+            max_values: distinct scores one value pass may gather (the pass's memory).
+            terms: makes an empty store for the terms of one sum (called three times).
+
+        Raises:
+            ValueError: when ``max_values`` is below 1.
+        """
+        if max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {max_values}")
+        self.pro_fpr_limit = pro_fpr_limit
+        self.connectivity = connectivity
+        self.max_values = max_values
+        self._terms = terms
+        self._dtype: np.dtype | None = None
+        self._low: np.generic | None = None
+        self._high: np.generic | None = None
+        self._buckets = np.zeros(1 << self._BUCKET_BITS, dtype=np.int64)
+        self._scores: list[np.ndarray] = []
+        self._regions: list[np.ndarray] = []
+        self._sizes: list[np.ndarray] = []
+        self._region_count = 0
+        self._pixels = 0
+        self._passes: list[tuple[int, int]] | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    # -- pass 1 ------------------------------------------------------------------------------
+
+    def add(self, masks: np.ndarray, maps: np.ndarray) -> None:
+        """Pass 1: add the next samples, in the order of the stack they stand for.
+
+        Args:
+            masks: (B, H, W) or (H, W) bool ground truth (non-zero = anomalous).
+            maps: (B, H, W) or (H, W) float anomaly maps, the dtype of the earlier blocks.
+
+        Raises:
+            ValueError: when shapes differ, the maps are not finite or change dtype, or the
+                value passes have begun.
+        """
+        if self._passes is not None:
+            raise ValueError("pass 1 is over: the value passes have begun")
+        m, a = self._check(masks, maps)
+        low, high = a.min(), a.max()
+        self._low = low if self._low is None else min(self._low, low)
+        self._high = high if self._high is None else max(self._high, high)
+        self._buckets += np.bincount(self._bucket(a).ravel(), minlength=self._buckets.size)
+        labels, count = label_regions(m, self.connectivity)
+        flat = labels.ravel()
+        inside = np.flatnonzero(flat)
+        self._scores.append(a.ravel()[inside])
+        self._regions.append((flat[inside] + self._region_count).astype(np.int32))
+        self._sizes.append(np.bincount(flat, minlength=count + 1)[1:])
+        self._region_count += count
+        self._pixels += a.size
+
+    def _check(self, masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validated masks and maps of this stream's dtype."""
+        m, a = _check_pixels(masks, maps)
+        if self._dtype is None:
+            self._dtype = a.dtype
+        elif a.dtype != self._dtype:
+            raise ValueError(f"maps changed dtype from {self._dtype} to {a.dtype}")
+        return m, a
+
+    def _bucket(self, maps: np.ndarray) -> np.ndarray:
+        """Bucket of each score: the top bits of an order-preserving unsigned key."""
+        canonical = maps + maps.dtype.type(0)  # -0.0 becomes 0.0: one key for equal scores
+        unsigned = np.uint32 if maps.dtype.itemsize == 4 else np.uint64
+        bits = canonical.view(unsigned)
+        sign = unsigned(1) << unsigned(8 * maps.dtype.itemsize - 1)
+        key = np.where(bits & sign, ~bits, bits | sign)
+        return (key >> unsigned(8 * maps.dtype.itemsize - self._BUCKET_BITS)).astype(np.int64)
+
+    # -- value passes ------------------------------------------------------------------------
+
+    @property
+    def passes_left(self) -> int:
+        """Value passes still to make (pass 1 ends at the first call)."""
+        if self._passes is None:
+            self._begin_passes()
+        assert self._passes is not None
+        return len(self._passes)
+
+    def _degenerate(self) -> bool:
+        """No anomalous or no normal pixel: every metric is nan."""
+        positives = sum(s.size for s in self._scores)
+        return positives == 0 or positives == self._pixels
+
+    def _begin_passes(self) -> None:
+        """End pass 1: the PRO sums, the regions' 200-step histogram and the passes' ranges."""
+        self._passes = []
+        if self._degenerate():
+            return
+        scores = np.concatenate(self._scores)
+        regions = np.concatenate(self._regions)
+        self._scores, self._regions = [scores], [regions]
+        sizes = np.concatenate(self._sizes).astype(np.float64)
+        weight = np.zeros(self._region_count + 1, dtype=np.float64)
+        weight[1:] = 1.0 / (sizes * self._region_count)
+        self._running = np.cumsum(weight[regions[np.argsort(scores, kind="stable")[::-1]]])
+        self._defect_buckets = self._bucket(scores).astype(np.uint16)
+        self._normal = self._pixels - scores.size
+        self._thresholds = _aupro_200_thresholds(self._low, self._high, 200)
+        if self._thresholds is not None:
+            bins = self._thresholds.size + 1
+            below = np.searchsorted(self._thresholds, scores, side="left")
+            self._hist = np.bincount(
+                regions.astype(np.int64) * bins + below, minlength=(self._region_count + 1) * bins
+            ).reshape(self._region_count + 1, bins)
+        per_value = 1 << (8 * self._dtype.itemsize - self._BUCKET_BITS)
+        bound = np.minimum(self._buckets, per_value)
+        top = self._buckets.size - 1
+        while top >= 0:
+            if bound[top] == 0:
+                top -= 1
+                continue
+            bottom, gathered = top, 0
+            while bottom >= 0 and gathered + bound[bottom] <= self.max_values or bottom == top:
+                gathered += bound[bottom]
+                bottom -= 1
+            self._passes.append((bottom + 1, top))
+            top = bottom
+        self._curve = _StreamedCurves(
+            scores.size, self._normal, self.pro_fpr_limit, self._terms
+        )
+
+    def add_values(self, maps: np.ndarray) -> None:
+        """Add one block's maps to the current value pass (blocks in any order, each once).
+
+        Args:
+            maps: float map values of any shape: (B, H, W) maps, or their pixels flattened
+                (only the values count here, not where they are).
+
+        Raises:
+            ValueError: when no value pass is left, or the maps are not finite or of
+                another dtype than pass 1's.
+        """
+        if not self.passes_left:
+            raise ValueError("no value pass is left")
+        assert self._passes is not None
+        a = _as_scores(maps, "maps")
+        if a.dtype != self._dtype:
+            raise ValueError(f"maps changed dtype from {self._dtype} to {a.dtype}")
+        bottom, top = self._passes[0]
+        bucket = self._bucket(a)
+        values, counts = np.unique(a[(bucket >= bottom) & (bucket <= top)], return_counts=True)
+        self._pending.append((values, counts.astype(np.int64)))
+        self._pending_size += values.size
+        if self._pending_size > 2 * self.max_values:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Merge the pending distinct scores of the pass into one sorted, counted list."""
+        if not self._pending:
+            self._pending = [(np.zeros(0, dtype=self._dtype), np.zeros(0, dtype=np.int64))]
+            return
+        values = np.concatenate([v for v, _ in self._pending])
+        counts = np.concatenate([c for _, c in self._pending])
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        del order
+        starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        self._pending = [(values[starts], np.add.reduceat(counts, starts))]
+        self._pending_size = starts.size
+
+    def end_pass(self) -> None:
+        """Close the current value pass: its distinct scores extend every curve.
+
+        Raises:
+            ValueError: when no value pass is left.
+        """
+        if not self.passes_left:
+            raise ValueError("no value pass is left")
+        assert self._passes is not None
+        bottom, top = self._passes.pop(0)
+        self._compact()
+        values, counts = self._pending[0]
+        self._pending, self._pending_size = [], 0
+        scores = self._scores[0]
+        mine = (self._defect_buckets >= bottom) & (self._defect_buckets <= top)
+        defects = np.bincount(np.searchsorted(values, scores[mine]), minlength=values.size)
+        normal = counts
+        normal -= defects
+        del counts, mine
+        for stop in range(values.size, 0, -self._SLICE):  # highest scores first
+            part = slice(max(stop - self._SLICE, 0), stop)
+            if self._thresholds is not None:
+                below = np.searchsorted(self._thresholds, values[part], side="left")
+                bins = self._thresholds.size + 1
+                hist = np.bincount(below, weights=normal[part], minlength=bins)
+                self._hist[0] += hist.astype(np.int64)
+            self._curve.extend(defects[part][::-1], normal[part][::-1], self._running)
+
+    def result(self) -> dict[str, float]:
+        """The metrics of every pixel added.
+
+        Returns:
+            What :func:`pixel_metrics` returns on all blocks stacked: ``{"auroc", "ap",
+            "f1_max", "aupro", "aupro_200"}``, every value ``nan`` without anomalous or
+            without normal pixels.
+
+        Raises:
+            ValueError: while value passes are left.
+        """
+        if self.passes_left:
+            raise ValueError(f"{self.passes_left} value passes are left")
+        if self._dtype is None or self._degenerate():
+            return {key: math.nan for key in PIXEL_KEYS}
+        aupro_200 = math.nan
+        if self._thresholds is not None:
+            aupro_200 = _aupro_200_from_hist(self._hist, self.pro_fpr_limit)
+        return {**self._curve.result(), "aupro_200": aupro_200}
+
+
+class _StreamedCurves:
+    """ROC, precision-recall and PRO curves extended a run of distinct scores at a time.
+
+    The points and trapezoids are those of :func:`pixel_metrics` (same float operations on
+    the same counts); the areas are their terms' :func:`pairwise_sum`.
+    """
+
+    def __init__(
+        self, positives: int, normal: int, pro_fpr_limit: float, terms: Callable[[], Terms]
+    ) -> None:
+        self.positives = positives
+        self.normal = normal
+        self.limit = pro_fpr_limit
+        self.tps = 0
+        self.fps = 0
+        self.roc_last = (0.0, 0.0)
+        self.roc = terms()
+        self.recall_last = 0.0
+        self.ap = terms()
+        self.f1 = -math.inf
+        self.pro_last = (0.0, 0.0)
+        self.pro = terms()
+        self.pro_points = 1
+        self.pro_hits_limit = 0.0 == pro_fpr_limit
+        self.pro_after: tuple[float, float, float, float] | None = None
+        self.pro_inside = 0.0 <= pro_fpr_limit
+
+    def extend(self, defects: np.ndarray, normal: np.ndarray, running: np.ndarray) -> None:
+        """The next distinct scores, from the highest down.
+
+        Args:
+            defects: (T,) anomalous pixels at each distinct score.
+            normal: (T,) normal pixels at each.
+            running: (D,) PRO sum after each anomalous pixel, in the curve's order.
+        """
+        tps = self.tps + np.cumsum(defects)
+        fps = self.fps + np.cumsum(normal)
+        if tps.size == 0:
+            return
+        self.tps, self.fps = int(tps[-1]), int(fps[-1])
+        tpr, fpr = tps / self.positives, fps / self.normal
+        x = np.concatenate(([self.roc_last[0]], fpr))
+        y = np.concatenate(([self.roc_last[1]], tpr))
+        self.roc.append(_trapezoid_terms(x, y))
+        self.roc_last = (float(fpr[-1]), float(tpr[-1]))
+        del x, y, tpr
+        precision = tps / (tps + fps)
+        recall = tps / self.positives
+        self.ap.append(np.diff(np.concatenate(([self.recall_last], recall))) * precision)
+        self.recall_last = float(recall[-1])
+        self.f1 = max(self.f1, _f1_max(precision, recall))
+        del precision, recall
+        pro = np.zeros(tps.size, dtype=np.float64)
+        reached = tps > 0
+        pro[reached] = running[tps[reached] - 1]
+        np.clip(pro, None, 1.0, out=pro)
+        self._extend_pro(fps / self.normal, pro)
+
+    def _extend_pro(self, fpr: np.ndarray, pro: np.ndarray) -> None:
+        """PRO points up to the FPR limit, and the first one past it (interpolated there)."""
+        if self.pro_after is not None or not self.pro_inside:
+            return
+        inside = int(np.searchsorted(fpr, self.limit, side="right"))
+        x = np.concatenate(([self.pro_last[0]], fpr[:inside]))
+        y = np.concatenate(([self.pro_last[1]], pro[:inside]))
+        self.pro.append(_trapezoid_terms(x, y))
+        self.pro_points += inside
+        self.pro_hits_limit = self.pro_hits_limit or bool(np.any(fpr[:inside] == self.limit))
+        self.pro_last = (float(x[-1]), float(y[-1]))
+        if inside < fpr.size:
+            self.pro_after = (*self.pro_last, float(fpr[inside]), float(pro[inside]))
+
+    def result(self) -> dict[str, float]:
+        """AUROC, AP, F1-max and the exact AUPRO (the curve's end point added)."""
+        self._extend_pro(np.array([1.0]), np.array([1.0]))
+        area = pairwise_sum(self.pro) if self.pro_points >= 2 else 0.0
+        if self.pro_after is not None and not self.pro_hits_limit:
+            x0, y0, x1, y1 = self.pro_after
+            y_at = y0 + (y1 - y0) * (self.limit - x0) / (x1 - x0)
+            area += 0.5 * (y0 + y_at) * (self.limit - x0)
+        return {
+            "auroc": pairwise_sum(self.roc),
+            "ap": pairwise_sum(self.ap),
+            "f1_max": self.f1,
+            "aupro": area / self.limit,
+        }
+
+
+def pixel_metrics_of_blocks(
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    pro_fpr_limit: float = 0.3,
+    max_values: int = 1 << 20,
+    terms: Callable[[], Terms] = MemoryTerms,
+) -> dict[str, float]:
+    """:func:`pixel_metrics` of a line given as blocks of samples, read once per pass.
+
+    Args:
+        blocks: gives a fresh iterator over the line's ``(masks, maps)`` blocks, (B, H, W)
+            each, in sample order, on every call (once for pass 1, once per value pass).
+        pro_fpr_limit: FPR limit of both AUPRO variants.
+        max_values: distinct scores per value pass (see :class:`PixelMetricsStream`).
+        terms: makes an empty store for the terms of one sum.
+
+    Returns:
+        The values of :func:`pixel_metrics` on the stacked blocks, bit for bit.
+    """
+    stream = PixelMetricsStream(pro_fpr_limit, max_values=max_values, terms=terms)
+    for masks, maps in blocks():
+        stream.add(masks, maps)
+    while stream.passes_left:
+        for _, maps in blocks():
+            stream.add_values(maps)
+        stream.end_pass()
+    return stream.result()
 
 
 def summarize(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

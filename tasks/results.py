@@ -15,8 +15,13 @@ Written under the run's output prefix (local or ``s3://``)::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import IO
 
 import numpy as np
 from prefect import task
@@ -25,10 +30,10 @@ from musc_core.config import MuscConfig
 from musc_core.decisions import (
     predicted_masks,
 )
-from musc_core.metrics import f1_optimal_threshold
+from musc_core.metrics import PixelMetricsStream, f1_optimal_threshold
 from tasks.cache.store import FeatureCache
 from tasks.decisions import read_decided
-from tasks.evaluation.metrics import line_metrics
+from tasks.evaluation.metrics import image_line_metrics, with_pixel_metrics
 from tasks.formats.prepare import SetAside
 from tasks.planning.blocks import PoolSample
 from tasks.records.result_store import RANDOM_WEIGHTS_WARNING, ResultStore, unique_stems
@@ -43,6 +48,11 @@ from tasks.stage import TASK_OPTIONS
 
 #: Samples shown with thumbnails in the HTML report (the ranked table lists all of them).
 REPORT_THUMBNAILS = 40
+#: Map pixels the report reads per block for the pixel metrics (4 MiB of float32 maps).
+METRIC_BLOCK_PIXELS = 1 << 20
+#: Distinct map values one value pass of the pixel metrics gathers (up to about 100 bytes
+#: each while the pass merges them).
+METRIC_VALUES_PER_PASS = 1 << 20
 FLAG_RULE = (
     "A sample is flagged when its score after RsCon exceeds median + k · 1.4826 · MAD of the "
     "run's normal-looking scores after RsCon (k = {k}): the set starts as the lower half of "
@@ -126,31 +136,196 @@ def _ground_truth(cache: FeatureCache, sample: PoolSample, size: int) -> np.ndar
     return np.zeros((size, size), dtype=bool) if sample.label == 0 else None
 
 
-def _write_sample_files(
+def _blocks(
+    items: Iterable[tuple[np.ndarray | None, np.ndarray]], pixels: int
+) -> Iterator[tuple[list[np.ndarray | None], np.ndarray]]:
+    """Consecutive ``(mask, map)`` pairs grouped into blocks of about ``pixels`` map pixels.
+
+    Yields:
+        The block's masks (as given) and its (B, S, S) maps.
+    """
+    masks: list[np.ndarray | None] = []
+    maps: list[np.ndarray] = []
+    held = 0
+    for mask, anomaly_map in items:
+        masks.append(mask)
+        maps.append(anomaly_map)
+        held += anomaly_map.size
+        if held >= pixels:
+            yield masks, np.stack(maps)
+            masks, maps, held = [], [], 0
+    if maps:
+        yield masks, np.stack(maps)
+
+
+class _MapCopy:
+    """The line's maps in a local temporary file, in sample order, read back in sequence.
+
+    Reading them back costs a local file read, not a cache read and decode per sample.
+
+    Args:
+        file: an open, empty binary file; the caller closes it.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._layout: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def write(self, anomaly_map: np.ndarray) -> None:
+        """Add the next sample's map."""
+        self._layout.append((anomaly_map.shape, anomaly_map.dtype))
+        self._file.write(np.ascontiguousarray(anomaly_map).tobytes())
+
+    def maps(self) -> Iterator[np.ndarray]:
+        """Every map, in the order written, one at a time."""
+        self._file.seek(0)
+        for shape, dtype in self._layout:
+            size = int(np.prod(shape)) * dtype.itemsize
+            yield np.frombuffer(self._file.read(size), dtype=dtype).reshape(shape)
+
+    def pixels(self, count: int) -> Iterator[np.ndarray]:
+        """Every map pixel, in order, about ``count`` at a time (maps of one dtype)."""
+        maps: list[np.ndarray] = []
+        held = 0
+        for anomaly_map in self.maps():
+            maps.append(anomaly_map.ravel())
+            held += anomaly_map.size
+            if held >= count:
+                yield np.concatenate(maps)
+                maps, held = [], 0
+        if maps:
+            yield np.concatenate(maps)
+
+
+def _write_maps(
     store: ResultStore,
     cache: FeatureCache,
     tonight: list[PoolSample],
     stems: list[str],
-    maps: np.ndarray,
+    keys: list[str],
+    size: int,
+    copy: _MapCopy,
+    terms: Callable[[], _FileTerms] | None,
+) -> tuple[tuple[float, float], dict[str, float] | None]:
+    """Every sample's map (.npy), the line's colour scale and its pixel metrics.
+
+    Memory does not grow with the line: maps and masks are read a block of
+    :data:`METRIC_BLOCK_PIXELS` map pixels at a time. The pass over the cache writes the
+    maps, takes the scale, feeds pass 1 of :class:`musc_core.metrics.PixelMetricsStream` and
+    copies the maps to ``copy`` (4 bytes per float32 pixel on local disk); the value passes
+    of the metrics read that copy back a block at a time, each gathering up to
+    :data:`METRIC_VALUES_PER_PASS` distinct map values (about 40 passes for 10,000 maps of
+    64 px with nearly all values distinct). The terms of the metrics' sums go to temporary
+    files (``terms``; 8 bytes per distinct map value for AUROC and AP each, fewer for
+    AUPRO), so that the sums are NumPy's over the whole curves, as in
+    :func:`musc_core.metrics.pixel_metrics`.
+
+    Args:
+        store: the run's result files.
+        cache: the feature cache.
+        tonight: the batch's samples.
+        stems: their file stems.
+        keys: their reduced-entry keys.
+        size: image side S (for the all-normal ground truth of a normal sample without mask).
+        copy: where the maps are copied, for the metrics' passes and the overlays.
+        terms: makes a file store for the terms of a sum; None: no pixel metrics (samples
+            without labels).
+
+    Returns:
+        ``(low, high)``, the minimum and maximum over every map, and the pixel metrics, or
+        None when not asked for, when a sample has no ground truth or none has a defect pixel.
+    """
+    stream = None
+    if terms is not None:
+        stream = PixelMetricsStream(max_values=METRIC_VALUES_PER_PASS, terms=terms)
+    defective = False
+    low, high = math.inf, -math.inf
+
+    def first_pass() -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
+        nonlocal low, high, defective, stream
+        for sample, stem, key in zip(tonight, stems, keys, strict=True):
+            anomaly_map = cache.read_array(key, "map")
+            store.write_npy(f"maps/{stem}.npy", anomaly_map.astype(np.float32))
+            copy.write(anomaly_map)
+            low = min(low, float(anomaly_map.min()))
+            high = max(high, float(anomaly_map.max()))
+            mask = _ground_truth(cache, sample, size) if stream is not None else None
+            if mask is None:
+                stream = None
+            else:
+                defective = defective or bool(mask.any())
+            yield mask, anomaly_map
+
+    for masks, maps in _blocks(first_pass(), METRIC_BLOCK_PIXELS):
+        if stream is not None:
+            stream.add(np.stack(masks), maps)
+    if stream is None or not defective:
+        return (low, high), None
+    while stream.passes_left:
+        for pixels in copy.pixels(METRIC_BLOCK_PIXELS):
+            stream.add_values(pixels)
+        stream.end_pass()
+    return (low, high), stream.result()
+
+
+class _FileTerms:
+    """The terms of one sum of the pixel metrics in a temporary file (8 bytes each).
+
+    Args:
+        file: an open, empty binary file; the caller closes it.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._size = 0
+
+    def append(self, terms: np.ndarray) -> None:
+        """Add (K,) float64 terms at the end of the file."""
+        self._file.seek(0, io.SEEK_END)
+        self._file.write(np.ascontiguousarray(terms, dtype=np.float64).tobytes())
+        self._size += int(np.size(terms))
+
+    def __len__(self) -> int:
+        """How many terms are kept."""
+        return self._size
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) float64 terms ``start`` to ``stop``, read from the file."""
+        self._file.seek(start * 8)
+        return np.frombuffer(self._file.read((stop - start) * 8), dtype=np.float64).copy()
+
+
+def _write_overlays(
+    store: ResultStore,
+    cache: FeatureCache,
+    tonight: list[PoolSample],
+    stems: list[str],
+    copy: _MapCopy,
+    scale: tuple[float, float],
 ) -> None:
-    """Map (.npy) and overlay (.png, one colour scale for the line) of every sample.
+    """Every sample's overlay (.png, one colour scale for the line), one sample at a time.
 
     The overlay is the report's: the inferno heat map blended over the image, more opaque
     where the map is higher (:func:`tasks.reporting.colormap.blend_heat`); the bare heat map for
-    3D-only lines. Images are read one at a time, so memory does not grow with the line
-    beyond the maps.
+    3D-only lines. Each map and image is read, drawn and written before the next one.
+
+    Args:
+        store: the run's result files.
+        cache: the feature cache (the images).
+        tonight: the batch's samples.
+        stems: their file stems.
+        copy: the maps, in sample order (:func:`_write_maps`).
+        scale: ``(low, high)`` of every map of the line (:func:`_write_maps`).
     """
-    low, high = float(maps.min()), float(maps.max())
-    scale = (high - low) or 1.0
-    for index, (sample, stem) in enumerate(zip(tonight, stems, strict=True)):
-        store.write_npy(f"maps/{stem}.npy", maps[index].astype(np.float32))
+    low, high = scale
+    spread = (high - low) or 1.0
+    for sample, stem, anomaly_map in zip(tonight, stems, copy.maps(), strict=True):
+        heat = (anomaly_map - low) / spread
         image = _prepared_array(cache, sample.keys.prepared.image, "image")
-        heat = (maps[index] - low) / scale
         base = None
         if image is not None:
             base = (np.clip(np.transpose(image, (1, 2, 0)), 0, 1) * 255).round().astype(np.uint8)
-        picture = blend_heat(base, heat)
-        store.write_png(f"overlays/{stem}.png", picture)
+        store.write_png(f"overlays/{stem}.png", blend_heat(base, heat))
 
 
 def _ranked_rows(
@@ -213,8 +388,9 @@ def report_line(
 ) -> LineResult:
     """Metrics and the result files of tonight's samples, from their maps and decisions.
 
-    Memory: the maps and masks of tonight's samples (needed for the pixel metrics and the
-    line's colour scale); images are streamed.
+    Memory does not grow with the number of samples: maps, masks and images are read a
+    sample or a block at a time (:func:`_write_maps`, :func:`_write_overlays`); the report's
+    pictures read the maps of its :data:`REPORT_THUMBNAILS` pictured samples only.
 
     Args:
         info: the run's identity and settings.
@@ -240,12 +416,23 @@ def report_line(
     tonight = pool[:current]
     before, after = decided.before[:current], decided.after[:current]
     pixel_cut = decided.pixel_threshold
-    maps = np.stack([cache.read_array(key, "map") for key in reduced[:current]])
-    masks = [_ground_truth(cache, s, config.image_size) for s in tonight]
+    keys = reduced[:current]
     labels = [s.label for s in tonight]
-    metrics = None if against_bank else line_metrics(labels, before, after, masks, maps)
+    metrics = None if against_bank else image_line_metrics(labels, before, after)
     stems = unique_stems([s.name for s in tonight])
-    _write_sample_files(store, cache, tonight, stems, maps)
+    with contextlib.ExitStack() as files:
+
+        def temporary() -> IO[bytes]:
+            return files.enter_context(tempfile.TemporaryFile(prefix="musc-report-"))
+
+        copy = _MapCopy(temporary())
+        terms = (lambda: _FileTerms(temporary())) if metrics is not None else None
+        scale, pixel = _write_maps(
+            store, cache, tonight, stems, keys, config.image_size, copy, terms
+        )
+        if metrics is not None:
+            metrics = with_pixel_metrics(metrics, pixel)
+        _write_overlays(store, cache, tonight, stems, copy, scale)
     outputs = {"maps": store.location("maps"), "overlays": store.location("overlays")}
     rows = _ranked_rows(tonight, stems, before, after, decided.flags, info.random_weights)
     warning = RANDOM_WEIGHTS_WARNING if info.random_weights else ""
@@ -275,20 +462,24 @@ def report_line(
             label=sample.label,
             defect_type=sample.defect_type,
             image=None,
-            anomaly_map=maps[i],
-            predicted_mask=predicted_masks(maps[i], pixel_cut),
-            gt_mask=masks[i],
+            anomaly_map=None,
+            predicted_mask=None,
+            gt_mask=None,
             depth=None,
             verdict=verdicts.get(sample.name),
         )
         for i, sample in enumerate(tonight)
     ]
-    for i in rank_samples(samples)[:REPORT_THUMBNAILS]:  # pictures for the shown ones only
-        keys = tonight[i].keys.prepared
+    for i in rank_samples(samples)[:REPORT_THUMBNAILS]:  # maps and pictures of the shown ones
+        prepared = tonight[i].keys.prepared
+        anomaly_map = cache.read_array(keys[i], "map")
         samples[i] = replace(
             samples[i],
-            image=_rgb(_prepared_array(cache, keys.image, "image")),
-            depth=_depth(_prepared_array(cache, keys.points, "xyz")),
+            image=_rgb(_prepared_array(cache, prepared.image, "image")),
+            anomaly_map=anomaly_map,
+            predicted_mask=predicted_masks(anomaly_map, pixel_cut),
+            gt_mask=_ground_truth(cache, tonight[i], config.image_size),
+            depth=_depth(_prepared_array(cache, prepared.points, "xyz")),
         )
     report = ReportData(
         line=info.line,
@@ -310,6 +501,7 @@ def report_line(
         set_aside=[(a.name, a.path, a.problem) for a in set_aside],
         timings=dict(extra.timings),
         config={**config.as_dict(), **info.settings},
+        map_range=scale,
     )
     outputs["report"] = store.write_text(
         "report.html", render_report(report, max_samples=REPORT_THUMBNAILS)

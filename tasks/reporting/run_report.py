@@ -101,8 +101,9 @@ class ReportSample:
         label: 1 anomalous, 0 normal, None without ground truth.
         defect_type: the dataset's defect class (e.g. ``"crack"``), None when unknown.
         image: (S, S, 3) uint8 RGB, None for 3D-only lines.
-        anomaly_map: (S, S) float32 anomaly map.
-        predicted_mask: (S, S) bool, pixels above the pixel threshold.
+        anomaly_map: (S, S) float32 anomaly map, or None for a sample listed without
+            pictures (the report then needs :attr:`ReportData.map_range`).
+        predicted_mask: (S, S) bool, pixels above the pixel threshold (None without a map).
         gt_mask: (S, S) bool ground truth, or None.
         depth: (S, S) float32 z of the organized point cloud (0 = no point), or None.
         verdict: an operator's verdict (``ok`` or ``defect``), or None.
@@ -115,14 +116,20 @@ class ReportSample:
     label: int | None
     defect_type: str | None
     image: np.ndarray | None
-    anomaly_map: np.ndarray
-    predicted_mask: np.ndarray
+    anomaly_map: np.ndarray | None
+    predicted_mask: np.ndarray | None
     gt_mask: np.ndarray | None
     depth: np.ndarray | None
     verdict: str | None = None
 
     def __post_init__(self) -> None:
-        """Reject arrays whose shapes do not fit the (S, S) anomaly map."""
+        """Reject arrays whose shapes do not fit the (S, S) anomaly map, or pictures without one."""
+        if self.anomaly_map is None:
+            pictured = ("image", "predicted_mask", "gt_mask", "depth")
+            given = [name for name in pictured if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{self.name!r}: {', '.join(given)} given without anomaly_map")
+            return
         side = np.shape(self.anomaly_map)
         if len(side) != 2 or side[0] != side[1]:
             raise ValueError(f"{self.name!r}: anomaly_map must be (S, S), got {side}")
@@ -160,6 +167,8 @@ class ReportData:
         drift_note: the drift warning (tonight's scores moved from the bank's), or None.
         history: the line's history page (linked from the header): a location (local path
             or URL) or a link relative to the report (``../history.html``), or None.
+        map_range: the line's colour scale, the minimum and maximum over every map; None to
+            take it from the samples' maps (then every sample needs one).
     """
 
     line: str
@@ -181,6 +190,7 @@ class ReportData:
     flag_note: str | None = None
     drift_note: str | None = None
     history: str | None = None
+    map_range: tuple[float, float] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,6 +333,8 @@ def sample_panels(
     Returns:
         ``(caption, (t, t, 3) uint8)`` per panel, t = min(S, side).
     """
+    if sample.anomaly_map is None:
+        raise ValueError(f"{sample.name!r} has no anomaly map to draw")
     t = min(sample.anomaly_map.shape[0], side)
     heat = np.clip((_resize_float(sample.anomaly_map, t) - low) / ((high - low) or 1.0), 0, 1)
     predicted = _resize_mask(sample.predicted_mask, t)
@@ -866,14 +878,20 @@ def _config_section(data: ReportData) -> str:
     )
 
 
-def _map_range(samples: Sequence[ReportSample]) -> tuple[float, float]:
-    """Minimum and maximum over every map of the line: the one shared colour scale."""
-    if not samples:
+def _map_range(data: ReportData) -> tuple[float, float]:
+    """Minimum and maximum over every map of the line: the one shared colour scale.
+
+    Raises:
+        ValueError: without :attr:`ReportData.map_range` when a sample has no map.
+    """
+    if data.map_range is not None:
+        return float(data.map_range[0]), float(data.map_range[1])
+    maps = [s.anomaly_map for s in data.samples]
+    if any(m is None for m in maps):
+        raise ValueError("samples without an anomaly map need the report's map_range")
+    if not maps:
         return 0.0, 1.0
-    return (
-        float(min(np.min(s.anomaly_map) for s in samples)),
-        float(max(np.max(s.anomaly_map) for s in samples)),
-    )
+    return float(min(np.min(m) for m in maps)), float(max(np.max(m) for m in maps))
 
 
 # ------------------------------------------------------------------------------------------
@@ -891,14 +909,19 @@ def render_report(data: ReportData, max_samples: int = 40) -> str:
         The HTML document as a string.
 
     Raises:
-        ValueError: when ``max_samples`` is negative or the line has no sample.
+        ValueError: when ``max_samples`` is negative, the line has no sample, or a sample
+            shown with pictures (the first ``max_samples`` of the ranking) has no map.
     """
     if max_samples < 0:
         raise ValueError(f"max_samples must be >= 0, got {max_samples}")
     if not data.samples:
         raise ValueError("a report needs at least one scored sample")
-    low, high = _map_range(data.samples)
+    low, high = _map_range(data)
     order = rank_samples(data.samples)
+    unmapped = [data.samples[i].name for i in order[:max_samples]
+                if data.samples[i].anomaly_map is None]
+    if unmapped:
+        raise ValueError(f"samples shown with pictures need their anomaly map: {unmapped}")
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     body = "".join(
         [

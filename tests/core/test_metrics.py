@@ -8,10 +8,14 @@ import pytest
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from musc_core.metrics import (
+    MemoryTerms,
+    PixelMetricsStream,
     aupro,
     aupro_200,
     image_metrics,
+    pairwise_sum,
     pixel_metrics,
+    pixel_metrics_of_blocks,
     pro_curve,
     summarize,
     trapezoid_to,
@@ -268,6 +272,120 @@ def test_perfect_maps_score_one():
     assert got["ap"] == pytest.approx(1.0)
     assert got["f1_max"] == pytest.approx(1.0)
     assert got["aupro"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# NumPy's sum piece by piece, and pixel metrics a block at a time
+
+
+@pytest.mark.parametrize("leaf", [128, 300, 4096])
+def test_pairwise_sum_is_numpys_sum(leaf):
+    rng = np.random.default_rng(3)
+    for size in [*range(0, 300, 7), 1000, 4097, 65_537, 300_001]:
+        values = rng.random(size) * np.exp(rng.standard_normal(size) * 6)
+        terms = MemoryTerms()
+        for part in np.array_split(values, 5):
+            terms.append(part)
+        assert len(terms) == size
+        assert pairwise_sum(terms, leaf=leaf) == float(np.sum(values)), size
+
+
+def streamed(masks, maps, sizes, max_values):
+    """pixel_metrics_of_blocks over consecutive blocks of the given sizes."""
+    edges = np.cumsum([0, *sizes])
+    assert edges[-1] == len(maps)
+
+    def blocks():
+        return ((masks[a:b], maps[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True))
+
+    return pixel_metrics_of_blocks(blocks, max_values=max_values)
+
+
+@pytest.mark.parametrize(
+    "seed,levels,sizes",
+    [(0, None, [1, 1, 1, 1, 1]), (1, 5, [2, 3]), (2, 9, [4, 1]), (5, 3, [1, 3, 1]), (6, 2, [5])],
+)
+@pytest.mark.parametrize("max_values", [1, 40, 1 << 23])
+def test_streamed_pixel_metrics_equal_the_stacked_ones_to_the_last_bit(
+    seed, levels, sizes, max_values
+):
+    # Coarse levels make many ties between normal and anomalous pixels and across blocks;
+    # max_values=1 gives one value pass per occupied bucket of scores.
+    masks, maps = random_pixels(seed, levels=levels)
+    got = streamed(masks, maps, sizes, max_values)
+    expected = pixel_metrics(masks, maps)
+    assert got == expected  # exact equality, every key (no nan: both classes are present)
+    y, s = masks.ravel(), maps.ravel()
+    assert got["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-10)
+    assert got["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-10)
+    assert got["f1_max"] == pytest.approx(brute_f1_max(y, s), abs=1e-10)
+    assert got["aupro"] == pytest.approx(brute_aupro(masks, maps.astype(np.float64)), abs=1e-9)
+    assert got["aupro_200"] == pytest.approx(brute_aupro_200(masks, maps), abs=1e-9)
+
+
+def test_streamed_pixel_metrics_make_several_value_passes_and_read_every_block_each_time(
+    monkeypatch,
+):
+    monkeypatch.setattr(PixelMetricsStream, "_SLICE", 4)  # curve points 4 scores at a time
+    masks, maps = random_pixels(4)
+    stream = PixelMetricsStream(max_values=30)
+    for i in range(len(maps)):
+        stream.add(masks[i], maps[i])
+    passes = stream.passes_left
+    assert passes >= 5
+    with pytest.raises(ValueError, match="pass 1 is over"):
+        stream.add(masks[0], maps[0])
+    with pytest.raises(ValueError, match="value passes are left"):
+        stream.result()
+    for _ in range(passes):
+        for i in reversed(range(len(maps))):  # any order within a pass
+            stream.add_values(maps[i])
+        stream.end_pass()
+    assert stream.result() == pixel_metrics(masks, maps)
+    with pytest.raises(ValueError, match="no value pass"):
+        stream.add_values(maps[0])
+
+
+def test_streamed_pixel_metrics_on_regions_at_sample_borders_signed_zeros_and_float64():
+    # Defects touching the first and last rows of consecutive samples: regions must not join
+    # across samples, whether the samples share a block or not; -0.0 and 0.0 are one score.
+    rng = np.random.default_rng(11)
+    masks = np.zeros((12, 8, 8), dtype=bool)
+    masks[1:, -2:, 2:5] = True
+    masks[1:, :2, 3:6] = True
+    masks[3, 4, 4] = True
+    maps = np.round(rng.standard_normal(masks.shape) * 3) / 6 + 0.3 * masks
+    maps[maps == 0] = -0.0
+    maps[0, 0, :4] = 0.0
+    expected = pixel_metrics(masks, maps)
+    for sizes in ([12], [1] * 12, [5, 7], [3, 3, 3, 3]):
+        for max_values in (1, 1 << 23):
+            assert streamed(masks, maps, sizes, max_values) == expected
+    assert expected["aupro"] == pytest.approx(brute_aupro(masks, maps), abs=1e-9)
+
+
+def test_streamed_pixel_metrics_degenerate_cases_match_the_stacked_ones():
+    masks, maps = random_pixels(3)
+    none = np.zeros_like(masks)
+    assert all(math.isnan(v) for v in streamed(none, maps, [2, 3], 5).values())
+    assert all(math.isnan(v) for v in streamed(~none, maps, [2, 3], 5).values())
+    assert all(math.isnan(v) for v in PixelMetricsStream().result().values())
+    constant = np.ones(masks.shape, dtype=np.float32)
+    got, expected = streamed(masks, constant, [1, 4], 5), pixel_metrics(masks, constant)
+    assert math.isnan(got.pop("aupro_200")) and math.isnan(expected.pop("aupro_200"))
+    assert got == expected and got["auroc"] == 0.5
+
+
+def test_streamed_pixel_metrics_refuse_blocks_of_another_dtype_or_shape():
+    masks, maps = random_pixels(0)
+    stream = PixelMetricsStream()
+    stream.add(masks[:2], maps[:2])
+    with pytest.raises(ValueError, match="dtype"):
+        stream.add(masks[2:], maps[2:].astype(np.float64))
+    with pytest.raises(ValueError, match="shape"):
+        stream.add(masks[2:], maps[2:, :, :5])
+    with pytest.raises(ValueError, match="max_values"):
+        PixelMetricsStream(max_values=0)
 
 
 # ------------------------------------------------------------------------------------------

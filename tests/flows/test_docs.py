@@ -40,6 +40,8 @@ BENCHMARK_OPTIONS = {
     "--before": "benchmarks/bench_cli.py",
     "--n": "benchmarks/bench_cli.py",
     "--runs": "benchmarks/bench_cli.py",
+    "--compare": "benchmarks/bench_report.py",
+    "--values-per-pass": "benchmarks/bench_report.py",
 }
 #: Options the docs name for Prefect's CLI (the deployment steps), with their command.
 PREFECT_OPTIONS = {
