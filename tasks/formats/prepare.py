@@ -206,6 +206,9 @@ def _read_points(
         raise ValueError(f"{record.xyz_path}: XYZ map holds NaN or infinite coordinates")
     if not foreground_mask(xyz).any():
         raise ValueError(f"{record.xyz_path}: XYZ map has no valid point (all zeros)")
+    # Before any cleaning: a step could otherwise drop the points that overflow with the rest
+    # of a part, and a broken scan would be scored as what is left of it.
+    _check_normalizable(xyz, record.xyz_path)
     _size_check(xyz, rgb, record.xyz_path)
     if fmt != "mvtec3d":
         return _Points(xyz, rgb, mask, None, shape)
@@ -240,13 +243,13 @@ def cleaning_hint(info: PrepInfo) -> str:
     )
 
 
-def _check_normalizable(resized: np.ndarray, path: str | None) -> None:
+def _check_normalizable(xyz: np.ndarray, path: str | None) -> None:
     """The foreground points must survive unit-sphere normalization with finite values.
 
     Coordinates near the float32 range overflow there (and would break the grouping of the
     whole block later), so they are refused here, per sample.
     """
-    points, _ = organized_to_points(resized)
+    points, _ = organized_to_points(xyz)
     if not bool(torch.isfinite(normalize_unit_sphere(points)).all()):
         raise ValueError(
             f"{path}: XYZ coordinates are too large to normalize (overflow); check the units"
