@@ -61,6 +61,13 @@ def nothing_starts(monkeypatch):
     monkeypatch.setattr(cli, "with_flow_progress", refuse)
 
 
+def _in_process(args, run, modules=(), first=None):
+    """``with_flow_progress`` without a server: the command's first work, then its flows."""
+    if first is not None:
+        first()
+    return run()
+
+
 def _free_closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -287,7 +294,7 @@ def test_the_batch_is_looked_up_on_the_line_the_run_records(
     _recorded(tmp_path / "store", "line-7", "n1")
     assert _score(two_lines, tmp_path, "--batch", "n1", "--line", "line-7") == 2
     assert "line 'line-7' has a batch 'n1'" in _error_lines(capsys.readouterr().err)[0]
-    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): [])
+    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(), first=None: [])
     assert _score(two_lines, tmp_path, "--batch", "n1") == 0  # line 'a' has no batch n1
 
 
@@ -349,7 +356,7 @@ def test_runs_started_in_one_second_get_distinct_batches_sorted_by_start(
         return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
-    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
+    monkeypatch.setattr(cli, "with_flow_progress", _in_process)
     started = datetime.now(timezone.utc)
     for _ in range(3):
         assert _score(two_lines, tmp_path) == 0
@@ -449,7 +456,7 @@ def test_a_failed_line_keeps_the_scored_ones_in_run_json_and_sets_the_status(
         return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
-    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
+    monkeypatch.setattr(cli, "with_flow_progress", _in_process)
     code = _score(two_lines, tmp_path, "--category", "all")
     captured = capsys.readouterr()
     assert code == status
@@ -471,7 +478,7 @@ def test_a_line_not_scored_is_status_4(two_lines, tmp_path, capsys, monkeypatch)
         return _fake_summary(data.category, run.out)
 
     monkeypatch.setattr(flows.score_line, "score_line", score_line)
-    monkeypatch.setattr(cli, "with_flow_progress", lambda args, run, modules=(): run())
+    monkeypatch.setattr(cli, "with_flow_progress", _in_process)
     assert _score(two_lines, tmp_path, "--category", "all") == 4
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["lines"][1]["error"] and run["lines"][0]["scored"] == 2
