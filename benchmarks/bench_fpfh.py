@@ -70,14 +70,18 @@ class MemoFpfh(FpfhFeatureExtractor):
         self._memo: dict[str, list[torch.Tensor]] = {}
 
     def extract_many(
-        self, points: Sequence[torch.Tensor], groupings: Sequence[Grouping], layers: Sequence[int]
+        self,
+        points: Sequence[torch.Tensor],
+        groupings: Sequence[Grouping],
+        layers: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> list[torch.Tensor]:
-        """As the parent's, computing only samples not seen with the same grouping."""
+        """As the parent's (FPFH has no dtype), computing only samples not seen before."""
         per_sample = []
         for p, g in zip(points, groupings, strict=True):
             digest = hashlib.sha1(p.numpy().tobytes() + g.members.numpy().tobytes()).hexdigest()
             if digest not in self._memo:
-                self._memo[digest] = super().extract_many([p], [g], layers)
+                self._memo[digest] = super().extract_many([p], [g], layers, dtype)
             per_sample.append(self._memo[digest])
         return [torch.cat([s[j] for s in per_sample]) for j in range(len(layers))]
 
