@@ -38,6 +38,8 @@ BENCHMARK_OPTIONS = {
     "--plan-keys-max": "benchmarks/bench_scale.py",
     "--draws": "benchmarks/bench_references.py",
     "--before": "benchmarks/bench_cli.py",
+    "--lines": "benchmarks/bench_fpfh.py",
+    "--reps": "benchmarks/bench_flags.py",
     "--n": "benchmarks/bench_cli.py",
     "--runs": "benchmarks/bench_cli.py",
     "--compare": "benchmarks/bench_report.py",
