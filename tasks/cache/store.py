@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from infra.storage import (
+    full_names,
     is_transient,
     is_unreachable,
     open_async_filesystem,
@@ -220,8 +221,12 @@ class FeatureCache:
         path = self._record_path(key)
         if self.protocol == "file":
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            self._retry(lambda: self.fs.pipe_file(tmp, payload), "write record")
-            self.fs.mv(tmp, path)  # rename: atomic on one local filesystem
+            try:
+                self._retry(lambda: self.fs.pipe_file(tmp, payload), "write record")
+                self.fs.mv(tmp, path)  # rename: atomic on one local filesystem
+            except BaseException:
+                self._rm(tmp)  # a record cut short (no space left) is never left behind
+                raise
         else:
             # A single PUT is atomic on S3: readers see the old object, or the whole new one.
             self._retry(lambda: self.fs.pipe_file(path, payload), "write record")
@@ -274,6 +279,10 @@ class FeatureCache:
 
         Returns:
             True if this call committed the entry, False if a complete entry already existed.
+
+        Raises:
+            StorageFull: the storage has no space left; nothing of this write is left
+                behind (the entry is as it was before the call).
         """
         meta = dict(meta or {})
         json.dumps(meta)  # fail early on non-JSON metadata, before writing anything
@@ -289,6 +298,19 @@ class FeatureCache:
         if old is not None and not overwrite:
             return False
 
+        with full_names(self.url, "a cache entry"):
+            return self._write_entry(key, prepared, meta, old, overwrite, chunk_rows)
+
+    def _write_entry(
+        self,
+        key: str,
+        prepared: dict[str, np.ndarray],
+        meta: dict,
+        old: dict | None,
+        overwrite: bool,
+        chunk_rows: int | None,
+    ) -> bool:
+        """:meth:`write` once the arguments are checked: data, record, old data removed."""
         token = f"d-{uuid.uuid4().hex}"
         data_path = f"{self.entry_path(key)}/{token}"
         entries: dict[str, dict] = {}
