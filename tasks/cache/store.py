@@ -24,6 +24,7 @@ there) and a write-to-temporary-then-rename locally. Hence:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -119,6 +120,30 @@ def _chunk_hashes(array: np.ndarray, rows: int) -> list[str]:
     if array.ndim == 0:
         return [_sha256(array)]
     return [_sha256(array[i : i + rows]) for i in range(0, array.shape[0], rows)]
+
+
+#: Seconds a failed array write waits for the chunk writes it started alongside.
+SETTLE_SECONDS = 5.0
+
+
+def _settle(timeout: float = SETTLE_SECONDS) -> None:
+    """Wait (up to ``timeout`` s) for the work in flight in Zarr's event loop to end.
+
+    Zarr writes an array's chunks concurrently and, when one write fails (no space left),
+    raises at once while the others still run: one of them could create its chunk file
+    after the caller removed the entry's data prefix, leaving an orphan on a full disk.
+    """
+    from zarr.core.sync import sync
+
+    async def drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(drain())
+    except Exception:  # waiting is best effort: the prefix is unreferenced anyway
+        pass
 
 
 class FeatureCache:
@@ -358,7 +383,11 @@ class FeatureCache:
                 zarr_format=3,
                 overwrite=True,
             )
-            z[...] = array
+            try:
+                z[...] = array
+            except BaseException:
+                _settle()  # the failed chunk's siblings may still be writing: let them end
+                raise
 
         self._retry(write, f"write array {path.rsplit('/', 1)[-1]}")
         return {
