@@ -400,11 +400,12 @@ def test_sigterm_stops_the_command_and_its_own_prefect_server(line, tmp_path):
 def test_a_storage_that_fills_up_fails_with_one_line_and_a_rerun_after_freeing_space_completes(
     line, undisturbed, tmp_path, capsys, when, share, chaos_record
 ):
-    """``--storage`` (and ``--out`` below it) on a small filesystem that another file has
-    filled up to a share of what the run needs: the run stops with one ``musc: error`` line
-    naming the storage and saying it is full (status 1); every entry it left is complete and
-    verified, and nothing else is left; once the other file is deleted the same command
-    completes, reuses those entries and gives the undisturbed run's results, bit for bit."""
+    """``--storage`` and ``--out`` on a small filesystem that another file has filled up to
+    a share of what the run needs: the run stops with one ``musc: error`` line naming the
+    storage and saying it is full (status 1), no sample set aside; every entry it left is
+    complete and verified, and nothing else is left; once the other file is deleted the same
+    command completes, reuses those entries and gives the undisturbed run's results, bit for
+    bit."""
     from flows.cli import main
 
     needed = used_bytes(Path(undisturbed["out"]).parents[2])  # <store>/results/<line>/<batch>
@@ -414,13 +415,15 @@ def test_a_storage_that_fills_up_fails_with_one_line_and_a_rerun_after_freeing_s
         argv = ["score", str(line), "--out", str(out), "--storage", str(store),
                 *cli_args("b1", FAULT["shard_size"])]
         status = main(argv)
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.err
         errors = [x for x in err.splitlines() if x.startswith("musc: error")]
         assert status == 1, err
         assert len(errors) == 1, err
         assert f"the storage {store} (--storage) is full: no space left" in errors[0], err
         assert "free space there" in errors[0] and "re-run" in errors[0], err
-        assert "Traceback" not in err and "set aside" not in err, err
+        assert "Traceback" not in err, err
+        assert "set aside" not in captured.out + err, "no sample is set aside for the storage"
         stored = complete_entries(store / "cache")
         assert stored, f"the storage filled up {when}, after some entries were stored"
         assert len(stored) < len(complete_entries(Path(undisturbed["out"]).parents[2] / "cache"))
