@@ -66,6 +66,7 @@ from tasks.choices import (
 )
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 #: Exit statuses (docs/operations.md, "Exit status").
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -941,9 +942,6 @@ def full_storage_message(error: BaseException, args: argparse.Namespace) -> str:
                 fix = f"point --{option} at a larger one"
     return (f"{named} is full: no space left on the device{what}; free space there or {fix}, "
             "and re-run: what was stored is reused")
-
-
-E = TypeVar("E", bound=BaseException)
 
 
 def _cause(error: BaseException, kind: type[E]) -> E | None:
