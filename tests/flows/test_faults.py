@@ -441,8 +441,8 @@ def test_a_storage_that_fills_up_fails_with_one_line_and_a_rerun_after_freeing_s
         reused = kind_counts(stored)
         for kind, count in work.items():
             assert count["cached"] == reused.get(kind, 0), kind
-    chaos_record(kind="fault", what=f"the storage fills up {when} (a small filesystem), then "
-                 "space is freed and the command re-run",
+    chaos_record(kind="fault", what=f"the storage fills up {when} (a small tmpfs); space "
+                 "freed, same command re-run",
                  outcome=f"exit 1, one line; re-run completed, reused {len(stored)} entries",
                  injected=1, runs=2, completed=1, samples=8, lost=lost,
                  free_bytes=free, needed_bytes=needed)
