@@ -66,6 +66,7 @@ from tasks.choices import (
 )
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 #: Exit statuses (docs/operations.md, "Exit status").
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -385,7 +386,7 @@ DEMO_DEFAULTS = {"weights_2d": "random", "weights_3d": "random", "storage": None
 
 EXIT_HELP = f"""exit status:
   {EXIT_OK}    every line scored
-  {EXIT_INTERNAL}    internal error (a bug, or storage lost mid-run)
+  {EXIT_INTERNAL}    internal error (a bug, or storage lost or full mid-run)
   {EXIT_USAGE}    usage or configuration error (nothing was started), or the batch was
        recorded by another run meanwhile (its record is kept)
   {EXIT_SET_ASIDE}    a sample was set aside and --fail-on-set-aside was given
@@ -672,13 +673,6 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
         print(f"\n{RANDOM_WEIGHTS_WARNING}\n")
     for summary in lines:
         print_line(summary)
-    store = ResultStore(out)
-    per_category = {s["line"]: s["metrics"] for s in lines if s.get("metrics")}
-    if per_category:
-        payload: dict[str, object] = {"categories": summarize(per_category)}
-        if random_weights:
-            payload["warning"] = RANDOM_WEIGHTS_WARNING
-        print(f"metrics (per category and mean): {store.write_json('metrics.json', payload)}")
     run = {
         "warning": RANDOM_WEIGHTS_WARNING if random_weights else None,
         "random_weights": random_weights,
@@ -688,7 +682,19 @@ def _run_score(args: argparse.Namespace, data: str, fmt: str, out: str) -> int:
         "lines": lines,
         "not_run": categories[len(lines):],
     }
-    print(f"run summary: {store.write_json('run.json', run)}", flush=True)
+    try:
+        store = ResultStore(out)
+        per_category = {s["line"]: s["metrics"] for s in lines if s.get("metrics")}
+        if per_category:
+            payload: dict[str, object] = {"categories": summarize(per_category)}
+            if random_weights:
+                payload["warning"] = RANDOM_WEIGHTS_WARNING
+            print(f"metrics (per category and mean): {store.write_json('metrics.json', payload)}")
+        print(f"run summary: {store.write_json('run.json', run)}", flush=True)
+    except Exception:
+        if failure is None:
+            raise
+        # The run's own error is the one to show (a full --out can only fail these writes).
     if failure is not None:
         raise failure.error
     if any(s.get("error") for s in lines):
@@ -903,14 +909,59 @@ def check_args(args: argparse.Namespace) -> None:
             check_location(args.out, "--out")
 
 
+def full_storage_message(error: BaseException, args: argparse.Namespace) -> str:
+    """The one line of an error that says a storage has no space left.
+
+    It names the option (``--storage`` or ``--out``) and the storage root given there when
+    the full location lies below one (the most specific), else the location itself, and
+    says what to do.
+
+    Args:
+        error: an error for which :func:`infra.storage.is_full` holds.
+        args: the command's arguments.
+    """
+    from infra.storage import StorageFull, redact, split_url
+
+    full = _cause(error, StorageFull)
+    location = full.location if full is not None else ""
+    what = f" while writing {full.what}" if full is not None else ""
+    named, fix = (f"the storage {location}" if location else "the storage"), "use a larger one"
+    if location:
+        protocol, path = split_url(location)
+        best = -1
+        for option in ("storage", "out"):
+            root = getattr(args, option, None)
+            if not root:
+                continue
+            root = redact(root)  # as the location is
+            root_protocol, root_path = split_url(root)
+            inside = path == root_path or path.startswith(root_path.rstrip("/") + "/")
+            if root_protocol == protocol and inside and len(root_path) > best:
+                best = len(root_path)
+                named = f"the storage {root} (--{option})"
+                fix = f"point --{option} at a larger one"
+    return (f"{named} is full: no space left on the device{what}; free space there or {fix}, "
+            "and re-run: what was stored is reused")
+
+
+def _cause(error: BaseException, kind: type[E]) -> E | None:
+    """``error``, or the error it was raised from or during, that is a ``kind`` (or None)."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None or isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
+
+
 def _classify(error: BaseException) -> int:
     """Exit status of an error a command raised (see ``EXIT_HELP``)."""
-    from infra.storage import is_unreachable
+    from infra.storage import is_full, is_unreachable
     from tasks.records.batch_record import BatchExists
 
     if isinstance(error, (UsageError, BatchExists)):
         return EXIT_USAGE
-    if is_unreachable(error):
+    if is_unreachable(error) or is_full(error):
         return EXIT_INTERNAL
     if isinstance(error, (ValueError, FileNotFoundError)):
         return EXIT_USAGE
@@ -987,12 +1038,14 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
     except Exception as error:
-        from infra.storage import StorageUnreachable, is_unreachable, redact
+        from infra.storage import StorageUnreachable, is_full, is_unreachable, redact
 
         if verbose:
             log.exception("the command failed")
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if is_unreachable(error) and not isinstance(error, (StorageUnreachable, UsageError)):
+        if is_full(error):
+            first = full_storage_message(error, args)
+        elif is_unreachable(error) and not isinstance(error, (StorageUnreachable, UsageError)):
             first = (f"the storage cannot be reached ({type(error).__name__}: {first}); check "
                      "that it is up and re-run: what was stored is reused")
         print(f"musc: error: {redact(first)}", file=sys.stderr, flush=True)

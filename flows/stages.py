@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from flows.locations import cache_url
 from flows.progress import StageTracker
 from infra.cluster import on_every_worker
-from infra.storage import is_unreachable
+from infra.storage import is_full, is_unreachable
 from musc_core.config import MuscConfig
 from musc_core.hardware import DTYPE_SETTINGS
 from tasks.backbones import BackboneSpec
@@ -61,15 +61,16 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 def wait_stage(tracker: StageTracker, stage: str, futures: list[PrefectFuture]) -> list:
     """Wait for a stage's futures (progress reported as they finish); their results in order.
 
-    A task that failed because the storage cannot be reached fails the stage at once: the
-    tasks still queued would each spend their own retries on the same endpoint first.
+    A task that failed because the storage cannot be reached, or has no space left, fails
+    the stage at once: the tasks still queued would each spend their own retries on the same
+    endpoint first, or fill what space is left without a chance to finish.
     """
     for future in tracker.track(stage, futures):
         if future.state.is_failed():
             try:
                 future.result()
             except Exception as error:
-                if is_unreachable(error):
+                if is_unreachable(error) or is_full(error):
                     raise
     return [future.result() for future in futures]
 

@@ -25,7 +25,8 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import fsspec
@@ -309,14 +310,91 @@ def is_unreachable(exc: BaseException) -> bool:
     return False
 
 
+#: ``errno`` values of a storage without room: no space left on the device, or the user's
+#: disk quota spent.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: S3 error codes (and HTTP status) of an S3-compatible store without room left.
+NO_SPACE_S3_CODES = frozenset({"XMinioStorageFull", "InsufficientStorage", "507"})
+
+
+class StorageFull(RuntimeError):
+    """No space is left on a storage (``ENOSPC``, or a disk quota spent).
+
+    Not a transient error: a retry cannot make room, so neither :func:`with_retries` nor
+    Prefect retries it. The message names the storage and says what to do.
+
+    Attributes:
+        location: the storage (a path or an ``s3://`` URL, redacted) that is full.
+        what: what was being written when the space ran out.
+    """
+
+    def __init__(self, location: str, what: str) -> None:
+        self.location = redact(location)
+        self.what = what
+        super().__init__(
+            f"no space left on the storage {self.location} (while writing {what}); free space "
+            "there or use a larger storage, and re-run: what was stored is reused"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.location, self.what))  # across process boundaries
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the storage has no space left.
+
+    A :class:`StorageFull`, an ``OSError`` with ``errno`` ``ENOSPC`` or ``EDQUOT``, or an S3
+    error of a store without room (MinIO's ``XMinioStorageFull``, HTTP 507).
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, StorageFull):
+            return True
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(part in NO_SPACE_S3_CODES for part in _s3_error(seen)):
+            return True
+        if seen.__cause__ is not None:
+            seen = seen.__cause__
+        else:
+            seen = None if seen.__suppress_context__ else seen.__context__
+    return False
+
+
+@contextmanager
+def full_names(location: str, what: str) -> Iterator[None]:
+    """Raise a storage-has-no-space error of the enclosed writes as :class:`StorageFull`.
+
+    Args:
+        location: the storage written to (a path or URL; redacted in the message).
+        what: what is written, for the message (``"a cache entry"``).
+
+    Raises:
+        StorageFull: from the original error, when :func:`is_full` says so; any other error
+            passes unchanged.
+    """
+    try:
+        yield
+    except StorageFull:
+        raise
+    except Exception as error:
+        if is_full(error):
+            raise StorageFull(location, what) from error
+        raise
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying (network, throttling, 5xx).
 
-    Missing files, refused permissions, missing credentials and other client errors are not:
-    they fail at once with their message; nor is :class:`StorageUnreachable` (already
-    retried).
+    Missing files, refused permissions, missing credentials, a storage without space left
+    and other client errors are not: they fail at once with their message; nor is
+    :class:`StorageUnreachable` (already retried).
     """
     if isinstance(exc, (StorageUnreachable, *PERMANENT_ERRORS)) or _permanent_botocore(exc):
+        return False
+    if is_full(exc):
         return False
     return isinstance(exc, _transient_types())
 

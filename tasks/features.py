@@ -2,9 +2,12 @@
 
 Every feature task takes a group of blocks, each a list of samples as ``(input key, output
 key)`` pairs; block by block (one batch each, so a worker's memory is bounded by the block
-size, never by the group's), it skips the outputs that are already valid in the cache,
-computes the rest on its worker's device and writes one cache entry per sample. Tasks return a
-:class:`~tasks.stage.StageCount`, never arrays.
+size, never by the group's), it skips the blocks whose outputs are all valid in the cache,
+computes the others on its worker's device and writes one cache entry per missing sample. A
+block some of whose outputs are cached (a run stopped, or its storage filled up, half-way
+through it) is computed whole all the same: a sample's result depends, in its last bits, on
+the batch it was computed in, so a resumed run gives the bits of an undisturbed one. Tasks
+return a :class:`~tasks.stage.StageCount`, never arrays.
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ GROUPING_ARRAYS = ("points", "pixel_index", "centre_index", "centres", "members"
 def _missing(cache: FeatureCache, keys: Sequence[str]) -> list[int]:
     """Positions of the keys without a complete cache entry."""
     return [i for i, key in enumerate(keys) if not cache.has(key)]
+
+
+def _batches(todo: Sequence[int], count: int, size: int) -> list[range]:
+    """The batches of a block that hold a missing sample.
+
+    Args:
+        todo: positions of the block's missing samples.
+        count: samples of the block.
+        size: samples per batch (the block is cut in runs of ``size`` from its start).
+
+    Returns:
+        The positions of each such batch, whole: the batches an undisturbed run computes.
+    """
+    missing = set(todo)
+    return [
+        batch
+        for batch in (range(start, min(start + size, count)) for start in range(0, count, size))
+        if missing.intersection(batch)
+    ]
 
 
 def _count(blocks: Sequence[Sequence[object]]) -> int:
@@ -159,12 +181,12 @@ def extract_2d(
             continue
         device = runtime.torch_device
         extractor = extractor_2d(spec, config, device)
-        images = torch.stack([_tensor(cache, items[i][0], "image", device) for i in todo])
+        images = torch.stack([_tensor(cache, image, "image", device) for image, _ in items])
         with vit_autocast(config, device):
             tokens = extractor.extract(images, config.layers_2d)
         stacked = torch.stack([t.float() for t in tokens], dim=1).cpu().numpy()  # (n, Y, M, C)
-        for row, i in enumerate(todo):
-            cache.write(items[i][1], {"tokens": stacked[row]})
+        for i in todo:
+            cache.write(items[i][1], {"tokens": stacked[i]})
     return StageCount("tokens_2d", done, _count(blocks) - done)
 
 
@@ -190,16 +212,16 @@ def aggregate_2d(
         if not todo:
             continue
         device = runtime.torch_device
-        tokens = torch.stack([_tensor(cache, items[i][0], "tokens", device) for i in todo])
+        tokens = torch.stack([_tensor(cache, key, "tokens", device) for key, _ in items])
         side = int(round(tokens.shape[2] ** 0.5))
         layers = [
             snamd_2d(tokens[:, y], side, config.aggregation_degrees)
             for y in range(tokens.shape[1])
         ]
         features = torch.stack(layers, dim=1).cpu().numpy()
-        for row, i in enumerate(todo):
+        for i in todo:
             # One layer per chunk: the reduction reads the salient layer only.
-            cache.write(items[i][1], {"features": features[row]}, chunk_rows=1)
+            cache.write(items[i][1], {"features": features[i]}, chunk_rows=1)
     return StageCount("snamd_2d", done, _count(blocks) - done)
 
 
@@ -263,8 +285,8 @@ def extract_3d(
             continue
         device = runtime.torch_device
         extractor = extractor_3d(spec, config, device)
-        for start in range(0, len(todo), POINT_BATCH):
-            batch = todo[start : start + POINT_BATCH]
+        missing = set(todo)
+        for batch in _batches(todo, len(items), POINT_BATCH):
             grouped = [read_grouping(cache, items[i][0], device) for i in batch]
             tokens = extractor.extract_many(
                 [points for points, _, _ in grouped],
@@ -274,7 +296,8 @@ def extract_3d(
             )
             stacked = torch.stack(tokens, dim=1).cpu().numpy()  # (B, Y, G, C)
             for row, i in enumerate(batch):
-                cache.write(items[i][1], {"tokens": stacked[row]})
+                if i in missing:
+                    cache.write(items[i][1], {"tokens": stacked[row]})
     return StageCount("tokens_3d", done, _count(blocks) - done)
 
 
@@ -300,9 +323,11 @@ def aggregate_3d(
         if not todo:
             continue
         device = runtime.torch_device
-        tokens = torch.stack([_tensor(cache, items[i][0], "tokens", device) for i in todo])
-        centres = torch.stack([_tensor(cache, items[i][1], "centres", device) for i in todo])
-        curvature = torch.stack([_tensor(cache, items[i][1], "curvature", device) for i in todo])
+        tokens = torch.stack([_tensor(cache, key, "tokens", device) for key, _, _ in items])
+        centres = torch.stack([_tensor(cache, key, "centres", device) for _, key, _ in items])
+        curvature = torch.stack(
+            [_tensor(cache, key, "curvature", device) for _, key, _ in items]
+        )
         layers = [
             snamd_3d(
                 tokens[:, y],
@@ -314,8 +339,8 @@ def aggregate_3d(
             for y in range(tokens.shape[1])
         ]
         features = torch.stack(layers, dim=1).cpu().numpy()
-        for row, i in enumerate(todo):
-            cache.write(items[i][2], {"features": features[row]}, chunk_rows=1)
+        for i in todo:
+            cache.write(items[i][2], {"features": features[i]}, chunk_rows=1)
     return StageCount("snamd_3d", done, _count(blocks) - done)
 
 

@@ -24,6 +24,7 @@ there) and a write-to-temporary-then-rename locally. Hence:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -35,6 +36,7 @@ import numpy as np
 import zarr
 
 from infra.storage import (
+    full_names,
     is_transient,
     is_unreachable,
     open_async_filesystem,
@@ -118,6 +120,30 @@ def _chunk_hashes(array: np.ndarray, rows: int) -> list[str]:
     if array.ndim == 0:
         return [_sha256(array)]
     return [_sha256(array[i : i + rows]) for i in range(0, array.shape[0], rows)]
+
+
+#: Seconds a failed array write waits for the chunk writes it started alongside.
+SETTLE_SECONDS = 5.0
+
+
+def _settle(timeout: float = SETTLE_SECONDS) -> None:
+    """Wait (up to ``timeout`` s) for the work in flight in Zarr's event loop to end.
+
+    Zarr writes an array's chunks concurrently and, when one write fails (no space left),
+    raises at once while the others still run: one of them could create its chunk file
+    after the caller removed the entry's data prefix, leaving an orphan on a full disk.
+    """
+    from zarr.core.sync import sync
+
+    async def drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(drain())
+    except Exception:  # waiting is best effort: the prefix is unreferenced anyway
+        pass
 
 
 class FeatureCache:
@@ -220,8 +246,12 @@ class FeatureCache:
         path = self._record_path(key)
         if self.protocol == "file":
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            self._retry(lambda: self.fs.pipe_file(tmp, payload), "write record")
-            self.fs.mv(tmp, path)  # rename: atomic on one local filesystem
+            try:
+                self._retry(lambda: self.fs.pipe_file(tmp, payload), "write record")
+                self.fs.mv(tmp, path)  # rename: atomic on one local filesystem
+            except BaseException:
+                self._rm(tmp)  # a record cut short (no space left) is never left behind
+                raise
         else:
             # A single PUT is atomic on S3: readers see the old object, or the whole new one.
             self._retry(lambda: self.fs.pipe_file(path, payload), "write record")
@@ -274,6 +304,10 @@ class FeatureCache:
 
         Returns:
             True if this call committed the entry, False if a complete entry already existed.
+
+        Raises:
+            StorageFull: the storage has no space left; nothing of this write is left
+                behind (the entry is as it was before the call).
         """
         meta = dict(meta or {})
         json.dumps(meta)  # fail early on non-JSON metadata, before writing anything
@@ -289,6 +323,19 @@ class FeatureCache:
         if old is not None and not overwrite:
             return False
 
+        with full_names(self.url, "a cache entry"):
+            return self._write_entry(key, prepared, meta, old, overwrite, chunk_rows)
+
+    def _write_entry(
+        self,
+        key: str,
+        prepared: dict[str, np.ndarray],
+        meta: dict,
+        old: dict | None,
+        overwrite: bool,
+        chunk_rows: int | None,
+    ) -> bool:
+        """:meth:`write` once the arguments are checked: data, record, old data removed."""
         token = f"d-{uuid.uuid4().hex}"
         data_path = f"{self.entry_path(key)}/{token}"
         entries: dict[str, dict] = {}
@@ -336,7 +383,11 @@ class FeatureCache:
                 zarr_format=3,
                 overwrite=True,
             )
-            z[...] = array
+            try:
+                z[...] = array
+            except BaseException:
+                _settle()  # the failed chunk's siblings may still be writing: let them end
+                raise
 
         self._retry(write, f"write array {path.rsplit('/', 1)[-1]}")
         return {

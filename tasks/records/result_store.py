@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from infra.storage import create_file, open_filesystem, split_url, with_retries
+from infra.storage import create_file, full_names, open_filesystem, split_url, with_retries
 from tasks.choices import RANDOM_WEIGHTS_WARNING as RANDOM_WEIGHTS_WARNING  # re-exported
 
 #: Characters that common filesystems refuse in a name (Windows' list; ``/`` and ``\\`` split).
@@ -107,7 +107,8 @@ class ResultStore:
         self.protocol, self.root = split_url(url)
         self.fs, _ = open_filesystem(url)
         if self.protocol == "file":
-            self.fs.makedirs(self.root, exist_ok=True)
+            with full_names(self.url, "the output folder"):
+                self.fs.makedirs(self.root, exist_ok=True)
 
     def path(self, relative: str) -> str:
         """The storage path of a file below the prefix.
@@ -152,7 +153,15 @@ class ResultStore:
 
         Readers and concurrent runs see the old file or the whole new one, never a mix: a
         local file is written beside its place and renamed over it, an S3 object is one PUT.
+
+        Raises:
+            StorageFull: no space left; the file is as it was (the temporary one removed).
         """
+        with full_names(self.url, relative):
+            return self._write_bytes(relative, data)
+
+    def _write_bytes(self, relative: str, data: bytes) -> str:
+        """:meth:`write_bytes` without the naming of a full storage."""
         path = self.path(relative)
         if self.protocol != "file":
             with_retries(lambda: self.fs.pipe_file(path, data), what=f"write {relative}")
@@ -186,6 +195,7 @@ class ResultStore:
 
         Raises:
             FileExistsError: the file is there already (another writer's, or an earlier run's).
+            StorageFull: no space left; the file was not created.
         """
         path = self.path(relative)
         tries = 0
@@ -200,7 +210,8 @@ class ResultStore:
                     return
                 raise
 
-        with_retries(create, what=f"create {relative}")
+        with full_names(self.url, relative):
+            with_retries(create, what=f"create {relative}")
         return self.location(relative)
 
     def write_text(self, relative: str, text: str) -> str:

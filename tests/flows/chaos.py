@@ -1,10 +1,12 @@
 """Fault injection helpers for the chaos tests: a TCP proxy that can refuse connections, a
-Dask worker killer, a CPU load generator, and a view of a local cache's complete entries."""
+Dask worker killer, a CPU load generator, a small filesystem that a run fills, and a view of a
+local cache's complete entries."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -13,6 +15,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.flows.conftest import SIZE, SMALL
@@ -136,6 +140,77 @@ def _reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+# --------------------------------------------------------------------------- small filesystem
+def used_bytes(root: Path) -> int:
+    """Bytes the files below ``root`` take on their filesystem (allocated blocks)."""
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer can still write on the filesystem of ``path``."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+@contextmanager
+def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at ``mount_point`` for the enclosed block.
+
+    Skips the test where this process may not mount one (not root, or without
+    ``CAP_SYS_ADMIN``, e.g. in an unprivileged container). Unmounted at the end, lazily when
+    something still holds it open.
+    """
+    import pytest
+
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN) and mount(8)")
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mount_point)],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        unmount = shutil.which("umount") or "umount"
+        if subprocess.run([unmount, str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run([unmount, "-l", str(mount_point)], capture_output=True, check=True)
+
+
+def fill(path: Path, leave: int) -> int:
+    """Fill the filesystem of ``path`` with the file ``path`` until ``leave`` bytes are free.
+
+    Returns:
+        The bytes free afterwards (``leave`` up to a block).
+    """
+    size = free_bytes(path.parent) - leave
+    if size <= 0:
+        raise ValueError(f"{path.parent} has less than {leave} bytes free")
+    with open(path, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, size)
+    return free_bytes(path.parent)
+
+
+def leftovers(cache_root: Path) -> list[Path]:
+    """Files of a local cache that no complete entry holds: records cut short, temporary
+    files, data prefixes without a record (or not the one their record names)."""
+    found = []
+    for path in sorted(p for p in cache_root.rglob("*") if p.is_file()):
+        entry = path.relative_to(cache_root).parts
+        record = cache_root.joinpath(*entry[:2], "_complete.json")
+        try:
+            token = json.loads(record.read_text())["data"]
+        except (OSError, ValueError, KeyError):
+            found.append(path)
+            continue
+        if path != record and (len(entry) < 4 or entry[2] != token):
+            found.append(path)
+    return found
 
 
 # --------------------------------------------------------------------------- cache entries

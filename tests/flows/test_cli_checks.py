@@ -2,6 +2,7 @@
 a success: option checks, offline weights, exit statuses, unreachable storage, stage lines,
 signals, and the cost of ``--help``."""
 
+import errno
 import io
 import json
 import logging
@@ -652,3 +653,35 @@ def test_weights_for_the_weight_free_3d_backbone_are_refused(
     (line,) = _error_lines(capsys.readouterr().err)
     assert status == 2 and line.startswith("musc: error: argument --weights-3d:"), line
     assert "--backbone-3d point-mae" in line
+
+
+def test_a_full_storage_is_one_line_naming_the_option_and_root_with_status_1(monkeypatch):
+    """The line names the most specific of ``--storage`` and ``--out`` that holds the full
+    location (``--out`` may lie below ``--storage``), masks credentials, and says what to do;
+    the status is 1, as for a storage lost mid-run."""
+    import argparse
+
+    from infra.storage import StorageFull
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake/secret+value/xyz")
+    args = argparse.Namespace(storage="/mnt/small/store", out="/mnt/small/store/results")
+    cache = StorageFull("/mnt/small/store/cache", "a cache entry")
+    assert cli.full_storage_message(cache, args) == (
+        "the storage /mnt/small/store (--storage) is full: no space left on the device while "
+        "writing a cache entry; free space there or point --storage at a larger one, and "
+        "re-run: what was stored is reused"
+    )
+    result = StorageFull("/mnt/small/store/results/part", "scores.csv")
+    assert cli.full_storage_message(result, args).startswith(
+        "the storage /mnt/small/store/results (--out) is full: no space left on the device "
+        "while writing scores.csv; free space there or point --out at a larger one"
+    )
+    s3 = argparse.Namespace(storage="s3://bucket/fake/secret+value/xyz", out=None)
+    line = cli.full_storage_message(
+        StorageFull("s3://bucket/fake/secret+value/xyz/cache", "a cache entry"), s3
+    )
+    assert line.startswith("the storage s3://bucket/*** (--storage) is full")
+    elsewhere = cli.full_storage_message(OSError(errno.ENOSPC, "No space left on device"), args)
+    assert elsewhere.startswith("the storage is full: no space left on the device; free space")
+    for error in (cache, OSError(errno.ENOSPC, "No space left on device")):
+        assert cli._classify(error) == cli.EXIT_INTERNAL == 1

@@ -1,6 +1,6 @@
 """Faults during and between runs: corrupted cache entries are detected and recomputed; an
-S3 outage, a killed Dask worker, a killed flow process and two concurrent runs on one cache
-lose nothing and change no result."""
+S3 outage, a killed Dask worker, a killed flow process, a storage that fills up and two
+concurrent runs on one cache lose nothing and change no result."""
 
 import csv
 import io
@@ -28,8 +28,12 @@ from tests.flows.chaos import (
     WorkerKiller,
     cli_args,
     complete_entries,
+    fill,
     grouped_work,
     kind_counts,
+    leftovers,
+    small_filesystem,
+    used_bytes,
     wait_for,
 )
 from tests.flows.conftest import SMALL, read_scores, run_line
@@ -385,6 +389,63 @@ def test_sigterm_stops_the_command_and_its_own_prefect_server(line, tmp_path):
 
     wait_for(lambda: not any(own_server(p) for p in psutil.process_iter()), timeout=30,
              what="the command's Prefect server to stop")
+
+
+# --------------------------------------------------------------------------- full storage
+@pytest.mark.slow
+@pytest.mark.chaos
+@pytest.mark.parametrize(
+    ("when", "share"), [("mid-run", 0.5), ("while preparing the samples", 0.04)]
+)
+def test_a_storage_that_fills_up_fails_with_one_line_and_a_rerun_after_freeing_space_completes(
+    line, undisturbed, tmp_path, capsys, when, share, chaos_record
+):
+    """``--storage`` and ``--out`` on a small filesystem that another file has filled up to
+    a share of what the run needs: the run stops with one ``musc: error`` line naming the
+    storage and saying it is full (status 1), no sample set aside; every entry it left is
+    complete and verified, and nothing else is left; once the other file is deleted the same
+    command completes, reuses those entries and gives the undisturbed run's results, bit for
+    bit."""
+    from flows.cli import main
+
+    needed = used_bytes(Path(undisturbed["out"]).parents[2])  # <store>/results/<line>/<batch>
+    with small_filesystem(tmp_path / "small", 3 * needed) as small:
+        store, out = small / "store", small / "out"
+        free = fill(small / "other-file", leave=int(share * needed))
+        argv = ["score", str(line), "--out", str(out), "--storage", str(store),
+                *cli_args("b1", FAULT["shard_size"])]
+        status = main(argv)
+        captured = capsys.readouterr()
+        err = captured.err
+        errors = [x for x in err.splitlines() if x.startswith("musc: error")]
+        assert status == 1, err
+        assert len(errors) == 1, err
+        assert f"the storage {store} (--storage) is full: no space left" in errors[0], err
+        assert "free space there" in errors[0] and "re-run" in errors[0], err
+        assert "Traceback" not in err, err
+        assert "set aside" not in captured.out + err, "no sample is set aside for the storage"
+        stored = complete_entries(store / "cache")
+        assert stored, f"the storage filled up {when}, after some entries were stored"
+        assert len(stored) < len(complete_entries(Path(undisturbed["out"]).parents[2] / "cache"))
+        cache = FeatureCache(str(store / "cache"))
+        for key in stored:
+            cache.read(key)  # complete: every checksum verified
+        assert leftovers(store / "cache") == []
+        assert not [p for p in small.rglob("*.tmp-*")], "no temporary file is left"
+
+        (small / "other-file").unlink()
+        assert main(argv) == 0, capsys.readouterr().err
+        run = json.loads((out / "run.json").read_text())["lines"][0]
+        lost = assert_same_results(run, undisturbed)
+        work = grouped_work(run["counts"])
+        reused = kind_counts(stored)
+        for kind, count in work.items():
+            assert count["cached"] == reused.get(kind, 0), kind
+    chaos_record(kind="fault", what=f"the storage fills up {when} (a small tmpfs); space "
+                 "freed, same command re-run",
+                 outcome=f"exit 1, one line; re-run completed, reused {len(stored)} entries",
+                 injected=1, runs=2, completed=1, samples=8, lost=lost,
+                 free_bytes=free, needed_bytes=needed)
 
 
 # --------------------------------------------------------------------------- under load

@@ -1,7 +1,10 @@
+import errno
 import logging
 import os
+import pickle
 
 import pytest
+from botocore.exceptions import ClientError
 
 from infra import storage
 from infra.storage import open_filesystem, redact, split_url, with_retries
@@ -136,3 +139,62 @@ def test_s3_credentials_from_a_prefect_secret_block(prefect_server, s3_url, monk
     with pytest.raises(ValueError, match="must hold") as error:
         s3_storage_options()
     assert key not in str(error.value)
+
+
+# --------------------------------------------------------------------------- no space left
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_storage_without_space_is_recognised_however_the_error_is_wrapped():
+    assert storage.is_full(_no_space())
+    assert storage.is_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:
+        try:
+            raise _no_space()
+        except OSError as error:
+            raise RuntimeError("zarr could not write a chunk") from error
+    except RuntimeError as wrapped:
+        assert storage.is_full(wrapped)
+    minio = ClientError(
+        {"Error": {"Code": "XMinioStorageFull", "Message": "Storage backend has reached its "
+                   "minimum free drive threshold."},
+         "ResponseMetadata": {"HTTPStatusCode": 507}}, "PutObject")
+    assert storage.is_full(minio)
+    assert not storage.is_full(OSError(errno.EIO, "Input/output error"))
+    assert not storage.is_full(PermissionError(errno.EACCES, "Permission denied"))
+    assert not storage.is_full(ValueError("No space left on device"))  # only the errno counts
+
+
+def test_no_space_left_is_not_retried(fake_env):
+    calls = []
+
+    def write():
+        calls.append(1)
+        raise _no_space()
+
+    with pytest.raises(OSError) as raised:
+        with_retries(write, attempts=4, base_delay=0.001)
+    assert raised.value.errno == errno.ENOSPC and len(calls) == 1
+    assert not storage.is_transient(_no_space())
+    assert not storage.is_transient(storage.StorageFull("/mnt/cache", "a cache entry"))
+
+
+def test_full_names_turns_no_space_into_one_error_naming_the_storage(fake_env):
+    url = "s3://bucket/store?secret=fake/secret+value/xyz"
+    with pytest.raises(storage.StorageFull) as raised:
+        with storage.full_names(url, "a cache entry"):
+            raise _no_space()
+    full = raised.value
+    assert full.location == "s3://bucket/store?secret=***" and full.what == "a cache entry"
+    assert str(full).startswith("no space left on the storage s3://bucket/store?secret=***")
+    assert "free space there" in str(full) and "fake/secret" not in str(full)
+    assert isinstance(full.__cause__, OSError)
+    copy = pickle.loads(pickle.dumps(full))  # as a Dask worker hands it back
+    assert (type(copy), copy.location, copy.what, str(copy)) == (
+        storage.StorageFull, full.location, full.what, str(full)
+    )
+    with pytest.raises(OSError) as other:  # any other error passes unchanged
+        with storage.full_names(url, "a cache entry"):
+            raise OSError(errno.EIO, "Input/output error")
+    assert other.value.errno == errno.EIO

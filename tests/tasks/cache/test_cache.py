@@ -1,8 +1,12 @@
+import errno
+import os
 import threading
 
 import numpy as np
 import pytest
+import zarr
 
+from infra.storage import StorageFull
 from tasks.cache.store import RECORD_NAME, CacheCorruption, FeatureCache, cache_key
 
 
@@ -296,3 +300,68 @@ def test_entry_reader_detects_corruption_and_follows_an_overwrite(tmp_path):
         c.open_entry(KEY).read_array("tokens", 2)
     row = c.open_entry(KEY).read_array("tokens", 3)  # other rows stay readable
     np.testing.assert_array_equal(row, _arrays(1)["tokens"][3])
+
+
+# --------------------------------------------------------------------------- no space left
+def _files(c: FeatureCache, key: str) -> list[str]:
+    return sorted(c.fs.find(c.entry_path(key))) if c.fs.exists(c.entry_path(key)) else []
+
+
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_no_space_mid_write_leaves_no_entry_and_keeps_the_one_there(tmp_path, monkeypatch):
+    url = str(tmp_path / "cache")
+    c = FeatureCache(url, chunk_bytes=1024, attempts=4, base_delay=0.01)
+    c.write(KEY, _arrays(0), {"v": 0})
+    kept = _files(c, KEY)
+    real = zarr.storage.LocalStore.set
+    chunks: list[str] = []
+
+    async def set_until_full(self, key, value):
+        chunks.append(key)
+        if len(chunks) >= 4:  # the disk fills up half-way through the first array's chunks
+            path = os.path.join(str(self.root), key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as handle:
+                handle.write(value.to_bytes()[: len(value) // 2])
+            raise _no_space()
+        return await real(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_until_full)
+    other = cache_key({"input": b"another sample"})
+    for key, overwrite in ((KEY, True), (other, False)):
+        chunks.clear()
+        with pytest.raises(StorageFull) as raised:
+            c.write(key, _arrays(1), {"v": 1}, overwrite=overwrite)
+        assert chunks.count("zarr.json") == 1, "not retried: a retry cannot make room"
+        assert raised.value.location == url and raised.value.what == "a cache entry"
+        assert isinstance(raised.value.__cause__, OSError)
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+    assert _files(c, KEY) == kept  # the entry there before is untouched...
+    out, meta = c.read(KEY)  # ...and still complete, every checksum verified
+    assert meta == {"v": 0}
+    for name, array in _arrays(0).items():
+        np.testing.assert_array_equal(out[name], array)
+    assert not c.has(other) and _files(c, other) == []  # nothing of the half-written entry
+
+
+def test_no_space_while_committing_leaves_no_record_cut_short(tmp_path, monkeypatch):
+    c = FeatureCache(str(tmp_path / "cache"), attempts=4, base_delay=0.01)
+    real = c.fs.pipe_file
+    tries = []
+
+    def pipe_until_full(path, data, **options):
+        if RECORD_NAME in path:
+            tries.append(path)
+            real(path, data[: len(data) // 2], **options)
+            raise _no_space()
+        return real(path, data, **options)
+
+    monkeypatch.setattr(c.fs, "pipe_file", pipe_until_full)
+    with pytest.raises(StorageFull):
+        c.write(KEY, _arrays(), {})
+    assert len(tries) == 1
+    assert not c.has(KEY)
+    assert _files(c, KEY) == []  # neither the data nor the half record is left

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from infra.storage import StorageFull
 from tasks.records.batch_record import (
     BatchExists,
     BatchRecord,
@@ -291,3 +292,30 @@ def test_two_processes_at_once_with_one_id_leave_one_complete_record(
     chaos_record(kind="fault", what=f"two processes record one batch id at once "
                  f"({_kind(storage)})", outcome="2 writers: one record, the other refused",
                  injected=1, runs=0, completed=0, samples=0, lost=0)
+
+
+def test_no_space_left_keeps_the_old_file_creates_nothing_and_names_the_output(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    store = ResultStore(str(out))
+    store.write_bytes("scores.csv", b"the old rows")
+    write = store.fs.pipe_file
+
+    def write_until_full(path, data, **options):
+        write(path, data[:3], **options)  # the disk fills up part-way through the file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store.fs, "pipe_file", write_until_full)
+    with pytest.raises(StorageFull) as raised:
+        store.write_bytes("scores.csv", b"the new rows")
+    assert (raised.value.location, raised.value.what) == (str(out), "scores.csv")
+    assert (out / "scores.csv").read_bytes() == b"the old rows"
+
+    def no_room_at_flush(descriptor):  # where a filesystem that allocates late says so
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_room_at_flush)
+    with pytest.raises(StorageFull):
+        store.create_bytes("n1.json", b"a record")
+    assert sorted(os.listdir(out)) == ["scores.csv"]  # no record, no temporary file
