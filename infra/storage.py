@@ -290,24 +290,27 @@ def _unreachable_types() -> tuple[type[BaseException], ...]:
     )
 
 
+def _chain(exc: BaseException, depth: int = 8) -> Iterator[BaseException]:
+    """An error and the ones it was raised from (``__cause__``, else a kept ``__context__``)."""
+    seen: BaseException | None = exc
+    for _ in range(depth):
+        if seen is None:
+            return
+        yield seen
+        if seen.__cause__ is not None:
+            seen = seen.__cause__
+        else:
+            seen = None if seen.__suppress_context__ else seen.__context__
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """Whether an error (or one it was raised from) says the endpoint is not there at all.
 
     Refused connections and failed name lookups, as opposed to a dropped connection, a
     timeout or a 5xx of a server that is there.
     """
-    types = _unreachable_types()
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, (StorageUnreachable, *types)):
-            return True
-        if seen.__cause__ is not None:
-            seen = seen.__cause__
-        else:
-            seen = None if seen.__suppress_context__ else seen.__context__
-    return False
+    types = (StorageUnreachable, *_unreachable_types())
+    return any(isinstance(seen, types) for seen in _chain(exc))
 
 
 #: ``errno`` values of a storage without room: no space left on the device, or the user's
@@ -346,21 +349,12 @@ def is_full(exc: BaseException) -> bool:
     A :class:`StorageFull`, an ``OSError`` with ``errno`` ``ENOSPC`` or ``EDQUOT``, or an S3
     error of a store without room (MinIO's ``XMinioStorageFull``, HTTP 507).
     """
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, StorageFull):
-            return True
-        if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
-            return True
-        if any(part in NO_SPACE_S3_CODES for part in _s3_error(seen)):
-            return True
-        if seen.__cause__ is not None:
-            seen = seen.__cause__
-        else:
-            seen = None if seen.__suppress_context__ else seen.__context__
-    return False
+    return any(
+        isinstance(seen, StorageFull)
+        or (isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS)
+        or any(part in NO_SPACE_S3_CODES for part in _s3_error(seen))
+        for seen in _chain(exc)
+    )
 
 
 @contextmanager
