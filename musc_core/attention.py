@@ -543,7 +543,7 @@ def native_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
     CPU bf16 inputs with 64-wide heads, the kernel available, and :func:`kernel_preferred`.
     """
-    return _kernel_takes(q, k, v) and _preferred()
+    return _preferred() and _kernel_takes(q, k, v)  # no build where it is not used
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

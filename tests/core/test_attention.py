@@ -188,6 +188,7 @@ def fresh_kernel(monkeypatch):
     monkeypatch.setattr(native, "_kernel", None)
     monkeypatch.setattr(native, "_unavailable", None)
     monkeypatch.setattr(native, "cpu_runs_kernel", lambda: True)
+    monkeypatch.setattr(native, "_preference", True)  # routed, as on a CPU without AMX
 
 
 def _fallback_warnings(caplog) -> list[logging.LogRecord]:
